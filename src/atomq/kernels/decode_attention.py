@@ -1,0 +1,416 @@
+"""Paged decode attention over INT4, FP8 or FP16 pages: one query token per sequence, GQA, split-K.
+
+Work split (flash-decoding): one program per (sequence, kv head, split). A program loads all
+``group = Hq // Hkv`` query heads that share its kv head, walks its range of pages in tiles of
+``block_n`` tokens with an online softmax in fp32 (base 2), and either writes the normalized output
+(one split) or a partial output plus its log-sum-exp; a second kernel merges the splits. The split
+count comes from ``plan_decode`` (host integers only), so ``run`` never reads device values.
+
+INT4 arithmetic (exact integers, scales applied once per token):
+    score[g, t] = sm_scale * s_k[t] * sum_d q[g, d] * (qk[t, d] - z_k[t])
+    out[g, :]   = sum_t p[g, t] * s_v[t] * (qv[t, :] - z_v[t]) / sum_t p[g, t]
+``q - z`` is an integer in [-15, 15] (exact in fp16); the low and high nibbles of each byte are kept
+as two half-width tiles (even and odd head_dim elements), so no interleave is needed in registers.
+FP8: the per-head scales multiply the scores and the output once.
+
+Layouts: kv_cache.py. Twin: ref.paged_decode_attention_ref.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .kv_cache import PagedKVCache, interpreting
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared device helpers (also used by prefill_attention.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def unpack_int4_tile(x, z, F16: tl.constexpr, DEQ: tl.constexpr):
+    """x uint8 [N, X] (packed pairs), z fp32 [N] zero points -> (lo - z, 16 * (hi - z)), exact integers.
+
+    F16: return fp16 tiles (tensor-core operands), else fp32. DEQ 0: integer-to-float conversion
+    instructions; DEQ 1: exponent trick (OR the nibble into the mantissa of 2**23 / 1024, subtract).
+    """
+    if DEQ == 0:
+        lo = (x & 15).to(tl.float32) - z[:, None]
+        hi = (x & 240).to(tl.float32) - 16.0 * z[:, None]
+        if F16:
+            lo = lo.to(tl.float16)
+            hi = hi.to(tl.float16)
+    else:
+        if F16:
+            w = x.to(tl.int16)
+            lo = ((w & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            hi = ((w & 240) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            lo = lo - (1024.0 + z).to(tl.float16)[:, None]
+            hi = hi - (1024.0 + 16.0 * z).to(tl.float16)[:, None]
+        else:
+            w = x.to(tl.int32)
+            lo = ((w & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[:, None]
+            hi = ((w & 240) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 16.0 * z)[:, None]
+    return lo, hi
+
+
+@triton.jit
+def qk_tile(q, k, DOT: tl.constexpr):
+    """q [G, X], k [N, X] -> q @ k^T, fp32 [G, N]. DOT 0: FMA reduction; 1: tl.dot(q, k^T); 2: (k @ q^T)^T."""
+    if DOT == 0:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    elif DOT == 1:
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.trans(tl.dot(k, tl.trans(q)))
+    return s
+
+
+@triton.jit
+def pv_tile(p, v, DOT: tl.constexpr):
+    """p fp32 [G, N], v [N, X] -> p @ v, fp32 [G, X] (same DOT modes as qk_tile; p is rounded to v's dtype)."""
+    if DOT == 0:
+        o = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    elif DOT == 1:
+        o = tl.dot(p.to(v.dtype), v)
+    else:
+        o = tl.trans(tl.dot(tl.trans(v), tl.trans(p.to(v.dtype))))
+    return o
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_range(SEQ, b, s, tokens_per_split):
+    seq_len = tl.load(SEQ + b)
+    start = s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    if s == tl.num_programs(2) - 1:  # the last split takes any remainder
+        end = seq_len
+    return start, end
+
+
+@triton.jit
+def _epilogue(O, PO, PL, b, s, qh, gm, dcol, acc, m_i, l_i, stride_ob, stride_oh, stride_pb, stride_ph,
+              stride_ps, stride_lb, stride_lh, SPLIT: tl.constexpr):
+    """Write acc / l (normalized) to O, or the partial output and log2-sum-exp of split s."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        po = PO + b * stride_pb + qh[:, None] * stride_ph + s * stride_ps + dcol[None, :]
+        tl.store(po, o, mask=gm[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(PL + b * stride_lb + qh * stride_lh + s, lse, mask=gm)
+    else:
+        tl.store(O + b * stride_ob + qh[:, None] * stride_oh + dcol[None, :], o.to(O.dtype.element_ty),
+                 mask=gm[:, None])
+
+
+@triton.jit
+def _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, VS, VZ, bt, h,
+               stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms,
+               D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr):
+    """One tile of BLOCK_N tokens [n0, n0 + BLOCK_N) ∩ [.., end): online-softmax update."""
+    d = tl.arange(0, D2)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nm = n < end
+    page = tl.load(bt + n // PAGE, mask=nm, other=0).to(tl.int64)
+    slot = n % PAGE
+    kvo = page * stride_kb + h * stride_kh + slot * stride_ks  # [BLOCK_N]
+    mo = page * stride_mb + h * stride_mh + slot * stride_ms
+    kp = tl.load(K + kvo[:, None] + d[None, :], mask=nm[:, None], other=0)  # uint8 [BLOCK_N, D2]
+    kz = tl.load(KZ + mo, mask=nm, other=0).to(tl.float32)
+    ks = tl.load(KS + mo, mask=nm, other=0.0).to(tl.float32)
+    vp = tl.load(V + kvo[:, None] + d[None, :], mask=nm[:, None], other=0)
+    vz = tl.load(VZ + mo, mask=nm, other=0).to(tl.float32)
+    vs = tl.load(VS + mo, mask=nm, other=0.0).to(tl.float32)
+    klo, khi = unpack_int4_tile(kp, kz, DOT > 0, DEQ)
+    sc = qk_tile(qe, klo, DOT) + qk_tile(qo, khi, DOT) * 0.0625
+    sc = tl.where(nm[None, :], sc * (ks * qk_scale)[None, :], float("-inf"))  # log2 units
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pw = p * vs[None, :]
+    vlo, vhi = unpack_int4_tile(vp, vz, DOT > 0, DEQ)
+    acc_e = acc_e * alpha[:, None] + pv_tile(pw, vlo, DOT)
+    acc_o = acc_o * alpha[:, None] + pv_tile(pw, vhi, DOT)
+    return m_new, l_i, acc_e, acc_o
+
+
+@triton.jit
+def _fp_step(n0, end, q, m_i, l_i, acc, scale, K, V, bt, h, stride_kb, stride_kh, stride_ks,
+             D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr):
+    """fp16 / fp8 twin of _int4_step."""
+    d = tl.arange(0, D)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nm = n < end
+    page = tl.load(bt + n // PAGE, mask=nm, other=0).to(tl.int64)
+    kvo = page * stride_kb + h * stride_kh + (n % PAGE) * stride_ks
+    k = tl.load(K + kvo[:, None] + d[None, :], mask=nm[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + kvo[:, None] + d[None, :], mask=nm[:, None], other=0.0)
+    if FP8:
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+    sc = tl.where(nm[None, :], qk_tile(q, k, DOT) * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + pv_tile(p, v, DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_int4_kernel(
+    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms, stride_bt,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    g = tl.arange(0, BLOCK_G)
+    gm = g < GROUP
+    qh = h * GROUP + g
+    d = tl.arange(0, D2)
+    qp = Q + b * stride_qb + qh[:, None] * stride_qh + 2 * d[None, :]
+    qe = tl.load(qp, mask=gm[:, None], other=0.0)  # [BLOCK_G, D2] even head_dim elements
+    qo = tl.load(qp + 1, mask=gm[:, None], other=0.0)  # odd elements
+    if DOT > 0:
+        qe = qe.to(tl.float16)
+        qo = qo.to(tl.float16)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_e = tl.zeros([BLOCK_G, D2], tl.float32)
+    acc_o = tl.zeros([BLOCK_G, D2], tl.float32)
+    bt = BT + b * stride_bt
+    if INTERPRET:  # the interpreter cannot run a for loop with tensor bounds
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc_e, acc_o = _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, VS, VZ, bt, h,
+                                                stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms,
+                                                D2, PAGE, BLOCK_N, DOT, DEQ)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc_e, acc_o = _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, VS, VZ, bt, h,
+                                                stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms,
+                                                D2, PAGE, BLOCK_N, DOT, DEQ)
+    _epilogue(O, PO, PL, b, s, qh, gm, 2 * d, acc_e, m_i, l_i, stride_ob, stride_oh, stride_pb, stride_ph,
+              stride_ps, stride_lb, stride_lh, SPLIT)
+    _epilogue(O, PO, PL, b, s, qh, gm, 2 * d + 1, acc_o * 0.0625, m_i, l_i, stride_ob, stride_oh, stride_pb,
+              stride_ph, stride_ps, stride_lb, stride_lh, SPLIT)
+
+
+@triton.jit
+def _decode_fp_kernel(
+    Q, K, V, KS, VS, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_bt,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    g = tl.arange(0, BLOCK_G)
+    gm = g < GROUP
+    qh = h * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    if DOT > 0:
+        q = q.to(tl.float16)
+    scale = qk_scale
+    if FP8:
+        scale = scale * tl.load(KS + h)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    bt = BT + b * stride_bt
+    if INTERPRET:
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _fp_step(n0, end, q, m_i, l_i, acc, scale, K, V, bt, h, stride_kb, stride_kh,
+                                     stride_ks, D, PAGE, BLOCK_N, DOT, FP8)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _fp_step(n0, end, q, m_i, l_i, acc, scale, K, V, bt, h, stride_kb, stride_kh,
+                                     stride_ks, D, PAGE, BLOCK_N, DOT, FP8)
+    if FP8:
+        acc = acc * tl.load(VS + h)
+    _epilogue(O, PO, PL, b, s, qh, gm, d, acc, m_i, l_i, stride_ob, stride_oh, stride_pb, stride_ph,
+              stride_ps, stride_lb, stride_lh, SPLIT)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PO, PL, O, num_splits, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < num_splits
+    d = tl.arange(0, D)
+    lse = tl.load(PL + b * stride_lb + h * stride_lh + s, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)  # [BLOCK_S]; empty splits weigh 0
+    po = tl.load(PO + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=sm[:, None],
+                 other=0.0)
+    den = tl.sum(w, 0)
+    o = tl.sum(w[:, None] * po, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan / run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodePlan:
+    """Launch parameters and workspace for one batch shape (from plan_decode; host values only).
+
+    partial_out: fp32 [B, Hq, num_splits, D] and partial_lse: fp32 [B, Hq, num_splits] (None when
+    num_splits == 1). dot: 0 FMA reduction, 1 / 2 tensor-core tl.dot forms; deq: int4 unpack variant.
+    """
+
+    batch: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_splits: int
+    tokens_per_split: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    dot: int
+    deq: int
+    partial_out: torch.Tensor | None
+    partial_lse: torch.Tensor | None
+
+
+def plan_decode(
+    batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, device="cuda",
+    *, num_sms: int | None = None, num_splits: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, dot: int | None = None, deq: int = 1,
+    min_tokens_per_split: int = 256,
+) -> DecodePlan:
+    """Choose the split count and tile sizes; allocate the split workspace.
+
+    max_seq_len only balances the work: a longer sequence is still handled (its last split takes the
+    remainder). Splits are added until batch * kv_heads * splits fills about two waves of the GPU.
+    """
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    group = num_qo_heads // num_kv_heads
+    if dot is None:
+        dot = 0 if group == 1 else 1
+    if block_n is None:
+        block_n = 64 if dot or head_dim <= 64 else 32
+    if num_sms is None:
+        dev = torch.device(device)
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    if num_splits is None:
+        base = max(batch * num_kv_heads, 1)
+        num_splits = max(1, min(-(-2 * num_sms // base), -(-max_seq_len // min_tokens_per_split)))
+    tokens = -(-max(max_seq_len, 1) // num_splits)
+    tokens = -(-tokens // block_n) * block_n
+    num_splits = max(1, -(-max(max_seq_len, 1) // tokens))
+    po = pl = None
+    if num_splits > 1:
+        po = torch.empty(batch, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+        pl = torch.empty(batch, num_qo_heads, num_splits, dtype=torch.float32, device=device)
+    return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
+                      num_warps or 4, num_stages or 2, dot, deq, po, pl)
+
+
+def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"q must be [B, Hq, {cache.head_dim}] with Hq a multiple of {cache.num_kv_heads}, "
+                         f"got {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.stride(2) != 1:
+        raise ValueError(f"q must be fp16/bf16 with a contiguous last dim, got {q.dtype} {q.stride()}")
+    b = q.shape[0]
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != b:
+        raise ValueError(f"block_table must be int32 [{b}, max_blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table must be contiguous in its last dim")
+    if seq_lens.dtype != torch.int32 or seq_lens.shape != (b,):
+        raise ValueError(f"seq_lens must be int32 [{b}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+
+
+def paged_decode_attention(
+    q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
+    out: torch.Tensor | None = None, plan: DecodePlan | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token per sequence over its pages.
+
+    q: fp16/bf16 [B, Hq, D] (Hq = group * Hkv; q head i reads kv head i // group); cache: PagedKVCache
+    (int4 / fp8 / fp16); block_table: int32 [B, max_blocks]; seq_lens: int32 [B], tokens to attend
+    (<= max_blocks * block_size; 0 gives zeros); sm_scale: softmax scale (usually D ** -0.5).
+    Returns out [B, Hq, D] of q's dtype. With a plan (plan_decode) the call allocates nothing beyond
+    ``out`` (none when ``out`` is given) and never synchronizes: CUDA-graph safe.
+    Twin: ref.paged_decode_attention_ref.
+    """
+    _check(q, cache, block_table, seq_lens)
+    bsz, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    if plan is None:
+        plan = plan_decode(bsz, hq, hkv, d, block_table.shape[1] * cache.block_size, q.device)
+    if (plan.batch, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim) != (bsz, hq, hkv, d):
+        raise ValueError("plan was made for another batch shape")
+    out = torch.empty_like(q) if out is None else out
+    group = hq // hkv
+    block_g = max(16, triton.next_power_of_2(group)) if plan.dot else triton.next_power_of_2(group)
+    split = plan.num_splits > 1
+    po = plan.partial_out if split else out
+    pl = plan.partial_lse if split else out
+    ps = po.stride() if split else (0, 0, 0, 0)
+    ls = pl.stride() if split else (0, 0, 0)
+    grid = (bsz, hkv, plan.num_splits)
+    qk_scale = sm_scale * math.log2(math.e)
+    sb, sh, ss = cache.data_strides()
+    common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
+                  DOT=plan.dot, INTERPRET=interpreting(), num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if cache.mode == "int4":
+        mb, mh, ms = cache.meta_strides()
+        _decode_int4_kernel[grid](
+            q, cache.k, cache.v, cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero, block_table, seq_lens,
+            out, po, pl, qk_scale, plan.tokens_per_split,
+            q.stride(0), q.stride(1), sb, sh, ss, mb, mh, ms, block_table.stride(0),
+            out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
+            D2=d // 2, DEQ=plan.deq, **common,
+        )
+    else:
+        fp8 = cache.mode == "fp8"
+        _decode_fp_kernel[grid](
+            q, cache.k, cache.v, cache.k_scale if fp8 else q, cache.v_scale if fp8 else q, block_table, seq_lens,
+            out, po, pl, qk_scale, plan.tokens_per_split,
+            q.stride(0), q.stride(1), sb, sh, ss, block_table.stride(0),
+            out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
+            D=d, FP8=fp8, **common,
+        )
+    if split:
+        _merge_splits_kernel[(bsz, hq)](
+            po, pl, out, plan.num_splits, ps[0], ps[1], ps[2], ls[0], ls[1], out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(plan.num_splits), D=d, num_warps=4,
+        )
+    return out
