@@ -1,0 +1,298 @@
+"""Fused activation quantization kernels (Triton): (residual add +) RMSNorm / SiLU*up / plain, then the
+reorder gather and Atom's mixed INT4-group + INT8-outlier quantization, in one pass over each token row.
+
+Twins in ``ref.py``: ``rmsnorm_quantize``, ``quantize_act``, ``silu_mul_quantize`` (same signatures plus
+``out``). Output layouts (M tokens, K channels split as ``Split(k, n_outliers, group_size)``):
+
+* ``out="packed"`` -> ``ref.ActQ``: q4 uint8 [M, Kn // 2] (two nibbles per byte, pack.py order),
+  s4 fp16 [M, G], q8 int8 [M, n_out] or None, s8 fp16 [M, 1] or None.
+* ``out="int8"`` / ``out="fp8"`` -> ``ActOp``: the GEMM operand form. qa holds the same INT4 values
+  (-8..7), one per byte, as int8 or float8_e4m3fn (which holds -8..7 exactly); the other fields are
+  as in ActQ. ``ActOp.to_actq()`` packs it back (it is the same data).
+
+Numerics follow the reference bit for bit where the reference's arithmetic is order independent:
+scales are fp32 ``max(amax, 1e-6) * clip / qmax`` (correctly rounded division) rounded to fp16, the
+integers are ``clamp(rint(x / scale), ...)`` with round-half-even and a correctly rounded division. The
+RMSNorm's fp32 sum of squares is a reduction whose order differs from torch's, so a scale or integer can
+differ in rare ties (docs/KERNELS.md gives the measured rate); the SiLU uses the device's expf on GPU
+(as torch on CUDA does) and numpy's exp under the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from ..quant import Split, pack_int4
+from . import interpreter_compat
+from .ref import ActQ
+
+try:  # guarded: atomq imports without triton; the kernels below need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+_OUT_KINDS = {"packed": 0, "int8": 1, "fp8": 2}
+
+
+class ActOp(NamedTuple):
+    """Quantized activations in GEMM operand form.
+
+    qa: int8 or float8_e4m3fn [M, Kn], INT4 values -8..7 one per element (normal channels)
+    s4: fp16 [M, G]; q8: int8 [M, n_out] or None; s8: fp16 [M, 1] or None (as in ref.ActQ)
+    """
+
+    qa: torch.Tensor
+    s4: torch.Tensor
+    q8: torch.Tensor | None
+    s8: torch.Tensor | None
+
+    def to_actq(self) -> ActQ:
+        """The packed ActQ with the same values (q4 uint8 [M, Kn // 2])."""
+        return ActQ(pack_int4(self.qa.to(torch.float32).to(torch.int8)), self.s4, self.q8, self.s8)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the 'triton' package (pip install atomq[triton])")
+    interpreter_compat()
+    return _act_quant_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str):
+    if bits != 4:
+        raise ValueError("the Triton quantize kernels produce 4-bit activations (bits=4)")
+    if out not in _OUT_KINDS:
+        raise ValueError(f"out must be one of {sorted(_OUT_KINDS)}, got {out!r}")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"expected a 2-D input with contiguous rows, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported input dtype {x.dtype}")
+    m = x.shape[0]
+    k = x.shape[1] // 2 if mode == 2 else x.shape[1]
+    if mode == 2 and x.shape[1] % 2:
+        raise ValueError("gate_up must have an even last dimension (gate then up)")
+    if k != split.k:
+        raise ValueError(f"input has {k} channels but the split is for {split.k}")
+    if split.k_normal % 2:
+        raise ValueError("the normal part must have an even number of channels (INT4 pairs)")
+    kn, n_out = split.k_normal, split.n_outliers
+    gs = split.group_size or 0
+    n_groups = split.n_groups
+    dev = x.device
+    if index is not None:
+        if index.dtype != torch.int32 or index.shape != (k,):
+            raise ValueError(f"index must be int32 [{k}], got {index.dtype} {tuple(index.shape)}")
+    res_out = None
+    if mode == 1:
+        if weight.shape != (k,):
+            raise ValueError(f"norm weight must be [{k}], got {tuple(weight.shape)}")
+        if residual is not None:
+            if residual.shape != x.shape or residual.stride(-1) != 1:
+                raise ValueError("residual must match x's shape with contiguous rows")
+            res_out = torch.empty_like(x)
+    kind = _OUT_KINDS[out]
+    if kind == 0:
+        q = torch.empty(m, kn // 2, dtype=torch.uint8, device=dev)
+    else:
+        q = torch.empty(m, kn, dtype=torch.int8 if kind == 1 else torch.float8_e4m3fn, device=dev)
+    s4 = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
+    q8 = torch.empty(m, n_out, dtype=torch.int8, device=dev) if n_out else None
+    s8 = torch.empty(m, 1, dtype=torch.float16, device=dev) if n_out else None
+    if m == 0:
+        return q, s4, q8, s8, (x if res_out is None else res_out)
+    block = min(2048, _next_pow2(kn))
+    if gs:
+        block = max(block, gs)
+    dummy = s4
+    _kernels()[(m,)](
+        x, residual if residual is not None else x, res_out if res_out is not None else dummy,
+        weight if weight is not None else dummy, index if index is not None else dummy,
+        q, s4, q8 if q8 is not None else dummy, s8 if s8 is not None else dummy,
+        k, kn, n_out, n_groups, float(eps), float(clip),
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        res_out.stride(0) if res_out is not None else 0,
+        q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
+        MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
+        OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_O=max(2, _next_pow2(n_out)),
+        EXACT_EXP=not interpreting(), num_warps=4 if block <= 1024 else 8,
+    )
+    return q, s4, q8, s8, (x if res_out is None else res_out)
+
+
+def _pack(out: str, q, s4, q8, s8):
+    return ActQ(q, s4, q8, s8) if out == "packed" else ActOp(q, s4, q8, s8)
+
+
+def quantize_act(
+    x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
+    out: str = "packed",
+) -> ActQ | ActOp:
+    """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act)."""
+    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out)
+    return _pack(out, q, s4, q8, s8)
+
+
+def rmsnorm_quantize(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+    index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
+) -> tuple[ActQ | ActOp, torch.Tensor]:
+    """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
+
+    x, residual: [M, K] same float dtype; weight: [K]; index: int32 [K] or None.
+    Returns (quantized activations, new residual [M, K] = x + residual, or x itself when residual is None).
+    """
+    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out)
+    return _pack(out, q, s4, q8, s8), res
+
+
+def silu_mul_quantize(
+    gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed"
+) -> ActQ | ActOp:
+    """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
+    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out)
+    return _pack(out, q, s4, q8, s8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel: one program per token row
+# --------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _rint(t):
+        """Round fp32 to an integer, ties to even (|t| < 2**22): adding 1.5 * 2**23 drops the fraction."""
+        return (t + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _sym_q(v, s, QMAX: tl.constexpr):
+        """clamp(rint(v / s), -QMAX - 1, QMAX) in fp32; v, s fp32 broadcastable."""
+        t = tl.math.div_rn(v, s)
+        t = tl.minimum(tl.maximum(t, -2.0 * QMAX), 2.0 * QMAX)  # keeps _rint in range, same result
+        return tl.minimum(tl.maximum(_rint(t), -QMAX - 1.0), 1.0 * QMAX)
+
+    @triton.jit
+    def _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, mask, k, rstd,
+                    MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr,
+                    EXACT_EXP: tl.constexpr):
+        """fp32 [BLOCK] values of output channels ``offs`` of one row, rounded through x's dtype as the
+        reference rounds them (after the residual add, after the norm, after SiLU*up)."""
+        if HAS_IDX:
+            src = tl.load(idx_ptr + offs, mask=mask, other=0)
+        else:
+            src = offs
+        if MODE == 2:
+            g = tl.load(x_ptr + row_x + src, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + row_x + k + src, mask=mask, other=0.0).to(tl.float32)
+            if EXACT_EXP:
+                e = libdevice.exp(-g)
+            else:
+                e = tl.exp(-g)
+            v = (tl.math.div_rn(g, 1.0 + e) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + row_x + src, mask=mask, other=0.0)
+            if HAS_RES:
+                rv = tl.load(res_ptr + row_r + src, mask=mask, other=0.0)
+                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            v = xv.to(tl.float32)
+            if MODE == 1:
+                wv = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
+                v = ((v * rstd) * wv).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _store_q4(q_ptr, row_q, c0, q, KN, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """Store fp32 integers q [BLOCK] (channels c0..c0+BLOCK) packed (0), as int8 (1) or fp8 (2)."""
+        if OUT_KIND == 0:
+            lo, hi = tl.split(tl.reshape(q.to(tl.int32), [BLOCK // 2, 2]))
+            byte = (lo & 15) | ((hi & 15) << 4)
+            offs = c0 // 2 + tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + row_q + offs, byte.to(tl.uint8), mask=offs < KN // 2)
+        else:
+            offs = c0 + tl.arange(0, BLOCK)
+            if OUT_KIND == 1:
+                tl.store(q_ptr + row_q + offs, q.to(tl.int8), mask=offs < KN)
+            else:
+                tl.store(q_ptr + row_q + offs, q.to(tl.float8e4nv), mask=offs < KN)
+
+    @triton.jit
+    def _act_quant_kernel(
+        x_ptr, res_ptr, res_out_ptr, w_ptr, idx_ptr, q_ptr, s4_ptr, q8_ptr, s8_ptr,
+        K, KN, NO, G, eps, clip,
+        stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
+        GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, EXACT_EXP: tl.constexpr,
+    ):
+        """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
+
+        x: [M, K] (MODE 2: [M, 2K]); residual, res_out: [M, K]; w: [K]; idx: int32 [K] (output channel j
+        reads input channel idx[j]); q: see _store_q4; s4: fp16 [M, G]; q8: int8 [M, NO]; s8: fp16 [M, 1].
+        GS: group size (0 = one scale per row). One program handles one row.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        row_x = row * stride_xm
+        row_r = row * stride_rm
+        rstd = 1.0
+        if MODE == 1:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for c0 in range(0, K, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                mask = offs < K
+                xv = tl.load(x_ptr + row_x + offs, mask=mask, other=0.0)
+                if HAS_RES:
+                    rv = tl.load(res_ptr + row_r + offs, mask=mask, other=0.0)
+                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                    tl.store(res_out_ptr + row * stride_rom + offs, xv, mask=mask)
+                xf = xv.to(tl.float32)
+                acc += xf * xf
+            ms = tl.math.div_rn(tl.sum(acc, 0), K.to(tl.float32))
+            rstd = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
+
+        if GS == 0:
+            amax_v = tl.zeros([BLOCK], tl.float32)
+            for c0 in range(0, KN, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                amax_v = tl.maximum(amax_v, tl.abs(v))
+            scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 7.0).to(tl.float16)
+            tl.store(s4_ptr + row * stride_sm, scale)
+            for c0 in range(0, KN, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), 7), KN, OUT_KIND, BLOCK)
+        else:
+            for c0 in range(0, KN, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                vg = tl.reshape(v, [BLOCK // GS, GS])
+                amax = tl.max(tl.abs(vg), 1)
+                scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [BLOCK // GS]
+                gidx = c0 // GS + tl.arange(0, BLOCK // GS)
+                tl.store(s4_ptr + row * stride_sm + gidx, scale, mask=gidx < G)
+                qg = _sym_q(vg, scale.to(tl.float32)[:, None], 7)
+                _store_q4(q_ptr, row * stride_qm, c0, tl.reshape(qg, [BLOCK]), KN, OUT_KIND, BLOCK)
+
+        if NO > 0:
+            offs_o = tl.arange(0, BLOCK_O)
+            v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN + offs_o, offs_o < NO, K, rstd,
+                            MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+            s8 = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-6), 127.0).to(tl.float16)
+            tl.store(s8_ptr + row, s8)
+            q8 = _sym_q(v, s8.to(tl.float32), 127)
+            tl.store(q8_ptr + row * stride_q8m + offs_o, q8.to(tl.int8), mask=offs_o < NO)

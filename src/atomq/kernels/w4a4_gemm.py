@@ -1,0 +1,408 @@
+"""W4A4 mixed GEMM (Triton, Hopper): INT4 groups with per-group scales + INT8 outlier channels.
+
+y[m, n] = sum_g s4a[m,g] * s4w[n,g] * dot(qa[m,g], qw[n,g]) + s8a[m] * s8w[n] * dot(qa_o[m], qw_o[n]) + bias[n]
+(twin: ``ref.w4a4_gemm``, exact integer math in float64; here each group's dot is exact in int32, or
+in fp32 for the fp8 operand form, and is scaled and accumulated in fp32).
+
+Operands on the tensor cores are 8-bit (Hopper has no 4-bit MMA): the weights stay 4-bit in memory
+and are unpacked in registers; the activations come from the quantize kernel as one INT4 value per
+byte (``quantize.ActOp``, int8 or float8_e4m3fn). The kernel computes the transposed product
+(out^T tile = W tile @ A tile^T, "swap-AB"), so the unpacked weights are the left operand, which
+Hopper's wgmma can read from registers, and small M fills the MMA's N side (decode). Small M also
+splits K over several programs (fp32 partials, then a reduce kernel).
+
+Prepared weight layout (``prepare_weight``, once at load time), S = min(group_size, 64) ("span"):
+    w4:  int8 [N, KP // 2], KP = Kn rounded up to 2S. Byte j of block b (2S channels) holds channel
+         b*2S + j in its low nibble and channel b*2S + S + j in its high nibble, so a block unpacks
+         into two [N, S] operands with no shuffle. Padding channels are 0.
+    sw:  fp32 [GP, N] group scales, transposed; GP = KP // group_size (padding groups 0).
+         Per-row weights (group_size None): fp32 [1, N].
+    w8:  int8 [N, n_out] outlier weights, s8w: fp32 [N] (absent when n_out == 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import PackedWeight, unpack_int4
+from . import interpreter_compat
+from .quantize import ActOp, interpreting
+from .ref import ActQ
+
+try:  # guarded: atomq imports without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A PackedWeight repacked for the kernel (layout in the module docstring)."""
+
+    w4: torch.Tensor
+    sw: torch.Tensor
+    w8: torch.Tensor | None
+    s8w: torch.Tensor | None
+    n: int
+    kn: int
+    kp: int
+    n_out: int
+    group_size: int | None
+    span: int
+
+    @property
+    def n_groups(self) -> int:
+        return 1 if self.group_size is None else self.kn // self.group_size
+
+
+def prepare_weight(w: PackedWeight) -> PreparedWeight:
+    """PackedWeight (4-bit symmetric, qweight uint8 [N, Kn // 2]) -> PreparedWeight on the same device."""
+    if w.bits != 4 or w.zeros is not None:
+        raise ValueError("the W4A4 kernel takes 4-bit symmetric weights")
+    q = unpack_int4(w.qweight)  # int8 [N, Kn]
+    n, kn = q.shape
+    g_count = w.scales.shape[1]
+    gs = None if g_count == 1 else kn // g_count  # one group over all of Kn is the per-row case
+    if gs is not None and (gs < 32 or gs & (gs - 1) or kn % gs):
+        raise ValueError(f"group size {gs} (Kn {kn}, {g_count} groups) must be a power of two >= 32")
+    span = min(gs or 64, 64)
+    kp = -(-kn // (2 * span)) * (2 * span)
+    qp = torch.zeros(n, kp, dtype=torch.int8, device=q.device)
+    qp[:, :kn] = q
+    qp = qp.view(n, kp // (2 * span), 2, span)  # [N, blocks, lo/hi, S]
+    w4 = ((qp[:, :, 0].to(torch.int16) & 0xF) | ((qp[:, :, 1].to(torch.int16) & 0xF) << 4))
+    w4 = w4.to(torch.uint8).view(torch.int8).reshape(n, kp // 2).contiguous()
+    gp = 1 if gs is None else kp // gs
+    sw = torch.zeros(gp, n, dtype=torch.float32, device=q.device)
+    sw[:g_count] = w.scales.float().t()
+    w8 = s8w = None
+    n_out = 0
+    if w.qweight_outlier is not None and w.qweight_outlier.shape[1] > 0:
+        w8 = w.qweight_outlier.contiguous()
+        s8w = w.scales_outlier.float().reshape(n).contiguous()
+        n_out = w8.shape[1]
+    return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span)
+
+
+def act_operand(a: ActQ | ActOp) -> ActOp:
+    """ActQ (packed) -> ActOp (int8 values); an ActOp passes through."""
+    if isinstance(a, ActOp):
+        return a
+    return ActOp(unpack_int4(a.q4), a.s4, a.q8, a.s8)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile configuration. BLOCK_N: weight rows per program; BLOCK_M: tokens per program."""
+
+    block_n: int = 128
+    block_m: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    split_k: int = 0  # 0: choose from the grid size
+    use_asm: bool = True  # unpack nibbles with inline PTX (GPU only)
+    magic_cvt: bool = True  # int32 -> fp32 by exponent trick instead of I2F
+    defer: bool = False  # promote the previous group's dot after issuing the next one
+    group_m: int = 8
+
+
+def pick_config(m: int, n: int, kp: int) -> GemmConfig:
+    """Default tiles by M (decode tiles use split-K to fill the GPU)."""
+    if interpreting():  # small tiles keep the CPU interpreter quick
+        return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
+    if m <= 16:
+        return GemmConfig(block_n=128, block_m=16, num_warps=4, num_stages=4)
+    if m <= 32:
+        return GemmConfig(block_n=128, block_m=32, num_warps=4, num_stages=4)
+    if m <= 64:
+        return GemmConfig(block_n=128, block_m=64, num_warps=4, num_stages=4)
+    return GemmConfig()
+
+
+def _split_k(cfg: GemmConfig, tiles: int, n_iters: int, m: int) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, n_iters))
+    if m > 64:
+        return 1
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 8
+    return max(1, min((2 * n_sm + tiles - 1) // tiles, n_iters // 2, 16))
+
+
+def w4a4_gemm(
+    a: ActQ | ActOp, w: PreparedWeight | PackedWeight, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Mixed W4A4 GEMM (twin: ref.w4a4_gemm).
+
+    a: ActOp (qa int8 or float8_e4m3fn [M, Kn], s4 fp16 [M, G], q8 int8 [M, n_out], s8 fp16 [M, 1])
+       or a packed ActQ (unpacked here with torch, slower). w: PreparedWeight (or PackedWeight, repacked
+       on every call: prepare once for speed). bias: [N] or None. Returns out_dtype (fp16/bf16) [M, N].
+    """
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the 'triton' package (pip install atomq[triton])")
+    interpreter_compat()
+    if isinstance(w, PackedWeight):
+        w = prepare_weight(w)
+    a = act_operand(a)
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    m, kn = a.qa.shape
+    if kn != w.kn or a.s4.shape != (m, w.n_groups):
+        raise ValueError(f"activation [M={m}, Kn={kn}], scales {tuple(a.s4.shape)} do not match the weight "
+                         f"(Kn={w.kn}, {w.n_groups} groups)")
+    fp8 = a.qa.dtype == torch.float8_e4m3fn
+    if not fp8 and a.qa.dtype != torch.int8:
+        raise TypeError(f"activation operand must be int8 or float8_e4m3fn, got {a.qa.dtype}")
+    if a.qa.stride(-1) != 1 or a.s4.stride(-1) != 1:
+        raise ValueError("activation operand and scales must have contiguous rows")
+    has_out = w.n_out > 0
+    if has_out and (a.q8 is None or a.q8.shape != (m, w.n_out)):
+        raise ValueError(f"weight has {w.n_out} outlier channels but the activation has "
+                         f"{None if a.q8 is None else tuple(a.q8.shape)}")
+    if bias is not None and bias.shape != (w.n,):
+        raise ValueError(f"bias must be [{w.n}], got {tuple(bias.shape)}")
+    n = w.n
+    out = torch.empty(m, n, dtype=out_dtype, device=a.qa.device)
+    if m == 0:
+        return out
+    cfg = config or pick_config(m, n, w.kp)
+    n_iters = w.kp // (2 * w.span)
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = _split_k(cfg, tiles, n_iters, m)
+    per_split = triton.cdiv(n_iters, split)
+    split = triton.cdiv(n_iters, per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    dummy = w.sw
+    q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
+    gpu = not interpreting()
+    _w4a4_kernel[(tiles, split)](
+        w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
+        a.qa, a.s4, q8, s8,
+        bias if bias is not None else dummy, target,
+        m, n, kn, w.n_groups, w.n_out, n_iters, per_split,
+        w.w4.stride(0), w.sw.stride(0), w.w8.stride(0) if has_out else 0,
+        a.qa.stride(0), a.s4.stride(0), q8.stride(0), s8.stride(0),
+        target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
+        S=w.span, GS=w.group_size or 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
+        GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            target, bias if bias is not None else dummy, out, m * n, n, split, target.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _unpack(wp, USE_ASM: tl.constexpr, OP_FP8: tl.constexpr):
+        """Packed bytes int8 [BN, S] -> (low nibbles, high nibbles), each int8 or fp8 e4m3 [BN, S] in -8..7."""
+        if USE_ASM:
+            if OP_FP8:
+                lo, hi = tl.inline_asm_elementwise(
+                    asm="""
+                    {
+                    .reg .b32 x, t, u, v, c, k;
+                    .reg .b16 a0, a1;
+                    mov.b32 c, 0x64086408;
+                    mov.b32 k, 0x64646464;
+                    xor.b32 x, $2, 0x88888888;
+                    and.b32 t, x, 0x0f0f0f0f;
+                    prmt.b32 u, t, k, 0x4140;
+                    prmt.b32 v, t, k, 0x4342;
+                    sub.f16x2 u, u, c;
+                    sub.f16x2 v, v, c;
+                    cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
+                    cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
+                    mov.b32 $0, {a0, a1};
+                    shr.u32 t, x, 4;
+                    and.b32 t, t, 0x0f0f0f0f;
+                    prmt.b32 u, t, k, 0x4140;
+                    prmt.b32 v, t, k, 0x4342;
+                    sub.f16x2 u, u, c;
+                    sub.f16x2 v, v, c;
+                    cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
+                    cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
+                    mov.b32 $1, {a0, a1};
+                    }
+                    """,
+                    constraints="=r,=r,r", args=[wp], dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True,
+                    pack=4)
+            else:
+                # per byte: n ^ 8 = v + 8 in 0..15; + 0x78 then ^ 0x80 gives v as a signed byte, no carries
+                lo, hi = tl.inline_asm_elementwise(
+                    asm="""
+                    {
+                    .reg .b32 t, m, e, a, f;
+                    mov.b32 m, 0x0f0f0f0f;
+                    mov.b32 e, 0x08080808;
+                    mov.b32 a, 0x78787878;
+                    mov.b32 f, 0x80808080;
+                    lop3.b32 t, $2, m, e, 0x6a;
+                    add.u32 t, t, a;
+                    xor.b32 $0, t, f;
+                    shr.u32 t, $2, 4;
+                    lop3.b32 t, t, m, e, 0x6a;
+                    add.u32 t, t, a;
+                    xor.b32 $1, t, f;
+                    }
+                    """,
+                    constraints="=r,=r,r", args=[wp], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            lo = (wp << 4) >> 4
+            hi = wp >> 4
+            if OP_FP8:
+                lo = lo.to(tl.float32).to(tl.float8e4nv)
+                hi = hi.to(tl.float32).to(tl.float8e4nv)
+        return lo, hi
+
+    @triton.jit
+    def _dot(a, b, acc, OP_FP8: tl.constexpr):
+        """a [BN, K] @ b [K, BM] (+ acc): int8 -> int32, fp8 -> fp32 (exact for these small integers)."""
+        if OP_FP8:
+            return tl.dot(a, b, acc, out_dtype=tl.float32)
+        else:
+            return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+    @triton.jit
+    def _to_f32(d, OP_FP8: tl.constexpr, MAGIC_CVT: tl.constexpr):
+        """A group's exact dot (int32, |d| < 2**22, or fp32 for fp8 operands) as fp32."""
+        if OP_FP8:
+            return d
+        elif MAGIC_CVT:
+            return (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            return d.to(tl.float32)
+
+    @triton.jit
+    def _scales(sw_ptr, sa_ptr, g, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m):
+        """fp32 [BN, BM] outer product sw[g, n] * sa[m, g] (0 outside the matrix and past G groups)."""
+        swv = tl.load(sw_ptr + g * stride_swg + offs_n, mask=mask_n, other=0.0)
+        sav = tl.load(sa_ptr + offs_m * stride_sam + g, mask=mask_m & (g < G), other=0.0).to(tl.float32)
+        return swv[:, None] * sav[None, :]
+
+    @triton.jit
+    def _w4a4_kernel(
+        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+        M, N, KN, G, NO, N_ITERS, PER_SPLIT,
+        stride_wn, stride_swg, stride_w8n, stride_am, stride_sam, stride_a8m, stride_s8am,
+        stride_os, stride_om, stride_on,
+        S: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
+        DEFER: tl.constexpr,
+    ):
+        """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
+
+        Tensors as in the module docstring; a: int8/fp8 [M, KN]; sa: fp16 [M, G]; a8: int8 [M, NO];
+        s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]).
+        """
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        gm = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gm
+        pid_n = (pid % width) // gm
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        offs_s = tl.arange(0, S)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        if OP_FP8:
+            d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        acc_i = d_prev
+        it0 = pid_k * PER_SPLIT
+        it1 = tl.minimum(it0 + PER_SPLIT, N_ITERS)
+        for it in range(it0, it1):
+            wp = tl.load(w_rows + (it * S + offs_s)[None, :], mask=mask_n[:, None], other=0)
+            wl, wh = _unpack(wp, USE_ASM, OP_FP8)
+            k_lo = it * (2 * S) + offs_s
+            k_hi = k_lo + S
+            al = tl.load(a_cols + k_lo[:, None], mask=mask_m[None, :] & (k_lo[:, None] < KN), other=0)
+            ah = tl.load(a_cols + k_hi[:, None], mask=mask_m[None, :] & (k_hi[:, None] < KN), other=0)
+            if GS == 0:
+                if OP_FP8:  # fresh fp32 per block keeps every partial sum exact
+                    acc_i += _dot(wh, ah, _dot(wl, al, None, OP_FP8), OP_FP8)
+                else:
+                    acc_i = _dot(wh, ah, _dot(wl, al, acc_i, OP_FP8), OP_FP8)
+            elif GS == 2 * S:
+                d = _dot(wh, ah, _dot(wl, al, None, OP_FP8), OP_FP8)
+                if DEFER:
+                    g = tl.maximum(it - 1, 0)
+                    acc += _to_f32(d_prev, OP_FP8, MAGIC_CVT) * _scales(
+                        sw_ptr, sa_ptr, g, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+                    d_prev = d
+                else:
+                    acc += _to_f32(d, OP_FP8, MAGIC_CVT) * _scales(
+                        sw_ptr, sa_ptr, it, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+            else:  # GS == S: the low and high halves are two groups
+                d = _dot(wl, al, None, OP_FP8)
+                acc += _to_f32(d, OP_FP8, MAGIC_CVT) * _scales(
+                    sw_ptr, sa_ptr, 2 * it, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+                d = _dot(wh, ah, None, OP_FP8)
+                acc += _to_f32(d, OP_FP8, MAGIC_CVT) * _scales(
+                    sw_ptr, sa_ptr, 2 * it + 1, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+        if GS == 0:
+            acc = acc_i.to(tl.float32) * _scales(
+                sw_ptr, sa_ptr, 0, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+        elif DEFER:
+            if it1 > it0:
+                acc += _to_f32(d_prev, OP_FP8, MAGIC_CVT) * _scales(
+                    sw_ptr, sa_ptr, it1 - 1, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
+
+        if HAS_OUT:
+            if pid_k == 0:
+                d8 = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+                for o0 in range(0, NO, BLOCK_O):
+                    offs_o = o0 + tl.arange(0, BLOCK_O)
+                    w8 = tl.load(w8_ptr + offs_n[:, None].to(tl.int64) * stride_w8n + offs_o[None, :],
+                                 mask=mask_n[:, None] & (offs_o[None, :] < NO), other=0)
+                    a8 = tl.load(a8_ptr + offs_m[None, :].to(tl.int64) * stride_a8m + offs_o[:, None],
+                                 mask=mask_m[None, :] & (offs_o[:, None] < NO), other=0)
+                    d8 = tl.dot(w8, a8, d8, out_dtype=tl.int32)
+                s8w = tl.load(s8w_ptr + offs_n, mask=mask_n, other=0.0)
+                s8a = tl.load(s8a_ptr + offs_m * stride_s8am, mask=mask_m, other=0.0).to(tl.float32)
+                acc += d8.to(tl.float32) * (s8w[:, None] * s8a[None, :])
+
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        mask = mask_n[:, None] & mask_m[None, :]
+        if PARTIAL:
+            tl.store(ptrs + pid_k * stride_os, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
+                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """out [M, N] = sum over SPLIT of part fp32 [SPLIT, M, N] (+ bias [N]), cast to out's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(part_ptr + s * stride_s + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
