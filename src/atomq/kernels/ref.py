@@ -139,3 +139,115 @@ def fake_quant_kv(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Quantize-dequantize keys or values x [..., T, H, D] per (token, head); same dtype and shape."""
     flat = x.reshape(-1, x.shape[-2], x.shape[-1])
     return kv_dequantize(*kv_quantize(flat, bits), bits=bits, dtype=x.dtype).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged KV cache and attention
+# --------------------------------------------------------------------------------------------------
+# Twins of kernels/kv_cache.py, decode_attention.py and prefill_attention.py. ``cache`` is any object
+# with the attributes of kv_cache.PagedKVCache (mode, layout, block_size, k, v, k_scale, v_scale,
+# k_zero, v_zero); it is not imported here so that this file needs no Triton. Layouts: kv_cache.py.
+
+
+def _hnd(x: torch.Tensor | None, layout: str) -> torch.Tensor | None:
+    """View a pool or per-slot tensor in head-major order [blocks, H, block_size, ...]."""
+    return x if x is None or layout == "HND" else x.transpose(1, 2)
+
+
+def kv_store_ref(cache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, H, D] into their slots (int32 [T], -1 = skip): int4 via kv_quantize, fp8 with
+    the per-head scale (clamp to +-448, round to nearest even), fp16 as is. In place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blk, off = slots // cache.block_size, slots % cache.block_size
+    for x, pool, scale, zero in ((k, cache.k, cache.k_scale, cache.k_zero),
+                                 (v, cache.v, cache.v_scale, cache.v_zero)):
+        x = x[keep]  # [n, H, D]
+        pool_h = _hnd(pool, cache.layout)  # [blocks, H, bs, X]
+        if cache.mode == "int4":
+            q, s, z = kv_quantize(x, 4)
+            pool_h[blk, :, off] = q
+            _hnd(scale, cache.layout)[blk, :, off] = s
+            _hnd(zero, cache.layout)[blk, :, off] = z
+        elif cache.mode == "fp8":
+            y = (x.float() / scale.float()[:, None]).clamp(-448.0, 448.0)
+            pool_h[blk, :, off] = y.to(pool.dtype)
+        else:
+            pool_h[blk, :, off] = x.to(pool.dtype)
+
+
+def paged_kv_gather(cache, block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize the first ``length`` tokens of one sequence (block_row: int [max_blocks]) ->
+    (k, v) fp32 [length, H, D]."""
+    nb = -(-length // cache.block_size)
+    ids = block_row[:nb].long()
+    out = []
+    for pool, scale, zero in ((cache.k, cache.k_scale, cache.k_zero), (cache.v, cache.v_scale, cache.v_zero)):
+        p = _hnd(pool, cache.layout)[ids]  # [nb, H, bs, X]
+        h = p.shape[1]
+        p = p.permute(0, 2, 1, 3).reshape(nb * cache.block_size, h, p.shape[-1])[:length]  # [L, H, X]
+        if cache.mode == "int4":
+            s = _hnd(scale, cache.layout)[ids].permute(0, 2, 1).reshape(-1, h)[:length]  # [L, H]
+            z = _hnd(zero, cache.layout)[ids].permute(0, 2, 1).reshape(-1, h)[:length]
+            x = kv_dequantize(p, s, z, 4, torch.float32)
+        elif cache.mode == "fp8":
+            x = p.float() * scale.float()[:, None]
+        else:
+            x = p.float()
+        out.append(x)
+    return out[0], out[1]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, causal_offset: int | None):
+    """q [M, Hq, D], k/v [L, Hkv, D] fp32 -> [M, Hq, D] fp32; query i sees keys j <= causal_offset + i."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = torch.einsum("mhd,lhd->hml", q.float(), k) * sm_scale  # [Hq, M, L]
+    if causal_offset is not None:
+        i = torch.arange(q.shape[0], device=q.device)[:, None]
+        j = torch.arange(k.shape[0], device=q.device)[None, :]
+        s = s.masked_fill(j > causal_offset + i, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hml,lhd->mhd", p, v)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
+    out: torch.Tensor | None = None, plan=None,
+) -> torch.Tensor:
+    """One query token per sequence over its paged K/V (GQA: q head i reads kv head i // group).
+
+    q: fp16 [B, Hq, D]; block_table: int32 [B, max_blocks]; seq_lens: int32 [B] (0 -> zeros).
+    Returns out fp16 [B, Hq, D] (written into ``out`` when given). ``plan`` is ignored.
+    """
+    out = torch.empty_like(q) if out is None else out
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        if n == 0:
+            out[b] = 0
+            continue
+        k, v = paged_kv_gather(cache, block_table[b], n)
+        out[b] = _attend(q[b : b + 1], k, v, sm_scale, None)[0].to(out.dtype)
+    return out
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor, cache, cu_seqlens_q: torch.Tensor, cached_lens: torch.Tensor, block_table: torch.Tensor,
+    sm_scale: float, out: torch.Tensor | None = None, plan=None,
+) -> torch.Tensor:
+    """Causal attention of new tokens over the cache, which already holds them (store first).
+
+    q: fp16 [T, Hq, D], ragged: sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (int32 [B+1]);
+    cached_lens: int32 [B], tokens that were in the cache before these; the new token i of sequence b
+    sits at position cached_lens[b] + i and sees positions <= its own. Returns fp16 [T, Hq, D].
+    """
+    out = torch.empty_like(q) if out is None else out
+    for b in range(cached_lens.shape[0]):
+        s, e = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        if e == s:
+            continue
+        c = int(cached_lens[b])
+        k, v = paged_kv_gather(cache, block_table[b], c + e - s)
+        out[s:e] = _attend(q[s:e], k, v, sm_scale, c).to(out.dtype)
+    return out

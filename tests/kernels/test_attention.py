@@ -1,0 +1,140 @@
+"""Paged decode and prefill attention vs the ref twins that dequantize the pages.
+
+Pages are filled by ref.kv_store_ref, so these tests check attention alone. Tolerance (fp16 output
+against the fp32 reference over the same dequantized pages): |out - ref| <= 4e-3 + 1e-2 * |ref|;
+the kernels round q, p and (fp16/fp8 modes) K/V to fp16 for the tensor-core dots, and the output
+to fp16 (half an fp16 step at |ref| ~ 3 is 1e-3).
+"""
+
+import pytest
+import torch
+
+from atomq.kernels import ref
+
+kvc = pytest.importorskip("atomq.kernels.kv_cache")
+dec = pytest.importorskip("atomq.kernels.decode_attention")
+pre = pytest.importorskip("atomq.kernels.prefill_attention")
+
+ATOL, RTOL = 4e-3, 1e-2
+
+
+def make_batch(lens, hkv, d, mode, device, layout="HND", seed=0, spare_blocks=5):
+    """A cache holding len tokens per sequence on randomly scattered pages.
+
+    Returns (cache, block_table int32 [B, max_blocks], seq_lens int32 [B], generator).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bs = kvc.BLOCK_SIZE
+    max_blocks = max(1, max(-(-n // bs) for n in lens))
+    num_blocks = len(lens) * max_blocks + spare_blocks
+    cache = kvc.allocate_kv_cache(num_blocks, hkv, d, mode, device, layout=layout,
+                                  fp8_k_scale=0.02, fp8_v_scale=torch.linspace(0.01, 0.02, hkv))
+    bt = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    total = sum(lens)
+    k = (torch.randn(total, hkv, d, generator=gen) * 1.5 + 0.2).to(device, torch.float16)
+    v = torch.randn(total, hkv, d, generator=gen).to(device, torch.float16)
+    slots = torch.cat([bt[b, torch.arange(n) // bs] * bs + torch.arange(n) % bs for b, n in enumerate(lens)])
+    ref.kv_store_ref(cache, k, v, slots.to(device, torch.int32))
+    return cache, bt.to(device, torch.int32), torch.tensor(lens, dtype=torch.int32, device=device), gen
+
+
+def assert_close(out, want):
+    torch.testing.assert_close(out.float(), want.float(), atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------------------------- decode
+
+DECODE_CASES = [  # (mode, hq, hkv, d, dot, deq, splits)
+    ("int4", 4, 4, 64, 0, 1, 1),
+    ("int4", 4, 4, 128, 0, 0, 3),
+    ("int4", 8, 2, 64, 1, 1, 2),
+    ("int4", 8, 2, 128, 1, 0, 1),
+    ("int4", 6, 2, 64, 2, 1, 4),
+    ("fp16", 4, 4, 128, 0, 1, 2),
+    ("fp16", 8, 2, 64, 1, 1, 1),
+    ("fp8", 8, 2, 128, 2, 1, 3),
+    ("fp8", 4, 4, 64, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("mode,hq,hkv,d,dot,deq,splits", DECODE_CASES)
+def test_decode_matches_ref(mode, hq, hkv, d, dot, deq, splits, device):
+    lens = [1, 17, 47, 16]  # one token, page crossings, an exact page
+    cache, bt, sl, gen = make_batch(lens, hkv, d, mode, device)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(device, torch.float16)
+    plan = dec.plan_decode(len(lens), hq, hkv, d, max(lens), device, num_splits=splits, block_n=16,
+                           dot=dot, deq=deq)
+    out = dec.paged_decode_attention(q, cache, bt, sl, d**-0.5, plan=plan)
+    assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
+
+
+def test_decode_nhd_layout_empty_sequence_and_default_plan(device):
+    lens = [0, 33, 5]
+    cache, bt, sl, gen = make_batch(lens, 2, 64, "int4", device, layout="NHD")
+    q = torch.randn(3, 4, 64, generator=gen).to(device, torch.float16)
+    out = torch.full_like(q, float("nan"))
+    dec.paged_decode_attention(q, cache, bt, sl, 0.125, out=out)
+    assert torch.all(out[0] == 0)
+    assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, 0.125))
+
+
+def test_decode_rejects_bad_inputs(device):
+    cache, bt, sl, _ = make_batch([3], 2, 64, "int4", device)
+    q = torch.zeros(1, 3, 64, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="multiple"):
+        dec.paged_decode_attention(q, cache, bt, sl, 1.0)
+    q = torch.zeros(1, 4, 64, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="seq_lens"):
+        dec.paged_decode_attention(q, cache, bt, sl.long(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+def run_prefill(mode, hq, hkv, d, cached, new, device, block_m=16, block_n=16, layout="HND"):
+    total = [c + n for c, n in zip(cached, new)]
+    cache, bt, _, gen = make_batch(total, hkv, d, mode, device, layout=layout)
+    q = torch.randn(sum(new), hq, d, generator=gen).to(device, torch.float16)
+    cu = torch.tensor([0] + new, dtype=torch.int32).cumsum(0).to(device, torch.int32)
+    cl = torch.tensor(cached, dtype=torch.int32, device=device)
+    plan = pre.plan_prefill(max(new), d, block_m=block_m, block_n=block_n)
+    out = pre.paged_prefill_attention(q, cache, cu, cl, bt, d**-0.5, plan=plan)
+    return out, ref.paged_prefill_attention_ref(q, cache, cu, cl, bt, d**-0.5), (q, cache, cu, cl, bt)
+
+
+@pytest.mark.parametrize("mode,hq,hkv,d", [("int4", 4, 4, 64), ("int4", 8, 2, 128), ("fp16", 4, 2, 64),
+                                          ("fp8", 4, 4, 128)])
+def test_prefill_matches_ref(mode, hq, hkv, d, device):
+    # fresh prefill, a short extend after a cached prefix, a chunk crossing tiles and pages
+    out, want, _ = run_prefill(mode, hq, hkv, d, cached=[0, 5, 20], new=[7, 1, 33], device=device)
+    assert_close(out, want)
+
+
+def test_prefill_last_token_equals_decode(device):
+    """The last new token of a prefill sees what a decode step over the same pages sees."""
+    out, _, (q, cache, cu, cl, bt) = run_prefill("int4", 4, 2, 64, [3, 16], [18, 5], device, layout="NHD")
+    last = cu[1:].long() - 1
+    seq_lens = (cl + cu[1:] - cu[:-1]).to(torch.int32)
+    dout = dec.paged_decode_attention(q[last].contiguous(), cache, bt, seq_lens, 64**-0.5)
+    assert_close(dout, out[last])
+
+
+# ------------------------------------------------------------------------------------------- full size
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "fp16", "fp8"])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (64, 8, 128), (16, 4, 64)])
+def test_decode_full_size_gpu(mode, hq, hkv, d):
+    lens = [1, 513, 4096, 32768 - 5, 2000, 16]
+    cache, bt, sl, gen = make_batch(lens, hkv, d, mode, "cuda")
+    q = torch.randn(len(lens), hq, d, generator=gen).to("cuda", torch.float16)
+    out = dec.paged_decode_attention(q, cache, bt, sl, d**-0.5)
+    assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "fp16", "fp8"])
+def test_prefill_full_size_gpu(mode):
+    out, want, _ = run_prefill(mode, 32, 8, 128, [0, 1000, 4093], [2048, 333, 7], "cuda", block_m=64, block_n=32)
+    assert_close(out, want)
