@@ -1,0 +1,144 @@
+"""Calibrate a Hugging Face model with Atom's recipe, one decoder layer at a time, and write a checkpoint.
+
+For each layer: run the float layer on the calibration activations while hooks collect input
+statistics; smooth (optional) and reorder the float tensors; quantize every linear (GPTQ or RTN); then
+run the weight-quantized layer to produce the next layer's inputs (GPTQ's convention: activations stay
+unquantized while calibrating). Memory stays near one layer plus the activations of the windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import FP16, CalibConfig, QuantConfig
+from ..model.args import ModelArgs, rope_cos_sin
+from ..model.checkpoint import write_checkpoint
+from ..model.llama import CausalLM, DecoderLayer
+from ..model.loader import DTYPES, build_model
+from ..model.source import WeightSource
+from ..model.specs import input_groups, layer_specs, plan_splits
+from ..quant import quantize_weight_rtn
+from .data import calibration_windows
+from .gptq import gptq_quantize
+from .stats import observe_inputs, hessian_key
+from .transforms import reorder_group, smooth_group
+
+BATCH_TOKENS = 8192  # tokens per forward chunk during calibration
+
+
+def _layer_names(model: CausalLM) -> list[str]:
+    return list(model.model.layers[0].state_dict().keys())
+
+
+def _materialize(layer: DecoderLayer, tensors: dict[str, torch.Tensor]) -> DecoderLayer:
+    """Fill a meta-device layer with ``tensors`` (relative names), cast to the layer's buffer dtypes."""
+    state = {name: tensors[name].to(t.dtype) for name, t in layer.state_dict().items()}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def _run_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, batch: int) -> torch.Tensor:
+    """x [n, T, hidden] -> layer(x), in chunks of ``batch`` windows."""
+    return torch.cat([layer(x[i : i + batch], cos, sin) for i in range(0, x.shape[0], batch)])
+
+
+def quantize_layer_tensors(
+    tensors: dict[str, torch.Tensor], stats: dict, args: ModelArgs, qcfg: QuantConfig
+) -> dict[str, torch.Tensor]:
+    """Float layer tensors (relative names) + input statistics -> the quantized layer's tensors."""
+    tensors = {k: v.float() for k, v in tensors.items()}
+    groups = input_groups(args)
+    if qcfg.smooth_alpha is not None:
+        for g in groups:
+            smooth_group(tensors, g, stats, qcfg.smooth_alpha)
+    if qcfg.reorder:
+        for g in groups:
+            reorder_group(tensors, g, stats)
+    if qcfg.w_bits is None:
+        return tensors
+    splits = plan_splits(args, qcfg)
+    for name, split in splits.items():
+        w = tensors.pop(f"{name}.weight")
+        if qcfg.gptq:
+            pw = gptq_quantize(w, stats[hessian_key(name)].h, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym,
+                               qcfg.gptq_damp, qcfg.gptq_block)
+        else:
+            pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym)
+        tensors.update({f"{name}.{k}": v for k, v in pw.state_dict().items()})
+    return tensors
+
+
+def quantize_model(
+    model_path: str, out_dir: str, qcfg: QuantConfig, ccfg: CalibConfig, overwrite: bool = False,
+    data_dir: str | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate ``model_path`` (HF directory, .gguf or 'smollm2') and write an atomq checkpoint to ``out_dir``.
+
+    Returns the provenance dict written into atomq_config.json.
+    """
+    t0 = time.time()
+    src = WeightSource(model_path)
+    args = ModelArgs.from_hf(src.config)
+    tokenizer = src.load_tokenizer()
+    dtype = DTYPES[ccfg.dtype]
+    float_model = build_model(src.config, FP16, dtype)
+    prop_model = build_model(src.config, dataclasses.replace(qcfg, a_bits=None, kv_bits=None), dtype)
+    # 16-bit storage for float tensors: bf16 where the source is bf16, fp16 otherwise
+    store = torch.bfloat16 if src.get("model.embed_tokens.weight").dtype == torch.bfloat16 else torch.float16
+    out: dict[str, torch.Tensor] = {}
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if name == "lm_head.weight" and args.tie_embeddings:
+            continue
+        out[name] = src.get(name).to(store)
+
+    calibrate = qcfg.quantizes_linears and (qcfg.gptq or qcfg.reorder or qcfg.smooth_alpha is not None)
+    x = None
+    if calibrate:
+        windows = calibration_windows(tokenizer, ccfg.dataset, ccfg.n_samples, ccfg.seq_len, ccfg.seed, data_dir)
+        x = torch.nn.functional.embedding(windows, src.get("model.embed_tokens.weight").to(dtype))  # [n, T, hidden]
+    cos, sin = rope_cos_sin(float_model.inv_freq, float_model.rope_scaling, torch.arange(ccfg.seq_len))
+    batch = max(1, BATCH_TOKENS // ccfg.seq_len)
+    names = _layer_names(float_model)
+    linears = list(layer_specs(args, qcfg))
+
+    for i in tqdm(range(args.n_layers), desc="calibrating layers", disable=not progress):
+        prefix = f"model.layers.{i}."
+        raw = {n: src.get(prefix + n) for n in names}
+        stats = {}
+        if calibrate:
+            layer = _materialize(float_model.model.layers[i], raw)
+            with observe_inputs(layer, linears, full=qcfg.gptq) as stats:
+                y = _run_layer(layer, x, cos, sin, batch)
+            layer.to("meta")  # free it: memory stays near one layer
+            if not qcfg.gptq:  # statistics of the float model suffice
+                x = y
+        qt = quantize_layer_tensors(raw, stats, args, qcfg)
+        if calibrate and qcfg.gptq and i + 1 < args.n_layers:  # GPTQ sees the quantized model's inputs
+            x = _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
+            prop_model.model.layers[i].to("meta")
+        for k, v in qt.items():
+            out[prefix + k] = v.to(store) if v.dtype == torch.float32 else v
+        del raw, stats
+
+    meta = {
+        "quant": qcfg.to_dict(),
+        "splits": {k: [s.k, s.n_outliers, s.group_size] for k, s in plan_splits(args, qcfg).items()},
+        "calibration": {
+            **dataclasses.asdict(ccfg),
+            "source_model": str(src.path),
+            "seconds": round(time.time() - t0, 1),
+            "atomq_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    write_checkpoint(out_dir, out, src.config, meta, tokenizer, overwrite=overwrite)
+    return meta

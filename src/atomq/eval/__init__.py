@@ -1,0 +1,1 @@
+"""Accuracy evaluation: perplexity and zero-shot, on local data files."""

@@ -1,0 +1,1 @@
+"""Decoder forwards with Hugging Face names, their loader and the checkpoint format."""

@@ -1,0 +1,146 @@
+"""Llama / Mistral / Qwen2 / Mixtral decoder, readable top to bottom, with Hugging Face parameter names.
+
+One forward serves every method: which tensors a ``Linear`` holds and how it quantizes its input is
+decided by its ``LinearSpec`` (see ``model/specs.py`` for how a QuantConfig maps to specs). The KV cache
+quantization of this full-sequence forward is fake-quant (quantize then dequantize K and V per token
+and head), the numerics the paged INT4 cache has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import ref
+from .args import ModelArgs, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import Linear, LinearSpec, RMSNorm
+
+Specs = dict[str, LinearSpec]  # linear name inside a layer ("self_attn.q_proj", ...) -> spec
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, specs: Specs, kv_bits: int | None, kv_pre_rope: bool, dtype):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.kv_bits, self.kv_pre_rope = kv_bits, kv_pre_rope
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, Linear(specs[f"self_attn.{name}"], dtype))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] (already normed and reordered) -> [B, T, hidden]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.kv_bits is not None and self.kv_pre_rope:
+            k = ref.fake_quant_kv(k, self.kv_bits)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_bits is not None:
+            if not self.kv_pre_rope:
+                k = ref.fake_quant_kv(k, self.kv_bits)
+            v = ref.fake_quant_kv(v, self.kv_bits)
+        # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, specs: Specs, prefix: str, dtype):
+        super().__init__()
+        names = ("w1", "w3", "w2") if prefix.startswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
+        self.names = names
+        for name in names:
+            setattr(self, name, Linear(specs[f"{prefix}.{name}"], dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., hidden] -> [..., hidden]; the down input order is folded into gate/up rows offline."""
+        gate, up, down = (getattr(self, n) for n in self.names)
+        h = (F.silu(gate(x).float()) * up(x).float()).to(x.dtype)
+        return down(h)
+
+
+class MoE(nn.Module):
+    """Mixtral sparse MoE: softmax router (kept 16-bit) -> top-k experts, weights renormalized."""
+
+    def __init__(self, args: ModelArgs, specs: Specs, dtype):
+        super().__init__()
+        self.top_k = args.top_k
+        self.gate = Linear(specs["block_sparse_moe.gate"], dtype)
+        self.experts = nn.ModuleList(
+            MLP(specs, f"block_sparse_moe.experts.{e}", dtype) for e in range(args.n_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [M, hidden]
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [M, E]
+        weight, expert = torch.topk(probs, self.top_k, dim=-1)  # [M, k]
+        weight = weight / weight.sum(-1, keepdim=True)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, mlp in enumerate(self.experts):
+            rows, slot = torch.where(expert == e)
+            if rows.numel():
+                out.index_add_(0, rows, mlp(x[rows]).float() * weight[rows, slot, None])
+        return out.to(x.dtype).reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, specs: Specs, kv_bits, kv_pre_rope, reorder: bool, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
+        self.self_attn = Attention(args, specs, kv_bits, kv_pre_rope, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
+        if args.is_moe:
+            self.block_sparse_moe = MoE(args, specs, dtype)
+        else:
+            self.mlp = MLP(specs, "mlp", dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] residual stream -> [B, T, hidden]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class TransformerModel(nn.Module):
+    def __init__(self, args: ModelArgs, layer_specs: list[Specs], kv_bits, kv_pre_rope, reorder, dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta", dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, layer_specs[i], kv_bits, kv_pre_rope, reorder, dtype) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_eps, False, dtype)
+
+
+class CausalLM(nn.Module):
+    """The whole model. Build with ``model/loader.py``; parameters start on the meta device."""
+
+    def __init__(self, args: ModelArgs, hf_config: Any, layer_specs: list[Specs], kv_bits: int | None = None,
+                 kv_pre_rope: bool = False, reorder: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.args, self.hf_config = args, hf_config
+        self.model = TransformerModel(args, layer_specs, kv_bits, kv_pre_rope, reorder, dtype)
+        self.lm_head = Linear(LinearSpec(args.hidden_size, args.vocab_size), dtype)
+        inv_freq, self.rope_scaling = rope_inv_freq(hf_config, args.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T] -> final-normed hidden states [B, T, hidden]."""
+        t = input_ids.shape[1]
+        if self.args.sliding_window is not None and t > self.args.sliding_window:
+            raise ValueError(f"sequence length {t} exceeds the sliding window {self.args.sliding_window}")
+        cos, sin = rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(t, device=input_ids.device))
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T] -> logits [B, T, vocab] in the model dtype."""
+        return self.lm_head(self.hidden_states(input_ids))

@@ -1,0 +1,102 @@
+"""Build a CausalLM on the meta device and load it from an atomq checkpoint or a Hugging Face model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import FP16, QuantConfig
+from ..quant import Split
+from . import checkpoint as ckpt
+from .args import ModelArgs
+from .llama import CausalLM
+from .source import WeightSource, resolve_model_path
+from .specs import layer_specs, plan_splits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: Any
+    qcfg: QuantConfig
+    meta: dict[str, Any]  # atomq_config.json of a checkpoint; {} for a plain HF model
+
+
+def build_model(hf_config: Any, qcfg: QuantConfig, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """A CausalLM whose tensors live on the meta device, shaped for ``qcfg``."""
+    args = ModelArgs.from_hf(hf_config)
+    specs = layer_specs(args, qcfg)
+    return CausalLM(args, hf_config, [specs] * args.n_layers, qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.reorder, dtype)
+
+
+def expected_tensors(model: CausalLM) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """name -> (shape, dtype) the model needs; None dtype = any float dtype (cast on load)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        exact = not t.dtype.is_floating_point or name.endswith(("scales", "scales_outlier"))
+        out[name] = (tuple(t.shape), t.dtype if exact else None)
+    if model.args.tie_embeddings:
+        out.pop("lm_head.weight")
+    return out
+
+
+def load_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu") -> CausalLM:
+    """Validate ``tensors`` against the model and assign them (float ones cast to ``dtype``)."""
+    expected = expected_tensors(model)
+    tensors = dict(tensors)
+    if model.args.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store a copy; the embedding is the truth
+    ckpt.check_tensors(tensors, expected)
+    state = {}
+    for name, t in tensors.items():
+        if expected[name][1] is None:
+            t = t.to(dtype)
+        state[name] = t.to(device)
+    if model.args.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = model.inv_freq.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def splits_from_meta(meta: dict[str, Any]) -> dict[str, Split]:
+    return {name: Split(*v) for name, v in meta["splits"].items()}
+
+
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    meta = ckpt.read_meta(path)
+    try:
+        qcfg = QuantConfig.from_dict(meta["quant"])
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: invalid quant config: {e}") from None
+    hf_config = AutoConfig.from_pretrained(path)
+    model = build_model(hf_config, qcfg, dtype)
+    planned = plan_splits(model.args, qcfg)
+    if planned != splits_from_meta(meta):
+        raise ckpt.CheckpointError(f"{path}: recorded splits do not match this atomq's rule for the config")
+    load_tensors(model, ckpt.read_tensors(path), dtype, device)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), qcfg, meta)
+
+
+def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
+    """An unquantized Hugging Face model (safetensors directory or GGUF file) as a CausalLM."""
+    src = WeightSource(path)
+    model = build_model(src.config, FP16, dtype)
+    names = expected_tensors(model)
+    tensors = {n: src.get(n) for n in names}
+    load_tensors(model, tensors, dtype, device)
+    return LoadedModel(model, src.load_tokenizer(), FP16, {})
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
+    """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'."""
+    path = resolve_model_path(path)
+    if ckpt.is_checkpoint(path):
+        return load_checkpoint(path, dtype, device)
+    return load_hf(path, dtype, device)
