@@ -22,6 +22,7 @@ Prepared weight layout (``prepare_weight``, once at load time), S = min(group_si
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,36 +99,41 @@ def act_operand(a: ActQ | ActOp) -> ActOp:
 class GemmConfig:
     """Tile configuration. BLOCK_N: weight rows per program; BLOCK_M: tokens per program."""
 
-    block_n: int = 128
+    block_n: int = 64
     block_m: int = 128
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int = 4
+    num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
     use_asm: bool = True  # unpack nibbles with inline PTX (GPU only)
-    magic_cvt: bool = True  # int32 -> fp32 by exponent trick instead of I2F
+    magic_cvt: bool = False  # int32 -> fp32 by an exponent trick instead of I2F (measured slower)
     defer: bool = False  # promote the previous group's dot after issuing the next one
     group_m: int = 8
 
 
 def pick_config(m: int, n: int, kp: int) -> GemmConfig:
-    """Default tiles by M (decode tiles use split-K to fill the GPU)."""
+    """Default tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill the GPU."""
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
-    if m <= 16:
-        return GemmConfig(block_n=128, block_m=16, num_warps=4, num_stages=4)
-    if m <= 32:
-        return GemmConfig(block_n=128, block_m=32, num_warps=4, num_stages=4)
     if m <= 64:
-        return GemmConfig(block_n=128, block_m=64, num_warps=4, num_stages=4)
-    return GemmConfig()
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        return GemmConfig(block_n=64, block_m=bm, num_warps=4, num_stages=4, magic_cvt=False)
+    return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, magic_cvt=False)
 
 
-def _split_k(cfg: GemmConfig, tiles: int, n_iters: int, m: int) -> int:
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(cfg: GemmConfig, tiles: int, n_iters: int, m: int, device: torch.device) -> int:
+    """K splits: enough programs for two waves on the GPU when M is small, each with >= 2 K blocks."""
     if cfg.split_k:
         return max(1, min(cfg.split_k, n_iters))
     if m > 64:
         return 1
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 8
+    n_sm = _num_sms(device.index or 0)
     return max(1, min((2 * n_sm + tiles - 1) // tiles, n_iters // 2, 16))
 
 
@@ -171,7 +177,7 @@ def w4a4_gemm(
     cfg = config or pick_config(m, n, w.kp)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    split = _split_k(cfg, tiles, n_iters, m)
+    split = _split_k(cfg, tiles, n_iters, m, a.qa.device)
     per_split = triton.cdiv(n_iters, split)
     split = triton.cdiv(n_iters, per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
@@ -339,8 +345,8 @@ if triton is not None:
             wl, wh = _unpack(wp, USE_ASM, OP_FP8)
             k_lo = it * (2 * S) + offs_s
             k_hi = k_lo + S
-            al = tl.load(a_cols + k_lo[:, None], mask=mask_m[None, :] & (k_lo[:, None] < KN), other=0)
-            ah = tl.load(a_cols + k_hi[:, None], mask=mask_m[None, :] & (k_hi[:, None] < KN), other=0)
+            al = tl.load(a_cols + k_lo[:, None], mask=mask_m[None, :] & (k_lo[:, None] < KN), other=0.0)
+            ah = tl.load(a_cols + k_hi[:, None], mask=mask_m[None, :] & (k_hi[:, None] < KN), other=0.0)
             if GS == 0:
                 if OP_FP8:  # fresh fp32 per block keeps every partial sum exact
                     acc_i += _dot(wh, ah, _dot(wl, al, None, OP_FP8), OP_FP8)

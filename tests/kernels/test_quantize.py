@@ -1,0 +1,113 @@
+"""Fused quantize kernels against their ref.py twins (CPU: Triton interpreter, small ragged shapes;
+-m gpu: full Llama-2 sizes). Integer outputs and fp16 scales must be equal; the RMSNorm variant may
+differ in rare ties from the fp32 sum-of-squares order (bounded below, see docs/KERNELS.md)."""
+
+import pytest
+import torch
+
+from atomq.kernels import ref
+from atomq.quant import plan_split, unpack_int4
+
+pytest.importorskip("triton")
+from atomq.kernels import quantize as Q  # noqa: E402
+
+CPU_CASES = [  # (M, K, n_outliers, group_size)
+    (1, 320, 64, 64),
+    (7, 576, 128, 128),  # SmolLM2 hidden: K - 128 = 448 -> groups of 64
+    (33, 448, 0, 64),
+    (7, 352, 32, 32),
+    (5, 256, 32, None),
+]
+GPU_CASES = [(1, 4096, 128, 128), (333, 4096, 128, 128), (4096, 8192, 128, 128), (64, 11008, 128, 128)]
+
+
+def _assert_actq_equal(a, r):
+    for name, u, v in zip(("q4", "s4", "q8", "s8"), a, r):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert u.dtype == v.dtype and u.shape == v.shape, name
+            assert torch.equal(u, v), f"{name}: {(u != v).sum().item()} of {u.numel()} differ"
+
+
+def _inputs(m, k, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.float16).to(device)
+    res = torch.randn(m, k, generator=g).to(torch.float16).to(device)
+    w = (torch.rand(k, generator=g) + 0.5).to(torch.float16).to(device)
+    idx = torch.randperm(k, generator=g).to(torch.int32).to(device)
+    return x, res, w, idx
+
+
+def _check_quantize_act(m, k, n_out, gs, device):
+    split = plan_split(k, n_out, gs)
+    x, _, _, idx = _inputs(m, k, device, seed=m + k)
+    for index in (idx, None):
+        r = ref.quantize_act(x, index, split)
+        _assert_actq_equal(Q.quantize_act(x, index, split), r)
+        op = Q.quantize_act(x, index, split, out="int8")
+        assert torch.equal(op.qa, unpack_int4(r.q4))
+        _assert_actq_equal(op.to_actq(), r)
+    if device == "cuda":
+        f8 = Q.quantize_act(x, idx, split, out="fp8")
+        assert f8.qa.dtype == torch.float8_e4m3fn
+        _assert_actq_equal(f8.to_actq(), ref.quantize_act(x, idx, split))
+
+
+def _check_rmsnorm(m, k, n_out, gs, device):
+    split = plan_split(k, n_out, gs)
+    x, res, w, idx = _inputs(m, k, device, seed=2 * m + k)
+    for residual in (res, None):
+        a, new_res = Q.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)
+        r, ref_res = ref.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)
+        assert torch.equal(new_res, ref_res)
+        total = sum(u.numel() for u in a if u is not None)
+        diff = sum((u != v).sum().item() for u, v in zip(a, r) if u is not None)
+        assert diff <= max(2, 1e-4 * total), f"{diff} of {total} elements differ"
+        qd = (unpack_int4(a.q4).int() - unpack_int4(r.q4).int()).abs().max().item()
+        assert qd <= 1
+        s_rel = ((a.s4.float() - r.s4.float()).abs() / r.s4.float()).max().item()
+        assert s_rel <= 2e-3
+
+
+def _check_silu(m, k, n_out, gs, device):
+    split = plan_split(k, n_out, gs)
+    g = torch.Generator(device="cpu").manual_seed(m * 7 + k)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(torch.float16).to(device)
+    _assert_actq_equal(Q.silu_mul_quantize(gate_up, split), ref.silu_mul_quantize(gate_up, split))
+
+
+@pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
+def test_quantize_act(m, k, n_out, gs, device):
+    _check_quantize_act(m, k, n_out, gs, device)
+
+
+@pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
+def test_rmsnorm_quantize(m, k, n_out, gs, device):
+    _check_rmsnorm(m, k, n_out, gs, device)
+
+
+@pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
+def test_silu_mul_quantize(m, k, n_out, gs, device):
+    _check_silu(m, k, n_out, gs, device)
+
+
+def test_validation(device):
+    split = plan_split(256, 32, 64)
+    x = torch.randn(3, 128, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="channels"):
+        Q.quantize_act(x, None, split)
+    with pytest.raises(ValueError, match="index"):
+        Q.quantize_act(torch.randn(3, 256, device=device, dtype=torch.float16),
+                       torch.arange(256, device=device), split)
+    with pytest.raises(ValueError, match="out must be"):
+        Q.quantize_act(torch.randn(3, 256, device=device, dtype=torch.float16), None, split, out="int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n_out,gs", GPU_CASES)
+def test_full_size_gpu(m, k, n_out, gs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _check_quantize_act(m, k, n_out, gs, "cuda")
+    _check_rmsnorm(m, k, n_out, gs, "cuda")
+    _check_silu(m, k, n_out, gs, "cuda")

@@ -1,0 +1,103 @@
+"""W4A4 GEMM against ref.w4a4_gemm (exact integer math in float64). Tolerance: norm-wise relative error
+1e-3 for fp16 output (measured ~2e-4, the output rounding), 8e-3 for bf16 (docs/KERNELS.md)."""
+
+import pytest
+import torch
+
+from atomq.kernels import ref
+from atomq.quant import PackedWeight, plan_split, quantize_weight_rtn, unpack_int4
+
+pytest.importorskip("triton")
+from atomq.kernels import quantize as Q  # noqa: E402
+from atomq.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_gemm  # noqa: E402
+
+TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+CPU_CASES = [  # (M, N, K, n_outliers, group_size)
+    (1, 48, 320, 64, 64),
+    (7, 40, 576, 128, 128),  # groups of 64, 7 groups (odd: padded block)
+    (33, 64, 448, 0, 64),
+    (7, 48, 640, 128, 128),  # groups of 128
+    (17, 32, 352, 32, 32),
+    (5, 32, 256, 32, None),  # one scale per row
+]
+GPU_CASES = [(m, n, k) for n, k in ((12288, 4096), (4096, 11008), (8192, 28672)) for m in (1, 16, 64, 333, 4096)]
+
+
+def _problem(m, n, k, n_out, gs, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    split = plan_split(k, n_out, gs)
+    w = torch.randn(n, k, generator=g).to(device)
+    pw = quantize_weight_rtn(w, split, 4, 0.85)
+    x = torch.randn(m, k, generator=g).to(torch.float16).to(device)
+    bias = torch.randn(n, generator=g).to(torch.float16).to(device)
+    return x, pw, split, bias
+
+
+def _rel(y, yr):
+    return ((y.double() - yr.double()).norm() / yr.double().norm()).item()
+
+
+def test_prepare_weight_layout(device):
+    x, pw, split, _ = _problem(1, 16, 352, 32, 32, device, 0)
+    p = prepare_weight(pw)
+    assert p.span == 32 and p.kp == 320 and p.w4.shape == (16, 160) and p.sw.shape == (10, 16)
+    q = unpack_int4(pw.qweight)  # [N, Kn]
+    b = p.w4.view(torch.uint8)[:, : p.span]  # first block: channels 0..S-1 low, S..2S-1 high
+    lo = ((b & 0xF).to(torch.int16) ^ 8) - 8
+    hi = ((b >> 4).to(torch.int16) ^ 8) - 8
+    assert torch.equal(lo.to(torch.int8), q[:, : p.span]) and torch.equal(hi.to(torch.int8), q[:, p.span: 2 * p.span])
+
+
+@pytest.mark.parametrize("m,n,k,n_out,gs", CPU_CASES)
+def test_w4a4_gemm(m, n, k, n_out, gs, device):
+    x, pw, split, bias = _problem(m, n, k, n_out, gs, device, m * 31 + k)
+    a = Q.quantize_act(x, None, split, out="int8")
+    prepared = prepare_weight(pw)
+    for b, dt in ((bias, torch.float16), (None, torch.bfloat16)):
+        y = w4a4_gemm(a, prepared, b, out_dtype=dt)
+        assert y.shape == (m, n) and y.dtype == dt
+        yr = ref.w4a4_gemm(a.to_actq(), pw, b, out_dtype=torch.float64)
+        assert _rel(y, yr) <= TOL[dt]
+    # the packed ActQ and the raw PackedWeight are accepted too
+    y2 = w4a4_gemm(a.to_actq(), pw, bias)
+    assert _rel(y2, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+
+
+def test_split_k_matches(device):
+    x, pw, split, bias = _problem(3, 32, 576, 128, 64, device, 5)
+    a = Q.quantize_act(x, None, split, out="int8")
+    p = prepare_weight(pw)
+    cfg = dict(block_n=32, block_m=16, num_warps=4, num_stages=1)
+    y1 = w4a4_gemm(a, p, bias, config=GemmConfig(split_k=1, **cfg))
+    y3 = w4a4_gemm(a, p, bias, config=GemmConfig(split_k=3, **cfg))
+    yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    assert _rel(y1, yr) <= 1e-3 and _rel(y3, yr) <= 1e-3
+
+
+def test_validation(device):
+    x, pw, split, _ = _problem(2, 32, 320, 64, 64, device, 1)
+    a = Q.quantize_act(x, None, split, out="int8")
+    with pytest.raises(ValueError, match="bias"):
+        w4a4_gemm(a, pw, torch.zeros(7, device=device))
+    with pytest.raises(TypeError, match="out_dtype"):
+        w4a4_gemm(a, pw, out_dtype=torch.float32)
+    no_out = PackedWeight(pw.qweight, pw.scales, None, None, None, 4)
+    with pytest.raises(ValueError, match="do not match|outlier"):
+        w4a4_gemm(a._replace(qa=a.qa[:, :64]), no_out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", GPU_CASES)
+def test_full_size_gpu(m, n, k):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, pw, split, bias = _problem(m, n, k, 128, 128, "cuda", m + n)
+    p = prepare_weight(pw)
+    cols = torch.randperm(n, device="cuda")[:256]
+    sub = PackedWeight(pw.qweight[cols], pw.scales[cols], None, pw.qweight_outlier[cols], pw.scales_outlier[cols], 4)
+    for op, dt in (("int8", torch.float16), ("fp8", torch.bfloat16)):
+        a = Q.quantize_act(x, None, split, out=op)
+        y = w4a4_gemm(a, p, bias, out_dtype=dt)
+        assert bool(torch.isfinite(y).all())
+        yr = ref.w4a4_gemm(a.to_actq(), sub, bias[cols], out_dtype=torch.float64)
+        assert _rel(y[:, cols], yr) <= TOL[dt]
