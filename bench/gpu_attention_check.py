@@ -65,7 +65,7 @@ def check_store() -> None:
             for n in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
                 x, y = getattr(a, n), getattr(b, n)
                 if x is not None and x.dtype != torch.float32:
-                    r = torch.randint(0, 120, x.shape, dtype=torch.uint8, device="cuda")
+                    r = torch.randint(0, 120, x.view(torch.uint8).shape, dtype=torch.uint8, device="cuda")
                     x.view(torch.uint8).copy_(r)
                     y.view(torch.uint8).copy_(r)
             k = (torch.randn(t, h, d, device="cuda") * 3).half()
@@ -104,9 +104,10 @@ def check_prefill() -> None:
             q = torch.randn(sum(new), hq, d, device="cuda").half()
             cu = torch.tensor([0] + new, device="cuda").cumsum(0).to(torch.int32)
             cl = torch.tensor(cached, dtype=torch.int32, device="cuda")
-            out = paged_prefill_attention(q, cache, cu, cl, bt, d**-0.5, plan=plan_prefill(max(new), d))
             want = ref.paged_prefill_attention_ref(q, cache, cu, cl, bt, d**-0.5)
-            report(f"prefill {mode} hq={hq} hkv={hkv} d={d}", *close(out, want))
+            for deq in (1, 2) if mode == "int4" else (1,):
+                out = paged_prefill_attention(q, cache, cu, cl, bt, d**-0.5, plan=plan_prefill(max(new), d, deq=deq))
+                report(f"prefill {mode} hq={hq} hkv={hkv} d={d} deq={deq}", *close(out, want))
             del cache
 
 
@@ -149,8 +150,8 @@ def main() -> int:
     args = ap.parse_args()
     print(json.dumps(B.device_info()), flush=True)
     torch.manual_seed(0)
-    for fn, a in ((check_store, ()), (check_decode, (grid(dot=[0, 1, 2], deq=[0, 1], block_n=[32])
-                                                      + [{"num_splits": 1}],)), (check_prefill, ())):
+    dec_variants = [{}, {"num_splits": 1}] + grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64])
+    for fn, a in ((check_store, ()), (check_decode, (dec_variants,)), (check_prefill, ())):
         try:
             fn(*a)
         except Exception as e:  # keep going: the timings are still wanted
@@ -158,12 +159,14 @@ def main() -> int:
     best = {}
     all_sweeps = []
     for shape in B.SHAPES:
+        # first sweep (dot 0-2, deq 0-1, block_n 32-128, warps 4/8): 4 warps, tensor-core dots and
+        # deq 1 won; this sweep adds deq 2 (PTX unpack), dot 3 (transposed V) and pipelining depth
         if B.SHAPES[shape][0] == B.SHAPES[shape][1]:  # one q head per kv head
-            v4 = grid(dot=[0, 1], deq=[0, 1], block_n=[32, 64, 128], num_warps=[4, 8])
-            vf = grid(dot=[0, 1], block_n=[32, 64, 128], num_warps=[4, 8])
+            v4 = grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64, 128], num_stages=[2, 3])
+            vf = grid(dot=[1], block_n=[64, 128], num_stages=[2, 3])
         else:
-            v4 = grid(dot=[1, 2], deq=[0, 1], block_n=[32, 64], num_warps=[4, 8])
-            vf = grid(dot=[1, 2], block_n=[32, 64], num_warps=[4, 8])
+            v4 = grid(dot=[2, 3], deq=[1, 2], block_n=[32, 64], num_stages=[2, 3])
+            vf = grid(dot=[1], block_n=[32, 64], num_stages=[2, 3])
         if args.quick:
             v4, vf = v4[:4], vf[:2]
         for mode, variants in (("int4", v4), ("fp16", vf)):
@@ -172,11 +175,9 @@ def main() -> int:
             good = [r for r in rows if r["ok"]]
             if good:
                 r = min(good, key=lambda r: r["ms"])
-                best[(shape, mode)] = {k: r[k] for k in ("dot", "deq", "block_n", "num_warps") if k in r}
+                best[(shape, mode)] = {k: r[k] for k in ("dot", "deq", "block_n", "num_stages") if k in r}
         b4 = best.get((shape, "int4"), {})
-        for stages in (1, 3):
-            all_sweeps += sweep(shape, "int4", [{**b4, "num_stages": stages}])
-        all_sweeps += sweep(shape, "int4", [{**b4, "layout": "NHD"}])
+        all_sweeps += sweep(shape, "int4", [{**b4, "num_warps": 8}, {**b4, "layout": "NHD"}])
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(all_sweeps, f, indent=1)
     print("best:", best, flush=True)

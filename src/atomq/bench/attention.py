@@ -47,7 +47,9 @@ def random_cache(mode: str, num_blocks: int, hkv: int, d: int, layout: str = "HN
             t.copy_(torch.rand(t.shape, device="cuda").mul_(0.05).add_(0.01).half())
     else:
         for t in (c.k, c.v):
-            t.copy_(torch.randn(t.shape, device="cuda").mul_(20.0 if mode == "fp8" else 1.0).to(t.dtype))
+            for i in range(0, t.shape[0], 4096):  # in chunks: no pool-sized temporaries
+                x = t[i : i + 4096]
+                x.copy_(torch.randn(x.shape, device="cuda", dtype=torch.float16) * (20.0 if mode == "fp8" else 1.0))
     return c
 
 

@@ -33,41 +33,66 @@ from .kv_cache import PagedKVCache, interpreting
 # --------------------------------------------------------------------------------------------------
 
 
+_UNPACK_ASM = """
+{
+.reg .b32 t0, t1, a0, a1, b0, b1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 a0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 a1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b0, t0, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 b1, t1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 $0, a0, $5;
+sub.f16x2 $1, a1, $6;
+sub.f16x2 $2, b0, $7;
+sub.f16x2 $3, b1, $8;
+}
+"""
+
+
 @triton.jit
 def unpack_int4_tile(x, z, F16: tl.constexpr, DEQ: tl.constexpr):
-    """x uint8 [N, X] (packed pairs), z fp32 [N] zero points -> (lo - z, 16 * (hi - z)), exact integers.
+    """x uint8 [..] (packed pairs), z fp32 zero points broadcastable to x ([N, 1] or [1, N])
+    -> (lo - z, 16 * (hi - z)), exact integers of x's shape.
 
     F16: return fp16 tiles (tensor-core operands), else fp32. DEQ 0: integer-to-float conversion
-    instructions; DEQ 1: exponent trick (OR the nibble into the mantissa of 2**23 / 1024, subtract).
+    instructions; DEQ 1: exponent trick (OR the nibble into the mantissa of 2**23 or 1024, subtract);
+    DEQ 2 (GPU only, F16): the fp16 exponent trick in PTX, 4 bytes at a time (prmt + lop3 + sub.f16x2).
     """
     if DEQ == 0:
-        lo = (x & 15).to(tl.float32) - z[:, None]
-        hi = (x & 240).to(tl.float32) - 16.0 * z[:, None]
+        lo = (x & 15).to(tl.float32) - z
+        hi = (x & 240).to(tl.float32) - 16.0 * z
         if F16:
             lo = lo.to(tl.float16)
             hi = hi.to(tl.float16)
-    else:
+    elif DEQ == 1 or not F16:
         if F16:
             w = x.to(tl.int16)
             lo = ((w & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
             hi = ((w & 240) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            lo = lo - (1024.0 + z).to(tl.float16)[:, None]
-            hi = hi - (1024.0 + 16.0 * z).to(tl.float16)[:, None]
+            lo = lo - (1024.0 + z).to(tl.float16)
+            hi = hi - (1024.0 + 16.0 * z).to(tl.float16)
         else:
             w = x.to(tl.int32)
-            lo = ((w & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[:, None]
-            hi = ((w & 240) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 16.0 * z)[:, None]
+            lo = ((w & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
+            hi = ((w & 240) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 16.0 * z)
+    else:
+        zl = tl.broadcast_to((1024.0 + z).to(tl.float16), x.shape)
+        zh = tl.broadcast_to((1024.0 + 16.0 * z).to(tl.float16), x.shape)
+        lo, hi = tl.inline_asm_elementwise(
+            _UNPACK_ASM, "=r,=r,=r,=r,r,r,r,r,r", [x, zl, zh], dtype=(tl.float16, tl.float16), is_pure=True,
+            pack=4)
     return lo, hi
 
 
 @triton.jit
 def qk_tile(q, k, DOT: tl.constexpr):
-    """q [G, X], k [N, X] -> q @ k^T, fp32 [G, N]. DOT 0: FMA reduction; 1: tl.dot(q, k^T); 2: (k @ q^T)^T."""
+    """q [G, X], k [N, X] -> q @ k^T, fp32 [G, N]. DOT 0: FMA reduction; 1: tl.dot(q, k^T); 2, 3: (k @ q^T)^T."""
     if DOT == 0:
         s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
     elif DOT == 1:
         s = tl.dot(q, tl.trans(k))
-    else:
+    else:  # 2, 3: k as the A operand
         s = tl.trans(tl.dot(k, tl.trans(q)))
     return s
 
@@ -130,10 +155,11 @@ def _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, 
     kp = tl.load(K + kvo[:, None] + d[None, :], mask=nm[:, None], other=0)  # uint8 [BLOCK_N, D2]
     kz = tl.load(KZ + mo, mask=nm, other=0).to(tl.float32)
     ks = tl.load(KS + mo, mask=nm, other=0.0).to(tl.float32)
-    vp = tl.load(V + kvo[:, None] + d[None, :], mask=nm[:, None], other=0)
+    if DOT != 3:
+        vp = tl.load(V + kvo[:, None] + d[None, :], mask=nm[:, None], other=0)
     vz = tl.load(VZ + mo, mask=nm, other=0).to(tl.float32)
     vs = tl.load(VS + mo, mask=nm, other=0.0).to(tl.float32)
-    klo, khi = unpack_int4_tile(kp, kz, DOT > 0, DEQ)
+    klo, khi = unpack_int4_tile(kp, kz[:, None], DOT > 0, DEQ)
     sc = qk_tile(qe, klo, DOT) + qk_tile(qo, khi, DOT) * 0.0625
     sc = tl.where(nm[None, :], sc * (ks * qk_scale)[None, :], float("-inf"))  # log2 units
     m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -141,9 +167,16 @@ def _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, 
     p = tl.exp2(sc - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     pw = p * vs[None, :]
-    vlo, vhi = unpack_int4_tile(vp, vz, DOT > 0, DEQ)
-    acc_e = acc_e * alpha[:, None] + pv_tile(pw, vlo, DOT)
-    acc_o = acc_o * alpha[:, None] + pv_tile(pw, vhi, DOT)
+    if DOT == 3:  # V^T as the A operand of the dot, loaded transposed: no transpose of the big tile
+        vpt = tl.load(V + kvo[None, :] + d[:, None], mask=nm[None, :], other=0)  # uint8 [D2, BLOCK_N]
+        vlo, vhi = unpack_int4_tile(vpt, vz[None, :], True, DEQ)
+        pt = tl.trans(pw.to(tl.float16))  # [BLOCK_N, BLOCK_G]
+        acc_e = acc_e * alpha[:, None] + tl.trans(tl.dot(vlo, pt))
+        acc_o = acc_o * alpha[:, None] + tl.trans(tl.dot(vhi, pt))
+    else:
+        vlo, vhi = unpack_int4_tile(vp, vz[:, None], DOT > 0, DEQ)
+        acc_e = acc_e * alpha[:, None] + pv_tile(pw, vlo, DOT)
+        acc_o = acc_o * alpha[:, None] + pv_tile(pw, vhi, DOT)
     return m_new, l_i, acc_e, acc_o
 
 
@@ -288,7 +321,8 @@ class DecodePlan:
     """Launch parameters and workspace for one batch shape (from plan_decode; host values only).
 
     partial_out: fp32 [B, Hq, num_splits, D] and partial_lse: fp32 [B, Hq, num_splits] (None when
-    num_splits == 1). dot: 0 FMA reduction, 1 / 2 tensor-core tl.dot forms; deq: int4 unpack variant.
+    num_splits == 1). dot: 0 FMA reduction, 1 / 2 tensor-core tl.dot forms (q or K as the A operand),
+    3 (int4 only): K and a transposed-loaded V as A operands; deq: int4 unpack variant (unpack_int4_tile).
     """
 
     batch: int

@@ -38,7 +38,7 @@ def _load_halves(P, S, Z, off, moff, nm, d, MODE: tl.constexpr, DEQ: tl.constexp
         x = tl.load(P + off[:, None] + d[None, :], mask=nm[:, None], other=0)
         z = tl.load(Z + moff, mask=nm, other=0).to(tl.float32)
         s = tl.load(S + moff, mask=nm, other=0.0).to(tl.float32)
-        e, o = unpack_int4_tile(x, z, True, DEQ)
+        e, o = unpack_int4_tile(x, z[:, None], True, DEQ)
     else:
         ptr = P + off[:, None] + 2 * d[None, :]
         e = tl.load(ptr, mask=nm[:, None], other=0.0).to(tl.float16)
