@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import resource
 import time
 from typing import Any
 
@@ -135,6 +136,7 @@ def quantize_model(
             **dataclasses.asdict(ccfg),
             "source_model": str(src.path),
             "seconds": round(time.time() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "atomq_version": __version__,
             "torch_version": torch.__version__,
             "python": platform.python_version(),

@@ -62,7 +62,8 @@ class WeightSource:
             self.config.architectures = [architecture_of(self.config)]
         arch = architecture_of(self.config)
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; atomq supports {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(f"unsupported architecture {arch or getattr(self.config, 'model_type', None)!r}; "
+                             f"atomq supports {sorted(SUPPORTED_ARCHITECTURES)}")
 
     def _open_safetensors_dir(self) -> None:
         from transformers import AutoConfig

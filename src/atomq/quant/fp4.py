@@ -26,7 +26,7 @@ def quantize_fp4(
     y = (xg / scale.float().unsqueeze(-1)).clamp(-6.0, 6.0)
     mag = y.abs()
     mids = _MIDPOINTS.to(x.device)
-    idx = torch.bucketize(mag, mids)  # nearest, ties to the upper neighbour
+    idx = torch.bucketize(mag, mids, right=True)  # nearest, ties to the upper neighbour
     tie = (idx > 0) & (mag == mids[(idx - 1).clamp_min(0)])
     idx = torch.where(tie & (idx % 2 == 1), idx - 1, idx)  # ties to even index (even mantissa)
     codes = idx | ((y < 0).to(idx.dtype) << 3)

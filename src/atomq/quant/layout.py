@@ -54,7 +54,7 @@ def plan_split(k: int, n_outliers: int, group_size: int | None) -> Split:
     for extra in (0, (k - n_out) % MIN_GROUP):
         g = group_size
         while g >= MIN_GROUP:
-            if (k - n_out - extra) % g == 0 and n_out + extra <= max(k // 2, n_out):
+            if k - n_out - extra > 0 and (k - n_out - extra) % g == 0 and n_out + extra <= max(k // 2, n_out):
                 return Split(k, n_out + extra, g)
             g //= 2
     raise ValueError(

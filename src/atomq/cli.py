@@ -1,0 +1,152 @@
+"""The ``atomq`` command line: quantize | eval ppl | inspect | bench kernels.
+
+Quantization flags are derived from the QuantConfig / CalibConfig fields, so defaults live in config.py:
+a flag left unset takes the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any
+
+from .config import PRESETS, CalibConfig, QuantConfig, preset
+
+_HELP = {
+    "w_bits": "weight bits (none = 16-bit)", "a_bits": "activation bits (none = 16-bit)",
+    "group_size": "channels per scale group (none = one scale per row)",
+    "n_outliers": "INT8 outlier input channels (adapted to the shape, see docs/NUMERICS.md)",
+    "kv_bits": "KV-cache bits (none = 16-bit)",
+}
+
+
+_NONE = "none"  # what a user types for "kept in 16 bit" / "no groups"; becomes None in _overrides
+
+
+def _parse_optional_int(text: str) -> int | str:
+    return _NONE if text.lower() == _NONE else int(text)
+
+
+def _parse_optional_float(text: str) -> float | str:
+    return _NONE if text.lower() == _NONE else float(text)
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One flag per field; default None so that an unset flag keeps the preset / dataclass default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint)
+        help_text = _HELP.get(f.name, f.name.replace("_", " ")) + f" (default {f.default})"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif base is int:
+            parser.add_argument(flag, dest=f.name, type=_parse_optional_int if optional else int, default=None,
+                                help=help_text)
+        elif base is float:
+            parser.add_argument(flag, dest=f.name, type=_parse_optional_float if optional else float, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=str, default=None, help=help_text)
+
+
+def _overrides(ns: argparse.Namespace, cls) -> dict[str, Any]:
+    """Only the dataclass fields the user set, with the 'none' sentinel already parsed."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name, None)
+        if v is not None:
+            out[f.name] = None if v == _NONE else v
+    return out
+
+
+def _cmd_quantize(ns: argparse.Namespace) -> int:
+    from .calib.pipeline import quantize_model
+
+    qcfg = preset(ns.preset, **_overrides(ns, QuantConfig))
+    ccfg = CalibConfig(**_overrides(ns, CalibConfig))
+    print(f"quantizing {ns.model} with preset {ns.preset}: {json.dumps(qcfg.to_dict())}")
+    meta = quantize_model(ns.model, ns.out, qcfg, ccfg, overwrite=ns.overwrite, data_dir=ns.data_dir)
+    cal = meta["calibration"]
+    print(f"wrote {ns.out} in {cal['seconds']} s (peak RSS {cal['peak_rss_mb']} MB)")
+    return 0
+
+
+def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.ppl import perplexity, token_windows
+    from .model.loader import DTYPES, load_model
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    lm = load_model(ns.model, DTYPES[ns.dtype])
+    windows = token_windows(lm.tokenizer, ns.dataset, ns.seq_len, ns.data_dir)
+    res = perplexity(lm.model, windows, ns.limit)
+    row = {"model": ns.model, "dataset": ns.dataset, "seq_len": ns.seq_len, "dtype": ns.dtype,
+           "quant": lm.qcfg.to_dict(), **dataclasses.asdict(res)}
+    print(f"{ns.dataset} perplexity {res.ppl:.4f} over {res.windows} windows of {ns.seq_len} ({res.seconds:.0f} s)")
+    if ns.json:
+        with open(ns.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from .model.inspect import describe
+
+    print(describe(ns.checkpoint, ns.all))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atomq", description="Atom W4A4 quantization, evaluation and serving")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate a Hugging Face model and write an atomq checkpoint")
+    q.add_argument("--model", required=True, help="HF directory, .gguf file, or 'smollm2' (the bundled model)")
+    q.add_argument("--out", required=True, help="checkpoint directory to write")
+    q.add_argument("--preset", default="atom", choices=sorted(PRESETS), help="recipe (default atom)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    q.add_argument("--data-dir", default=None, help="offline data directory (default: ../shared/data)")
+    _add_dataclass_flags(q.add_argument_group("quantization (override the preset)"), QuantConfig)
+    _add_dataclass_flags(q.add_argument_group("calibration"), CalibConfig)
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="accuracy evaluation").add_subparsers(dest="eval_command", required=True)
+    pp = e.add_parser("ppl", help="perplexity (ATOM.md protocol: non-overlapping windows of the joined text)")
+    pp.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    pp.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, or a .txt / .jsonl path")
+    pp.add_argument("--seq-len", type=int, default=2048)
+    pp.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    pp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
+    pp.add_argument("--data-dir", default=None)
+    pp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pp.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    pp.set_defaults(func=_cmd_eval_ppl)
+
+    i = sub.add_parser("inspect", help="print a checkpoint's config and tensor table")
+    i.add_argument("checkpoint")
+    i.add_argument("--all", action="store_true", help="list every tensor, not only layer 0")
+    i.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"atomq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
