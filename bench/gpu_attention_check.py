@@ -159,13 +159,13 @@ def main() -> int:
     best = {}
     all_sweeps = []
     for shape in B.SHAPES:
-        # first sweep (dot 0-2, deq 0-1, block_n 32-128, warps 4/8): 4 warps, tensor-core dots and
-        # deq 1 won; this sweep adds deq 2 (PTX unpack), dot 3 (transposed V) and pipelining depth
+        # earlier sweeps (dot 0-3, deq 0-1, block_n 32-128, warps 4/8, stages 1-3): 4 warps, tensor-core
+        # dots, deq 1, block_n 64 won (docs/KERNELS.md); this one adds deq 2 (PTX unpack)
         if B.SHAPES[shape][0] == B.SHAPES[shape][1]:  # one q head per kv head
-            v4 = grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64, 128], num_stages=[2, 3])
+            v4 = grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64, 128], num_stages=[3])
             vf = grid(dot=[1], block_n=[64, 128], num_stages=[2, 3])
         else:
-            v4 = grid(dot=[2, 3], deq=[1, 2], block_n=[32, 64], num_stages=[2, 3])
+            v4 = grid(dot=[2, 3], deq=[1, 2], block_n=[64], num_stages=[2, 3])
             vf = grid(dot=[1], block_n=[32, 64], num_stages=[2, 3])
         if args.quick:
             v4, vf = v4[:4], vf[:2]

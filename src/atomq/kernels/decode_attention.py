@@ -33,7 +33,7 @@ from .kv_cache import PagedKVCache, interpreting
 # --------------------------------------------------------------------------------------------------
 
 
-_UNPACK_ASM = """
+_UNPACK_ASM = tl.constexpr("""
 {
 .reg .b32 t0, t1, a0, a1, b0, b1;
 prmt.b32 t0, $4, 0, 0x4140;
@@ -47,7 +47,7 @@ sub.f16x2 $1, a1, $6;
 sub.f16x2 $2, b0, $7;
 sub.f16x2 $3, b1, $8;
 }
-"""
+""")
 
 
 @triton.jit
