@@ -77,7 +77,7 @@ def bench_paged_decode(mode: str, batch: int, ctx: int, hq: int, hkv: int, d: in
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.float16)
     out = torch.empty_like(q)
-    plan = plan_decode(batch, hq, hkv, d, ctx, "cuda", **plan_kw)
+    plan = plan_decode(batch, hq, hkv, d, ctx, "cuda", kv_mode=mode, **plan_kw)
     ms = _time(lambda: paged_decode_attention(q, cache, bt, sl, d**-0.5, out=out, plan=plan), rep_ms)
     del cache
     return ms

@@ -342,22 +342,28 @@ class DecodePlan:
 
 def plan_decode(
     batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, device="cuda",
-    *, num_sms: int | None = None, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, dot: int | None = None, deq: int = 1,
-    min_tokens_per_split: int = 256,
+    *, kv_mode: str = "int4", num_sms: int | None = None, num_splits: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    dot: int | None = None, deq: int = 1, min_tokens_per_split: int = 256,
 ) -> DecodePlan:
     """Choose the split count and tile sizes; allocate the split workspace.
 
     max_seq_len only balances the work: a longer sequence is still handled (its last split takes the
     remainder). Splits are added until batch * kv_heads * splits fills about two waves of the GPU.
+    Defaults are the fastest variants of the H100 sweep at batch 64 x 4096 (docs/KERNELS.md):
+    int4: K as the A operand of the dot (dot 2), exponent-trick unpack (deq 1), 64-token tiles,
+    3 pipeline stages (2 with GQA); fp16 / fp8: dot 1, 64-token tiles, 3 stages; 4 warps.
     """
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     group = num_qo_heads // num_kv_heads
+    int4 = kv_mode == "int4"
     if dot is None:
-        dot = 0 if group == 1 else 1
+        dot = 2 if int4 else 1
+    if num_stages is None:
+        num_stages = 2 if int4 and group > 1 else 3
     if block_n is None:
-        block_n = 64 if dot or head_dim <= 64 else 32
+        block_n = 64 if dot else 32
     if num_sms is None:
         dev = torch.device(device)
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
@@ -372,7 +378,7 @@ def plan_decode(
         po = torch.empty(batch, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         pl = torch.empty(batch, num_qo_heads, num_splits, dtype=torch.float32, device=device)
     return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
-                      num_warps or 4, num_stages or 2, dot, deq, po, pl)
+                      num_warps or 4, num_stages, dot, deq, po, pl)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -408,9 +414,11 @@ def paged_decode_attention(
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
     if plan is None:
-        plan = plan_decode(bsz, hq, hkv, d, block_table.shape[1] * cache.block_size, q.device)
+        plan = plan_decode(bsz, hq, hkv, d, block_table.shape[1] * cache.block_size, q.device, kv_mode=cache.mode)
     if (plan.batch, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim) != (bsz, hq, hkv, d):
         raise ValueError("plan was made for another batch shape")
+    if plan.deq == 2 and interpreting():
+        raise ValueError("deq=2 (PTX unpack) needs a GPU; use deq=1 under TRITON_INTERPRET=1")
     out = torch.empty_like(q) if out is None else out
     group = hq // hkv
     block_g = max(16, triton.next_power_of_2(group)) if plan.dot else triton.next_power_of_2(group)

@@ -183,6 +183,8 @@ def paged_prefill_attention(
     t, hq, d = q.shape
     if plan is None:
         plan = plan_prefill(max(t, 1), d)
+    if plan.deq == 2 and interpreting():
+        raise ValueError("deq=2 (PTX unpack) needs a GPU; use deq=1 under TRITON_INTERPRET=1")
     out = torch.empty_like(q) if out is None else out
     if t == 0 or bsz == 0:
         return out
