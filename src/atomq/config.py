@@ -38,6 +38,7 @@ class QuantConfig:
     gptq_block: int = 128
     kv_bits: int | None = 4
     kv_pre_rope: bool = False  # quantize K before RoPE (Atom's reference) or after (what a paged cache stores)
+    kv_rotate: bool = False  # rotate queries and keys per head by a Hadamard matrix after RoPE (scores unchanged)
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
     a_clip_search: bool = False  # per linear activation clip chosen on calibration data
@@ -59,6 +60,8 @@ class QuantConfig:
             raise ValueError(f"gptq_block must be >= 1, got {self.gptq_block}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.kv_rotate and self.kv_pre_rope:
+            raise ValueError("kv_rotate applies after RoPE; it cannot be combined with kv_pre_rope")
         if self.gptq and self.w_bits is None:
             raise ValueError("gptq needs quantized weights (w_bits is None)")
 

@@ -104,23 +104,32 @@ def test_quantized_forward_matches_fake_quantized_transformers(tiny_model, calib
     assert not torch.allclose(got, float_logits, atol=1e-3)  # quantization really happened
 
 
-@pytest.mark.parametrize("pre_rope", [False, True])
-def test_attention_quantizes_kv_where_configured(tiny_model, pre_rope):
-    """KV4 fake-quant sits after RoPE (default, what a paged cache stores) or before it (Atom's reference)."""
+@pytest.mark.parametrize("pre_rope, rotate", [(False, False), (True, False), (False, True)])
+def test_attention_quantizes_kv_where_configured(tiny_model, pre_rope, rotate):
+    """KV4 fake-quant sits after RoPE (default, what a paged cache stores) or before it (Atom's reference);
+    with ``rotate`` q and k are turned by a per-head Hadamard matrix after RoPE, before K is quantized."""
+    from atomq.kernels.ref import hadamard_matrix
     from atomq.model.args import apply_rope, rope_cos_sin
 
-    model = load_model(str(tiny_model("llama")), torch.float32).model
+    model = load_model(str(tiny_model("llama", head_dim=16)), torch.float32).model
     attn = model.model.layers[0].self_attn
     x = torch.randn(1, 10, model.args.hidden_size)
     cos, sin = rope_cos_sin(model.inv_freq, model.rope_scaling, torch.arange(10))
     with torch.no_grad():
         plain = attn(x, cos, sin)
+        if rotate:  # rotation alone leaves the attention output unchanged
+            attn.kv_hadamard = hadamard_matrix(attn.head_dim)
+            torch.testing.assert_close(attn(x, cos, sin), plain, rtol=1e-5, atol=1e-5)
         attn.kv_bits, attn.kv_pre_rope = 4, pre_rope
         got = attn(x, cos, sin)
         h, kvh, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         q = apply_rope(attn.q_proj(x).view(1, 10, h, d), cos, sin)
         k = attn.k_proj(x).view(1, 10, kvh, d)
-        k = apply_rope(fake_quant_kv(k), cos, sin) if pre_rope else fake_quant_kv(apply_rope(k, cos, sin))
+        if rotate:
+            had = hadamard_matrix(d)
+            q, k = q @ had, fake_quant_kv(apply_rope(k, cos, sin) @ had)
+        else:
+            k = apply_rope(fake_quant_kv(k), cos, sin) if pre_rope else fake_quant_kv(apply_rope(k, cos, sin))
         v = fake_quant_kv(attn.v_proj(x).view(1, 10, kvh, d))
         k, v = (z.transpose(1, 2).repeat_interleave(h // kvh, dim=1) for z in (k, v))
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True)

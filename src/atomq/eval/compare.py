@@ -7,11 +7,14 @@ appended as JSON lines; the markdown table is printed at the end (and can be reb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+
+from ..config import PRESETS, QuantConfig
 
 
 def _run(cmd: list[str]) -> float:
@@ -25,20 +28,28 @@ def compare(model: str, presets: list[str], out_dir: str, limit: int | None, ext
     os.makedirs(out_dir, exist_ok=True)
     results_file = os.path.join(out_dir, "results.jsonl")
     rows = []
+    done: dict[QuantConfig, str] = {}  # quantized configs (KV bits aside) -> checkpoint
     for name in presets:
         row = {"preset": name, "model": model}
-        target = model
-        if name != "fp16":
+        target, kv_override = model, []
+        qcfg = PRESETS[name]
+        same = done.get(dataclasses.replace(qcfg, kv_bits=None))
+        if name != "fp16" and same:  # calibration does not depend on the KV precision: reuse
+            target = same
+            kv_override = ["--kv-bits", "none" if qcfg.kv_bits is None else str(qcfg.kv_bits)]
+        elif name != "fp16":
             target = os.path.join(out_dir, name)
             cmd = ["quantize", "--model", model, "--out", target, "--preset", name, "--overwrite", *extra]
             row["quantize_cmd"] = "atomq " + " ".join(cmd)
             row["calib_seconds"] = _run(cmd)
             with open(os.path.join(target, "atomq_config.json")) as f:
                 row["calib_peak_rss_mb"] = json.load(f)["calibration"]["peak_rss_mb"]
+            done[dataclasses.replace(qcfg, kv_bits=None)] = target
         ppl_json = os.path.join(out_dir, f"{name}.ppl.json")
         if os.path.exists(ppl_json):
             os.remove(ppl_json)
-        cmd = ["eval", "ppl", "--model", target, "--json", ppl_json] + (["--limit", str(limit)] if limit else [])
+        cmd = ["eval", "ppl", "--model", target, "--json", ppl_json, *kv_override]
+        cmd += ["--limit", str(limit)] if limit else []
         row["eval_cmd"] = "atomq " + " ".join(cmd)
         row["eval_seconds"] = _run(cmd)
         with open(ppl_json) as f:
@@ -66,7 +77,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--presets", default="fp16,rtn-w4a4,atom-outliers,atom-groups,atom-clip,atom-gptq,atom,w8a8,w4a16")
+    p.add_argument("--presets", default="fp16,atom,atom-gptq,rtn-w4a4,atom-clip,atom-groups,atom-outliers,w8a8,w4a16")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--limit", type=int, default=None)
     ns, extra = p.parse_known_args(argv)

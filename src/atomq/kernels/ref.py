@@ -135,6 +135,21 @@ def kv_dequantize(
     return ((q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).to(dtype)
 
 
+def hadamard_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two): H @ H.T = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard transform needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype)
+
+
+def rotate_heads(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ h [D, D] in fp32, returned in x's dtype (per-head rotation of queries and keys)."""
+    return (x.float() @ h.float()).to(x.dtype)
+
+
 def fake_quant_kv(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Quantize-dequantize keys or values x [..., T, H, D] per (token, head); same dtype and shape."""
     flat = x.reshape(-1, x.shape[-2], x.shape[-1])

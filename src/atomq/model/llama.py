@@ -8,6 +8,7 @@ and head), the numerics the paged INT4 cache has.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +22,24 @@ from .layers import Linear, LinearSpec, RMSNorm
 Specs = dict[str, LinearSpec]  # linear name inside a layer ("self_attn.q_proj", ...) -> spec
 
 
+@dataclass(frozen=True)
+class KVSpec:
+    """KV-cache numerics: bits (None = 16-bit), quantize K before RoPE, rotate q/k after RoPE."""
+
+    bits: int | None = None
+    pre_rope: bool = False
+    rotate: bool = False
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, specs: Specs, kv_bits: int | None, kv_pre_rope: bool, dtype):
+    def __init__(self, args: ModelArgs, specs: Specs, kv: "KVSpec", dtype):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.kv_bits, self.kv_pre_rope = kv_bits, kv_pre_rope
+        self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
+        # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
+        # its INT4 quantization. The paged cache then stores rotated keys.
+        self.register_buffer("kv_hadamard", ref.hadamard_matrix(args.head_dim) if kv.rotate else None,
+                             persistent=False)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, Linear(specs[f"self_attn.{name}"], dtype))
 
@@ -38,6 +52,8 @@ class Attention(nn.Module):
         if self.kv_bits is not None and self.kv_pre_rope:
             k = ref.fake_quant_kv(k, self.kv_bits)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_hadamard is not None:
+            q, k = ref.rotate_heads(q, self.kv_hadamard), ref.rotate_heads(k, self.kv_hadamard)
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
                 k = ref.fake_quant_kv(k, self.kv_bits)
@@ -91,10 +107,10 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, specs: Specs, kv_bits, kv_pre_rope, reorder: bool, dtype):
+    def __init__(self, args: ModelArgs, specs: Specs, kv: KVSpec, reorder: bool, dtype):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
-        self.self_attn = Attention(args, specs, kv_bits, kv_pre_rope, dtype)
+        self.self_attn = Attention(args, specs, kv, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
         if args.is_moe:
             self.block_sparse_moe = MoE(args, specs, dtype)
@@ -109,11 +125,11 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerModel(nn.Module):
-    def __init__(self, args: ModelArgs, layer_specs: list[Specs], kv_bits, kv_pre_rope, reorder, dtype):
+    def __init__(self, args: ModelArgs, layer_specs: list[Specs], kv: KVSpec, reorder, dtype):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta", dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, layer_specs[i], kv_bits, kv_pre_rope, reorder, dtype) for i in range(args.n_layers)
+            DecoderLayer(args, layer_specs[i], kv, reorder, dtype) for i in range(args.n_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_eps, False, dtype)
 
@@ -121,11 +137,11 @@ class TransformerModel(nn.Module):
 class CausalLM(nn.Module):
     """The whole model. Build with ``model/loader.py``; parameters start on the meta device."""
 
-    def __init__(self, args: ModelArgs, hf_config: Any, layer_specs: list[Specs], kv_bits: int | None = None,
-                 kv_pre_rope: bool = False, reorder: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, args: ModelArgs, hf_config: Any, layer_specs: list[Specs], kv: KVSpec = KVSpec(),
+                 reorder: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.args, self.hf_config = args, hf_config
-        self.model = TransformerModel(args, layer_specs, kv_bits, kv_pre_rope, reorder, dtype)
+        self.model = TransformerModel(args, layer_specs, kv, reorder, dtype)
         self.lm_head = Linear(LinearSpec(args.hidden_size, args.vocab_size), dtype)
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, args.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

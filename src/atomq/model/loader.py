@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..config import FP16, QuantConfig
 from ..quant import Split
 from . import checkpoint as ckpt
 from .args import ModelArgs
-from .llama import CausalLM
+from .llama import CausalLM, KVSpec
 from .source import WeightSource, resolve_model_path
 from .specs import layer_specs, plan_splits
 
@@ -30,7 +31,8 @@ def build_model(hf_config: Any, qcfg: QuantConfig, dtype: torch.dtype = torch.fl
     """A CausalLM whose tensors live on the meta device, shaped for ``qcfg``."""
     args = ModelArgs.from_hf(hf_config)
     specs = layer_specs(args, qcfg)
-    return CausalLM(args, hf_config, [specs] * args.n_layers, qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.reorder, dtype)
+    kv = KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate)
+    return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype)
 
 
 def expected_tensors(model: CausalLM) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -59,15 +61,15 @@ def load_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: torch
     if model.args.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = model.inv_freq.to(device)
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)  # moves the non-persistent buffers too
 
 
 def splits_from_meta(meta: dict[str, Any]) -> dict[str, Split]:
     return {name: Split(*v) for name, v in meta["splits"].items()}
 
 
-def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint") -> LoadedModel:
+    """An atomq checkpoint. ``kv_bits`` (4, 8 or None) overrides the KV-cache precision, a run-time choice."""
     from transformers import AutoConfig, AutoTokenizer
 
     meta = ckpt.read_meta(path)
@@ -75,6 +77,8 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
         qcfg = QuantConfig.from_dict(meta["quant"])
     except (TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path}: invalid quant config: {e}") from None
+    if kv_bits != "checkpoint":
+        qcfg = dataclasses.replace(qcfg, kv_bits=None if kv_bits == "none" else kv_bits)
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model(hf_config, qcfg, dtype)
     planned = plan_splits(model.args, qcfg)
@@ -84,19 +88,23 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
     return LoadedModel(model, AutoTokenizer.from_pretrained(path), qcfg, meta)
 
 
-def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
+def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits=None) -> LoadedModel:
     """An unquantized Hugging Face model (safetensors directory or GGUF file) as a CausalLM."""
     src = WeightSource(path)
-    model = build_model(src.config, FP16, dtype)
+    qcfg = FP16 if kv_bits in (None, "none", "checkpoint") else dataclasses.replace(FP16, kv_bits=kv_bits)
+    model = build_model(src.config, qcfg, dtype)
     names = expected_tensors(model)
     tensors = {n: src.get(n) for n in names}
     load_tensors(model, tensors, dtype, device)
-    return LoadedModel(model, src.load_tokenizer(), FP16, {})
+    return LoadedModel(model, src.load_tokenizer(), qcfg, {})
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
-    """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint") -> LoadedModel:
+    """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'.
+
+    ``kv_bits``: "checkpoint" keeps the stored choice; 4, 8 or "none" (16-bit) override it.
+    """
     path = resolve_model_path(path)
     if ckpt.is_checkpoint(path):
-        return load_checkpoint(path, dtype, device)
-    return load_hf(path, dtype, device)
+        return load_checkpoint(path, dtype, device, kv_bits)
+    return load_hf(path, dtype, device, kv_bits)
