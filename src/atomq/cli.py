@@ -105,6 +105,25 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_kernels(ns: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("atomq bench kernels needs a CUDA GPU (the kernels' CPU tests run with pytest)")
+    from .bench.attention import run_attention_bench
+    from .bench.gemm import run_gemm_bench
+
+    os.makedirs(ns.out, exist_ok=True)
+    if ns.what in ("all", "gemm"):
+        run_gemm_bench(os.path.join(ns.out, "gemm.json"))
+    if ns.what in ("all", "attention"):
+        run_attention_bench(os.path.join(ns.out, "attention.json"))
+    print(f"results in {ns.out}/*.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atomq", description="Atom W4A4 quantization, evaluation and serving")
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--all", action="store_true", help="list every tensor, not only layer 0")
     i.set_defaults(func=_cmd_inspect)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bk = b.add_parser("kernels", help="W4A4 GEMM, quantize and paged attention against baselines (CUDA)")
+    bk.add_argument("--what", default="all", choices=["all", "gemm", "attention"])
+    bk.add_argument("--out", default="runs/bench-kernels", help="directory for the JSON results")
+    bk.set_defaults(func=_cmd_bench_kernels)
     return p
 
 
