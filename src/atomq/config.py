@@ -41,7 +41,7 @@ class QuantConfig:
     kv_rotate: bool = False  # rotate queries and keys per head by a Hadamard matrix after RoPE (scores unchanged)
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
-    a_clip_search: bool = False  # per linear activation clip chosen on calibration data
+    calib_quantized_inputs: bool = False  # GPTQ calibrates each layer on fully quantized (W, A, KV) inputs
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)

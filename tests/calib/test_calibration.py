@@ -33,9 +33,10 @@ def test_gptq_beats_rtn_on_correlated_inputs(group, n_out, sym):
     ref = x @ w.t()
     err = {}
     for name, pw in {"gptq": gptq_quantize(w, x.t() @ x, split, 4, clip, sym),
+                     "gptq-search": gptq_quantize(w, x.t() @ x, split, 4, clip, sym, clip_search=True),
                      "rtn": quantize_weight_rtn(w, split, 4, clip, sym)}.items():
         err[name] = ((x @ pw.dequantize().t() - ref).norm() / ref.norm()).item()
-    assert err["gptq"] < 0.5 * err["rtn"], err
+    assert err["gptq"] < 0.5 * err["rtn"] and err["gptq-search"] < 0.5 * err["rtn"], err
 
 
 def test_gptq_outputs_valid_codes_and_handles_dead_channels():

@@ -101,3 +101,14 @@ def test_mixed_quantization_layout():
     assert qo.q.shape == (3, 128) and qo.q.dtype == torch.int8 and qo.scale.shape == (3, 1)
     with pytest.raises(ValueError, match="expected last dimension"):
         quantize_mixed(torch.randn(3, 500), split, 4, 0.9)
+
+
+def test_clip_search_never_does_worse_than_any_fixed_clip():
+    from atomq.quant.intq import CLIP_GRID, sym_scale_search
+
+    x = torch.randn(16, 256) * torch.rand(16, 1) * 4
+    best = dequantize(quantize_sym(x, 4, 64, scale=sym_scale_search(x, 4, 64)))
+    err = (best - x).pow(2).view(16, 4, 64).sum(-1)
+    for c in CLIP_GRID:
+        fixed = (fake_quant(x, 4, 64, clip=c) - x).pow(2).view(16, 4, 64).sum(-1)
+        assert (err <= fixed + 1e-6).all()

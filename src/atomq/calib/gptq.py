@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import PackedWeight, QTensor, Split
-from ..quant.intq import asym_params, sym_scale
+from ..quant.intq import asym_params, sym_scale, sym_scale_search
 from ..quant.mixed import OUTLIER_BITS
 
 
@@ -41,9 +41,13 @@ def _blocks(split: Split, block: int) -> list[tuple[int, int]]:
 
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True,
-    damp: float = 0.01, block: int = 128,
+    damp: float = 0.01, block: int = 128, clip_search: bool = False,
 ) -> PackedWeight:
-    """w [N, K] float (reordered), h [K, K] Hessian (sum of x x^T, same order) -> PackedWeight."""
+    """w [N, K] float (reordered), h [K, K] Hessian (sum of x x^T, same order) -> PackedWeight.
+
+    ``clip_search``: each group's scale takes the clip ratio with the least squared rounding error of the
+    (error-updated) group, instead of the fixed ``clip`` (symmetric only).
+    """
     n, k = w.shape
     if h.shape != (k, k) or split.k != k:
         raise ValueError(f"weight {tuple(w.shape)}, Hessian {tuple(h.shape)} and split k={split.k} disagree")
@@ -63,7 +67,9 @@ def gptq_quantize(
     qmin = -(2 ** (bits - 1)) if sym else 0
     s_out = None
     if g is None:  # per-row: parameters from the original weights
-        if sym:
+        if sym and clip_search:
+            scales[:, 0:1] = sym_scale_search(w[:, : split.k_normal], bits, None)
+        elif sym:
             scales[:, 0:1] = sym_scale(w[:, : split.k_normal], bits, None, clip)
         else:
             scales[:, 0:1], zeros[:, 0:1] = asym_params(w[:, : split.k_normal], bits, None, clip)
@@ -80,7 +86,9 @@ def gptq_quantize(
             if not is_outlier:
                 gi = 0 if g is None else col // g
                 if g is not None and col % g == 0:
-                    if sym:
+                    if sym and clip_search:
+                        scales[:, gi : gi + 1] = sym_scale_search(wb[:, j : j + g], bits, None)
+                    elif sym:
                         scales[:, gi : gi + 1] = sym_scale(wb[:, j : j + g], bits, None, clip)
                     else:
                         scales[:, gi : gi + 1], zeros[:, gi : gi + 1] = asym_params(wb[:, j : j + g], bits, None, clip)

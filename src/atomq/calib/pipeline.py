@@ -70,9 +70,9 @@ def quantize_layer_tensors(
         w = tensors.pop(f"{name}.weight")
         if qcfg.gptq:
             pw = gptq_quantize(w, stats[hessian_key(name)].h, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym,
-                               qcfg.gptq_damp, qcfg.gptq_block)
+                               qcfg.gptq_damp, qcfg.gptq_block, qcfg.w_clip_search)
         else:
-            pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym)
+            pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym, qcfg.w_clip_search)
         tensors.update({f"{name}.{k}": v for k, v in pw.state_dict().items()})
     return tensors
 
@@ -91,7 +91,9 @@ def quantize_model(
     tokenizer = src.load_tokenizer()
     dtype = DTYPES[ccfg.dtype]
     float_model = build_model(src.config, FP16, dtype)
-    prop_model = build_model(src.config, dataclasses.replace(qcfg, a_bits=None, kv_bits=None), dtype)
+    # GPTQ's convention: the next layer sees weight-quantized outputs; optionally fully quantized ones
+    prop_cfg = qcfg if qcfg.calib_quantized_inputs else dataclasses.replace(qcfg, a_bits=None, kv_bits=None)
+    prop_model = build_model(src.config, prop_cfg, dtype)
     # 16-bit storage for float tensors: bf16 where the source is bf16, fp16 otherwise
     store = torch.bfloat16 if src.get("model.embed_tokens.weight").dtype == torch.bfloat16 else torch.float16
     out: dict[str, torch.Tensor] = {}

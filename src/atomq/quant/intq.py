@@ -58,6 +58,24 @@ def sym_scale(x: torch.Tensor, bits: int, group_size: int | None, clip: float = 
     return (amax * clip / qmax).to(SCALE_DTYPE)
 
 
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def sym_scale_search(x: torch.Tensor, bits: int, group_size: int | None, clips=CLIP_GRID) -> torch.Tensor:
+    """fp16 scale [..., G] whose clip ratio (from ``clips``) minimizes each group's squared rounding error."""
+    best_err, best = None, None
+    for c in clips:
+        scale = sym_scale(x, bits, group_size, c)
+        err = (_grouped(dequantize(quantize_sym(x, bits, group_size, scale=scale)) - x.float(), group_size)
+               .pow(2).sum(-1))
+        if best is None:
+            best_err, best = err, scale
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+    return best
+
+
 def quantize_sym(
     x: torch.Tensor, bits: int, group_size: int | None = None, clip: float = 1.0,
     scale: torch.Tensor | None = None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .intq import QTensor, dequantize, quantize_asym, quantize_sym
+from .intq import QTensor, dequantize, quantize_asym, quantize_sym, sym_scale_search
 from .layout import Split
 from .pack import pack_int4, unpack_int4
 
@@ -102,7 +102,14 @@ class PackedWeight:
 
 
 def quantize_weight_rtn(
-    w: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True
+    w: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True, clip_search: bool = False
 ) -> PackedWeight:
-    """Round-to-nearest weight quantization: w [N, K] (reordered) -> PackedWeight."""
-    return PackedWeight.from_parts(*quantize_mixed(w, split, bits, clip, sym), bits=bits)
+    """Round-to-nearest weight quantization: w [N, K] (reordered) -> PackedWeight.
+
+    ``clip_search``: per (row, group) the clip ratio with the least squared error (symmetric only).
+    """
+    qn, qo = quantize_mixed(w, split, bits, clip, sym)
+    if clip_search and sym:
+        normal = w[:, : split.k_normal]
+        qn = quantize_sym(normal, bits, split.group_size, scale=sym_scale_search(normal, bits, split.group_size))
+    return PackedWeight.from_parts(qn, qo, bits=bits)
