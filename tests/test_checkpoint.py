@@ -109,3 +109,10 @@ def test_unsupported_architecture_is_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, d / "model.safetensors")
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         load_model(str(d))
+
+
+def test_kv_numerics_are_run_time_overrides(ckpt):
+    stored = load_model(str(ckpt)).model.model.layers[0].self_attn
+    assert stored.kv_bits == 4 and stored.kv_hadamard is None
+    attn = load_model(str(ckpt), kv_bits="none", kv_rotate=True).model.model.layers[0].self_attn
+    assert attn.kv_bits is None and attn.kv_hadamard is not None

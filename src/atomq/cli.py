@@ -86,7 +86,8 @@ def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits)
+    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
+                    kv_rotate=ns.kv_rotate)
     windows = token_windows(lm.tokenizer, ns.dataset, ns.seq_len, ns.data_dir)
     res = perplexity(lm.model, windows, ns.limit)
     row = {"model": ns.model, "dataset": ns.dataset, "seq_len": ns.seq_len, "dtype": ns.dtype,
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     pp.add_argument("--kv-bits", type=_parse_optional_int, default=None,
                     help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
+    pp.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,
+                    help="rotate queries and keys per head (Hadamard) before KV quantization; default: the checkpoint's")
     pp.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     pp.set_defaults(func=_cmd_eval_ppl)
 

@@ -99,8 +99,8 @@ PRESETS: dict[str, QuantConfig] = {
     "atom-clip": dataclasses.replace(_RTN, n_outliers=128, group_size=128, w_clip=0.85, a_clip=0.9),
     "atom-gptq": QuantConfig(kv_bits=None),
     "atom": QuantConfig(),
-    # atomq's own recipe: Atom plus Hadamard-rotated keys before KV4 and a per-group weight clip search
-    "atomq": QuantConfig(kv_rotate=True, w_clip_search=True),
+    # atomq's own recipe: Atom plus Hadamard-rotated queries/keys before KV4 (a run-time choice)
+    "atomq": QuantConfig(kv_rotate=True),
     "atom-w-only": QuantConfig(a_bits=None, kv_bits=None),
     "atom-a-only": QuantConfig(w_bits=None, gptq=False, kv_bits=None),
     "w8a8": QuantConfig(w_bits=8, a_bits=8, group_size=None, n_outliers=0, w_clip=1.0, a_clip=1.0,

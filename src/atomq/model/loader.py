@@ -68,8 +68,10 @@ def splits_from_meta(meta: dict[str, Any]) -> dict[str, Split]:
     return {name: Split(*v) for name, v in meta["splits"].items()}
 
 
-def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint") -> LoadedModel:
-    """An atomq checkpoint. ``kv_bits`` (4, 8 or None) overrides the KV-cache precision, a run-time choice."""
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
+                    kv_rotate: bool | None = None) -> LoadedModel:
+    """An atomq checkpoint. ``kv_bits`` (4, 8 or "none") and ``kv_rotate`` override the KV-cache numerics,
+    which are run-time choices (nothing stored depends on them)."""
     from transformers import AutoConfig, AutoTokenizer
 
     meta = ckpt.read_meta(path)
@@ -79,6 +81,8 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
         raise ckpt.CheckpointError(f"{path}: invalid quant config: {e}") from None
     if kv_bits != "checkpoint":
         qcfg = dataclasses.replace(qcfg, kv_bits=None if kv_bits == "none" else kv_bits)
+    if kv_rotate is not None:
+        qcfg = dataclasses.replace(qcfg, kv_rotate=kv_rotate)
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model(hf_config, qcfg, dtype)
     planned = plan_splits(model.args, qcfg)
@@ -88,10 +92,12 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     return LoadedModel(model, AutoTokenizer.from_pretrained(path), qcfg, meta)
 
 
-def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits=None) -> LoadedModel:
+def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits=None,
+            kv_rotate: bool | None = None) -> LoadedModel:
     """An unquantized Hugging Face model (safetensors directory or GGUF file) as a CausalLM."""
     src = WeightSource(path)
     qcfg = FP16 if kv_bits in (None, "none", "checkpoint") else dataclasses.replace(FP16, kv_bits=kv_bits)
+    qcfg = dataclasses.replace(qcfg, kv_rotate=bool(kv_rotate))
     model = build_model(src.config, qcfg, dtype)
     names = expected_tensors(model)
     tensors = {n: src.get(n) for n in names}
@@ -99,12 +105,14 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits
     return LoadedModel(model, src.load_tokenizer(), qcfg, {})
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint") -> LoadedModel:
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
+               kv_rotate: bool | None = None) -> LoadedModel:
     """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'.
 
     ``kv_bits``: "checkpoint" keeps the stored choice; 4, 8 or "none" (16-bit) override it.
+    ``kv_rotate``: None keeps the stored choice; True / False override it.
     """
     path = resolve_model_path(path)
     if ckpt.is_checkpoint(path):
-        return load_checkpoint(path, dtype, device, kv_bits)
-    return load_hf(path, dtype, device, kv_bits)
+        return load_checkpoint(path, dtype, device, kv_bits, kv_rotate)
+    return load_hf(path, dtype, device, kv_bits, kv_rotate)
