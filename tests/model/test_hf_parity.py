@@ -56,6 +56,29 @@ class FakeQuantLinear(nn.Module):
         return y
 
 
+def _twin(ours, perm, kv=None, head_dim=None):
+    s = ours.spec
+    return FakeQuantLinear(ours.dense_weight(torch.float32), getattr(ours, "bias", None),
+                           None if perm is None else perm.long(), s.split, s.a_bits, s.a_clip, kv, head_dim)
+
+
+class FakeQuantExperts(nn.Module):
+    """Twin of transformers' fused MixtralExperts: per-expert fake-quantized w1 / w3 / w2."""
+
+    def __init__(self, moe, perm):
+        super().__init__()
+        self.experts = [(_twin(e.w1, perm), _twin(e.w3, perm), _twin(e.w2, None)) for e in moe.experts]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, (w1, w3, w2) in enumerate(self.experts):
+            token, slot = torch.where(top_k_index == e)
+            x = hidden_states[token]
+            y = w2(F.silu(w1(x)) * w3(x)) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y)
+        return out
+
+
 def fake_quant_hf(path, ckpt_model, qcfg):
     from transformers import AutoModelForCausalLM
 
@@ -70,24 +93,27 @@ def fake_quant_hf(path, ckpt_model, qcfg):
         hl.post_attention_layernorm.weight.data = ol.post_attention_layernorm.weight.float()
         perm_in = getattr(ol.input_layernorm, "reorder_index", None)
         perm_post = getattr(ol.post_attention_layernorm, "reorder_index", None)
-        for mod_name, ours, perm in [
+        linears = [
             ("self_attn.q_proj", ol.self_attn.q_proj, perm_in), ("self_attn.k_proj", ol.self_attn.k_proj, perm_in),
             ("self_attn.v_proj", ol.self_attn.v_proj, perm_in),
             ("self_attn.o_proj", ol.self_attn.o_proj, getattr(ol.self_attn.o_proj, "reorder_index", None)),
-            ("mlp.gate_proj", ol.mlp.gate_proj, perm_post), ("mlp.up_proj", ol.mlp.up_proj, perm_post),
-            ("mlp.down_proj", ol.mlp.down_proj, None),
-        ]:
+        ]
+        if ckpt_model.args.is_moe:  # the router stays float; its columns follow our reordered input
+            moe = ol.block_sparse_moe
+            inv = torch.argsort(perm_post.long()) if perm_post is not None else slice(None)
+            hl.mlp.gate.weight.data = moe.gate.dense_weight(torch.float32)[:, inv]
+            hl.mlp.experts = FakeQuantExperts(moe, perm_post)
+        else:
+            linears += [("mlp.gate_proj", ol.mlp.gate_proj, perm_post), ("mlp.up_proj", ol.mlp.up_proj, perm_post),
+                        ("mlp.down_proj", ol.mlp.down_proj, None)]
+        for mod_name, ours, perm in linears:
             kv = qcfg.kv_bits if mod_name in ("self_attn.k_proj", "self_attn.v_proj") else None
-            s = ours.spec
-            twin = FakeQuantLinear(ours.dense_weight(torch.float32), getattr(ours, "bias", None),
-                                   None if perm is None else perm.long(), s.split, s.a_bits, s.a_clip,
-                                   kv, ckpt_model.args.head_dim)
             parent, leaf = mod_name.split(".")
-            setattr(getattr(hl, parent), leaf, twin)
+            setattr(getattr(hl, parent), leaf, _twin(ours, perm, kv, ckpt_model.args.head_dim))
     return hf
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("recipe", ["atom", "w8a8", "w4a16", "rtn-w4a4"])
 def test_quantized_forward_matches_fake_quantized_transformers(tiny_model, calib_file, tmp_path, arch, recipe):
     path = tiny_model(arch)
