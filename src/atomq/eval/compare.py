@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="fp16,atom,atom-gptq,rtn-w4a4,atom-clip,atom-groups,atom-outliers,w8a8,w4a16")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--table", nargs="+", metavar="RESULTS_JSONL",
+                   help="only print the table of earlier runs' results.jsonl files, in the order given")
     ns, extra = p.parse_known_args(argv)
+    if ns.table:
+        rows = [json.loads(line) for path in ns.table for line in open(path) if line.strip()]
+        print(table(rows))
+        return 0
     compare(ns.model, ns.presets.split(","), ns.out, ns.limit, extra)
     return 0
 
