@@ -99,6 +99,30 @@ def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_zeroshot(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.tasks import get_task
+    from .eval.zeroshot import average, evaluate_tasks, format_table
+    from .model.loader import DTYPES, load_model
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    tasks = [get_task(t.strip()).name for t in ns.tasks.split(",") if t.strip()]  # typos fail before the load
+    if not tasks:
+        raise ValueError("--tasks names no task")
+    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits)
+    results = evaluate_tasks(lm.model, lm.tokenizer, tasks, ns.data_dir, ns.limit, ns.batch_size)
+    print(format_table(results))
+    if ns.json:
+        row = {"model": ns.model, "dtype": ns.dtype, "limit": ns.limit, "quant": lm.qcfg.to_dict(),
+               "tasks": {r.task: {**dataclasses.asdict(r), "value": r.value, "stderr": r.stderr if r.n > 1 else None}
+                         for r in results}, "average": average(results)}
+        with open(ns.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     from .model.inspect import describe
 
@@ -155,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rotate queries and keys per head (Hadamard) before KV quantization; default: the checkpoint's")
     pp.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     pp.set_defaults(func=_cmd_eval_ppl)
+
+    zs = e.add_parser("zeroshot", help="zero-shot accuracy, lm-eval style log-likelihood of each choice")
+    zs.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    zs.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande",
+                    help="comma-separated (default: Atom's six)")
+    zs.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    zs.add_argument("--batch-size", type=int, default=16, help="requests per forward")
+    zs.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
+    zs.add_argument("--data-dir", default=None)
+    zs.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    zs.add_argument("--kv-bits", type=_parse_optional_int, default=None,
+                    help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
+    zs.add_argument("--json", default=None, help="append the results as one JSON line to this file")
+    zs.set_defaults(func=_cmd_eval_zeroshot)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config and tensor table")
     i.add_argument("checkpoint")
