@@ -1,4 +1,4 @@
-"""The ``atomq`` command line: quantize | eval ppl | inspect | bench kernels.
+"""The ``atomq`` command line: quantize | eval ppl | eval zeroshot | inspect | bench kernels.
 
 Quantization flags are derived from the QuantConfig / CalibConfig fields, so defaults live in config.py:
 a flag left unset takes the preset's value.
