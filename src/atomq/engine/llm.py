@@ -1,0 +1,231 @@
+"""The engine loop and the offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+LLMEngine wires the parts: Scheduler (+ BlockManager) decides a step, ModelRunner computes it over the
+KVPool, the sampler picks tokens, the detokenizer grows the text and stop rules finish requests.
+A bad request is refused by ``add_request`` with a ValueError before it touches any state, so the
+requests already in the engine keep running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, find_stop
+from .kv_pool import KV_CACHE_DTYPES, KVPool, available_bytes, bytes_per_token, num_blocks_for, resolve_kv_dtype
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import RequestOutput, SamplingParams, Sequence
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. kv_cache_bytes: explicit KV budget in bytes (else measured free memory times
+    gpu_memory_utilization); max_model_len: None = the model's max_position (and sliding window);
+    record_logits: keep each generated token's logits in RequestOutput.logits (tests, debugging)."""
+
+    kv_cache_dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    record_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv cache dtype {self.kv_cache_dtype!r}; choose one of {KV_CACHE_DTYPES}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+class LLMEngine:
+    def __init__(self, lm: Any, config: EngineConfig = EngineConfig()):
+        """lm: a model/loader.LoadedModel (model, tokenizer, qcfg)."""
+        self.lm, self.config = lm, config
+        model, args, qcfg = lm.model, lm.model.args, lm.qcfg
+        self.device = model.inv_freq.device
+        if qcfg.kv_bits is not None and qcfg.kv_pre_rope:
+            raise ValueError("the paged cache stores keys after RoPE; this model quantizes K before RoPE "
+                             "(kv_pre_rope); load it with kv_bits=4 and kv_pre_rope off to serve it")
+        mode = resolve_kv_dtype(config.kv_cache_dtype, qcfg.kv_bits)
+        limit = min(args.max_position, args.sliding_window or args.max_position)
+        max_len = config.max_model_len or limit
+        if max_len > limit:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context of {limit} tokens")
+        dtype = model.model.embed_tokens.weight.dtype
+        per_token = bytes_per_token(args.n_kv_heads, args.head_dim, mode, dtype) * args.n_layers
+        budget = config.kv_cache_bytes or available_bytes(self.device, config.gpu_memory_utilization)
+        bs = 16
+        per_seq = -(-max_len // bs)
+        num_blocks = min(num_blocks_for(budget, per_token, bs), per_seq * config.max_num_seqs)
+        if num_blocks < per_seq:
+            raise ValueError(f"the KV pool holds {num_blocks * bs} tokens, fewer than max_model_len {max_len}: "
+                             f"raise the KV budget or lower max_model_len")
+        self.max_model_len = max_len
+        self.kv_pool = KVPool(args.n_layers, args.n_kv_heads, args.head_dim, num_blocks, mode, self.device, dtype, bs)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
+                                   self.block_manager)
+        self.runner = ModelRunner(model, self.kv_pool)
+        self.tokenizer = lm.tokenizer
+        self.eos_token_id = getattr(lm.tokenizer, "eos_token_id", None)
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                      "decode_steps": 0, "steps": 0, "max_batch_tokens": 0}
+
+    # ----------------------------------------------------------------------------------- requests
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Validate one request and build its Sequence (no engine state changes)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer(prompt)["input_ids"], prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.lm.model.args.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context "
+                             f"(max_model_len {self.max_model_len})")
+        if len(ids) == self.max_model_len:
+            raise ValueError(f"the prompt fills the whole context ({self.max_model_len} tokens): "
+                             f"no room to generate")
+        sid = next(self._ids)
+        seq = Sequence(sid, ids, params, text, request_id if request_id is not None else str(sid))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+        if self.config.record_logits:
+            seq.logits = []
+        return seq
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params, request_id)
+        self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += seq.num_prompt_tokens
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --------------------------------------------------------------------------------------- step
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            seq.detok.flush()  # the stop token's own text is not added
+            return "stop"
+        delta = seq.detok.step(token)
+        if p.stop and delta:
+            cut = find_stop(seq.detok.text, p.stop, len(delta))
+            if cut is not None:
+                seq.detok.text = seq.detok.text[:cut]
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.detok.flush()
+            return "length"
+        return None
+
+    def step(self) -> list[Sequence]:
+        """Schedule and run one step; returns the sequences that finished in it."""
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            if self.has_unfinished():
+                raise RuntimeError("nothing could be scheduled although requests are waiting")
+            return []
+        t0 = time.perf_counter()
+        wanting, logits = self.runner.run(sched.seqs, sched.num_new_tokens)
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+        finished = []
+        if wanting:
+            tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
+            for i, (seq, tok) in enumerate(zip(wanting, tokens)):
+                seq.token_ids.append(tok)
+                if seq.logits is not None:
+                    seq.logits.append(logits[i].clone())
+                reason = self._check_stop(seq, tok)
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                    finished.append(seq)
+        dt = time.perf_counter() - t0
+        decode = all(n == 1 for n in sched.num_new_tokens)
+        st = self.stats
+        st["decode_s" if decode else "prefill_s"] += dt
+        st["decode_steps"] += decode
+        st["steps"] += 1
+        st["generated_tokens"] += len(wanting)
+        st["max_batch_tokens"] = max(st["max_batch_tokens"], sched.num_tokens)
+        return finished
+
+    @staticmethod
+    def output(seq: Sequence) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), seq.detok.text,
+                             list(seq.output_token_ids), seq.finish_reason, seq.num_cached_tokens,
+                             seq.num_preemptions, seq.logits)
+
+
+class LLM:
+    """Offline generation. ``model``: a path understood by model/loader.load_model ('smollm2', an HF
+    directory, a .gguf file, an atomq checkpoint) or an already loaded LoadedModel.
+
+    dtype: "auto" (float32 on CPU, float16 on CUDA) or a loader dtype name; device: default CUDA when
+    available; kv_bits / kv_rotate: the loader's run-time KV overrides; other keyword arguments are
+    EngineConfig fields.
+    """
+
+    def __init__(self, model: Any, *, dtype: str = "auto", device: str | None = None,
+                 kv_bits: Any = "checkpoint", kv_rotate: bool | None = None, **engine_kwargs: Any):
+        from ..model.loader import DTYPES, LoadedModel, load_model
+
+        config = EngineConfig(**engine_kwargs)  # bad knobs fail before the (slow) load
+        if isinstance(model, LoadedModel):
+            lm = model
+        else:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if dtype == "auto":
+                dtype = "float16" if torch.device(device).type == "cuda" else "float32"
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+            lm = load_model(model, DTYPES[dtype], device, kv_bits=kv_bits, kv_rotate=kv_rotate)
+        self.engine = LLMEngine(lm, config)
+        self.tokenizer = lm.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (all validated before any is queued); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        eng = self.engine
+        seqs = [eng.make_sequence(p, sp) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            eng.scheduler.add(seq)
+            eng.stats["prompt_tokens"] += seq.num_prompt_tokens
+        while not all(s.is_finished for s in seqs):
+            eng.step()
+        return [eng.output(s) for s in seqs]
+
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput"]

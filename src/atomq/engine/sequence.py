@@ -1,0 +1,125 @@
+"""Request state: SamplingParams (frozen, validated) and Sequence (tokens, KV blocks, progress).
+
+A sequence's tokens are ``prompt + generated``. ``num_computed_tokens`` of them have their K/V in the
+paged cache; the scheduler gives each step a chunk of the rest (a prefill chunk, or the one token
+sampled last step). Preemption by recompute drops the blocks and sets ``num_computed_tokens`` back to 0:
+the tokens stay, so nothing generated is lost.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature: 0 = greedy (argmax), else softmax(logits / temperature); top_k: keep the k largest
+    logits (0 = all); top_p: keep the smallest set of tokens whose probability reaches top_p (1 = all);
+    seed: per-request generator (None = the process RNG); max_tokens: tokens to generate (> 0);
+    stop: strings that end the output (not included); stop_token_ids: token ids that end it
+    (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # lists are accepted and frozen into tuples; a single stop string is one stop string
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must hold non-empty strings, got {stop!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine."""
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)  # KV page ids, in order
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of those, how many came from the prefix cache at the last admission
+    num_hashed_blocks: int = 0  # leading full blocks registered in the prefix cache
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length"
+    generator: Any = None  # torch.Generator when params.seed is set
+    detok: Any = None  # IncrementalDetokenizer
+    logits: list | None = None  # fp32 [V] rows, only when the engine records them
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What ``LLM.generate`` returns per prompt (in prompt order)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    logits: list | None = None  # per generated token, fp32 [V], when the engine records logits
