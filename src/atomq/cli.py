@@ -130,6 +130,53 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    import resource
+    import time
+
+    import torch
+
+    from .engine.llm import LLM, apply_chat_template
+    from .engine.sequence import SamplingParams
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
+                            max_tokens=ns.max_tokens, stop=tuple(ns.stop or ()), ignore_eos=ns.ignore_eos)
+    t0 = time.perf_counter()
+    llm = LLM(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
+              kv_cache_bytes=ns.kv_cache_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
+              max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+              max_num_batched_tokens=ns.max_num_batched_tokens)
+    load_s = time.perf_counter() - t0
+    eng = llm.engine
+    prompts = [apply_chat_template(llm.tokenizer, p) if ns.chat else p for p in ns.prompt]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    for out in outs:
+        print(f"--- {out.prompt!r} -> ({len(out.token_ids)} tokens, {out.finish_reason})")
+        print(out.text)
+    st = eng.stats
+    gen = sum(len(o.token_ids) for o in outs)
+    model = eng.lm.model
+    weight_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+                       if not (model.args.tie_embeddings and n == "lm_head.weight"))
+    decode_tps = st["decode_steps"] / st["decode_s"] if st["decode_s"] else float("nan")
+    print(f"--- {gen} tokens in {wall:.2f} s: {gen / wall:.1f} tok/s overall; prefill {st['prompt_tokens']} "
+          f"tokens in {st['prefill_s']:.2f} s; decode {decode_tps:.1f} steps/s, "
+          f"{weight_bytes * decode_tps / 1e9:.2f} GB/s of stored weights (load {load_s:.1f} s)")
+    kv = eng.kv_pool
+    print(f"--- KV cache {kv.mode} ({kv.ops.backend} ops): {kv.num_blocks} blocks of {kv.block_size} tokens, "
+          f"{kv.nbytes() / 2**20:.1f} MiB")
+    if eng.device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(eng.device) / 2**30:.2f} GiB on the GPU"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    print(f"--- peak memory {peak}")
+    return 0
+
+
 def _cmd_bench_kernels(ns: argparse.Namespace) -> int:
     import os
 
@@ -194,6 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
     zs.add_argument("--json", default=None, help="append the results as one JSON line to this file")
     zs.set_defaults(func=_cmd_eval_zeroshot)
+
+
+    g = sub.add_parser("generate", help="generate text with the serving engine (paged KV cache, continuous batching)")
+    g.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    g.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto | int4 | fp8 | fp16 | model (auto: int4 when the model quantizes its KV to 4 bits, "
+                        "else the model's dtype)")
+    g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget in bytes (default: measured)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory (CPU: of available RAM) the model and KV pool may use")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on CPU, float16 on CUDA)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config and tensor table")
     i.add_argument("checkpoint")

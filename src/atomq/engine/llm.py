@@ -182,6 +182,14 @@ class LLMEngine:
                              seq.num_preemptions, seq.logits)
 
 
+def apply_chat_template(tokenizer: Any, prompt: str) -> str:
+    """Wrap a prompt in the tokenizer's chat template (one user turn) when it has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 class LLM:
     """Offline generation. ``model``: a path understood by model/loader.load_model ('smollm2', an HF
     directory, a .gguf file, an atomq checkpoint) or an already loaded LoadedModel.

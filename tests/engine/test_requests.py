@@ -1,0 +1,129 @@
+"""Bad input gives clear errors while the engine keeps serving; sampler, stop rules, detokenizer, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atomq import LLM, SamplingParams
+from atomq.engine.detokenizer import IncrementalDetokenizer, find_stop
+from atomq.engine.sampler import filter_logits, sample
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(max_tokens=-3), "max_tokens must be a positive integer"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_k=-1), "top_k must be"),
+    (dict(stop=[""]), "stop must hold non-empty strings"),
+])
+def test_sampling_params_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(load, prompts):
+    lm = load("llama")
+    llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22, max_model_len=40)
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in (prompts[0], prompts[2])]
+    eng = llm.engine
+    good = [eng.add_request(prompts[0], GREEDY), eng.add_request(prompts[2], GREEDY)]
+    eng.step()
+    eng.step()
+    with pytest.raises(ValueError, match="more than the model's context"):
+        eng.add_request(prompts[1], GREEDY)  # 58 tokens > max_model_len 40
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        eng.add_request([5, 10_000], GREEDY)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        eng.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="must be a SamplingParams"):
+        eng.add_request("hello", {"max_tokens": 3})
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.output_token_ids for s in good] == alone
+    # a batch with one bad prompt is refused as a whole, before anything is queued
+    with pytest.raises(ValueError, match="more than the model's context"):
+        llm.generate([prompts[0], prompts[1]], GREEDY)
+    assert not eng.has_unfinished()
+    assert llm.generate([prompts[0]], GREEDY)[0].token_ids == alone[0]
+    eng.block_manager.check([])
+
+
+def test_bad_engine_settings(load):
+    lm = load("llama")
+    with pytest.raises(ValueError, match="unknown kv cache dtype 'int3'"):
+        LLM(lm, kv_cache_dtype="int3")
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        LLM(lm, max_model_len=1000, kv_cache_bytes=1 << 22)
+    with pytest.raises(ValueError, match="fewer than max_model_len"):
+        LLM(lm, kv_cache_dtype="int4", kv_cache_bytes=10_000)  # 88 bytes a token: 113 < 256
+    with pytest.raises(ValueError, match="holds no block"):
+        LLM(lm, kv_cache_dtype="int4", kv_cache_bytes=100)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(lm, gpu_memory_utilization=1.5)
+
+
+def test_stop_rules(load, prompts):
+    lm = load("llama")
+    llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22)
+    free = llm.generate(prompts[0], GREEDY)[0]
+    # stop token id: generation ends at it, the token is kept, its text is not
+    stop_id = free.token_ids[3]
+    out = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                  stop_token_ids=[stop_id]))[0]
+    first = free.token_ids.index(stop_id)
+    assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
+    # stop string: the text ends right before it
+    text = free.text
+    i = next(i for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].isprintable() and text[i:i + 2].strip())
+    stop = text[i:i + 2]
+    out = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=stop))[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)]
+    # EOS ends a request unless ignore_eos (pretend the fifth generated token is the tokenizer's EOS)
+    eos = free.token_ids[4]
+    llm.engine.eos_token_id = eos
+    out = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert out.token_ids == free.token_ids[:free.token_ids.index(eos) + 1] and out.finish_reason == "stop"
+    assert llm.generate(prompts[0], GREEDY)[0].token_ids == free.token_ids
+
+
+def test_sampler_filters():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [True, False, False, True, True]
+    probs = torch.softmax(logits, -1)  # sorted: 0.64, 0.24, 0.09, ...
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.7))
+    assert kept.tolist() == [False, True, True, False, False] and probs[[1, 2]].sum() >= 0.7
+    assert (~torch.isinf(filter_logits(logits, 0, 0.01))).sum() == 1  # the top token always stays
+    rows = torch.stack([logits, logits.flip(0)])
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(rows, [greedy, greedy], [None, None]) == [1, 3]
+    g = [torch.Generator().manual_seed(0)]
+    topk1 = SamplingParams(temperature=5.0, top_k=1)
+    assert {sample(logits[None], [topk1], g)[0] for _ in range(20)} == {1}
+
+
+def test_incremental_detokenizer_matches_full_decode(load):
+    tok = load("llama").tokenizer
+    prompt = tok("the quick brown")["input_ids"]
+    gen = tok(" fox jumps over a lazy dog \u00e9\u00e8 \u4f60\u597d")["input_ids"]
+    d = IncrementalDetokenizer(tok, prompt)
+    deltas = [d.step(t) for t in gen]
+    d.flush()
+    assert "".join(deltas) == d.text or d.text.startswith("".join(deltas))
+    assert d.text == tok.decode(prompt + gen, skip_special_tokens=True)[len(tok.decode(prompt)):]
+    assert find_stop("hello world", ("wor",), 3) == 6 and find_stop("hello world", ("hel",), 3) is None
+
+
+def test_cli_generate(tiny_model, capsys):
+    from atomq.cli import main
+
+    model = str(tiny_model("llama"))
+    assert main(["generate", "--model", model, "--prompt", "the quick brown", "--max-tokens", "5",
+                 "--dtype", "float32", "--kv-cache-dtype", "int4", "--kv-cache-bytes", "1000000"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "peak memory" in out
+    assert main(["generate", "--model", model, "--prompt", "x", "--max-tokens", "0"]) == 2
+    assert "max_tokens must be a positive integer" in capsys.readouterr().err
