@@ -154,8 +154,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
-    for out in outs:
-        print(f"--- {out.prompt!r} -> ({len(out.token_ids)} tokens, {out.finish_reason})")
+    for prompt, out in zip(ns.prompt, outs):
+        print(f"--- {prompt!r} -> ({len(out.token_ids)} tokens, {out.finish_reason})")
         print(out.text)
     st = eng.stats
     gen = sum(len(o.token_ids) for o in outs)

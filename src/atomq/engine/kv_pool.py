@@ -7,7 +7,8 @@ CPU their plain-PyTorch twins in ``kernels/ref.py``. ``model/paged.py`` calls th
 Sizing: ``num_blocks = budget // (block_size * bytes_per_token * n_layers)`` where bytes per token count
 K and V with their INT4 scales and zeros. The budget is explicit (``kv_cache_bytes``) or measured:
 on CUDA ``total * gpu_memory_utilization - used`` after the model is loaded, on CPU the same fraction
-of the memory the OS reports available.
+of the memory the OS reports available, at most ``CPU_KV_CAP`` (4 GiB). CPU pools are allocated
+uninitialized, so only the pages actually written cost resident memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..kernels import ref
 
 BLOCK_SIZE = 16
+CPU_KV_CAP = 4 << 30
 KV_CACHE_DTYPES = ("auto", "int4", "fp8", "fp16", "model")
 
 
@@ -88,7 +90,7 @@ def bytes_per_token(num_kv_heads: int, head_dim: int, mode: str, model_dtype: to
 
 def available_bytes(device: torch.device, utilization: float) -> int:
     """Measured budget for the KV pool: on CUDA ``total * utilization - in use``; on CPU a fraction of the
-    available RAM."""
+    available RAM, capped at CPU_KV_CAP."""
     if not 0.0 < utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     device = torch.device(device)
@@ -98,8 +100,8 @@ def available_bytes(device: torch.device, utilization: float) -> int:
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        avail = 4 << 30
-    return int(avail * utilization)
+        avail = CPU_KV_CAP
+    return min(int(avail * utilization), CPU_KV_CAP)
 
 
 class KVPool:
@@ -126,12 +128,12 @@ class KVPool:
 
             return allocate_kv_cache(nb, h, d, mode, dev, bs)
         if mode == "int4":
-            meta = lambda dt: torch.zeros(nb, h, bs, dtype=dt, device=dev)  # noqa: E731
-            pool = lambda: torch.zeros(nb, h, bs, d // 2, dtype=torch.uint8, device=dev)  # noqa: E731
+            meta = lambda dt: torch.empty(nb, h, bs, dtype=dt, device=dev)  # noqa: E731
+            pool = lambda: torch.empty(nb, h, bs, d // 2, dtype=torch.uint8, device=dev)  # noqa: E731
             return Cache(mode, pool(), pool(), meta(torch.float16), meta(torch.float16),
                          meta(torch.uint8), meta(torch.uint8), bs)
         dt = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}.get(mode, model_dtype)
-        k, v = (torch.zeros(nb, h, bs, d, dtype=dt, device=dev) for _ in range(2))
+        k, v = (torch.empty(nb, h, bs, d, dtype=dt, device=dev) for _ in range(2))  # slots valid once written
         if mode == "fp8":  # per-head scale 1.0: e4m3 covers |x| <= 448 at 3 mantissa bits
             ones = lambda: torch.ones(h, dtype=torch.float32, device=dev)  # noqa: E731
             return Cache(mode, k, v, ones(), ones(), block_size=bs)
