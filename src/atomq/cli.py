@@ -162,10 +162,11 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     model = eng.lm.model
     weight_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
                        if not (model.args.tie_embeddings and n == "lm_head.weight"))
-    decode_tps = st["decode_steps"] / st["decode_s"] if st["decode_s"] else float("nan")
+    steps_s = st["decode_steps"] / st["decode_s"] if st["decode_s"] else float("nan")
+    decode_tok_s = st["decode_tokens"] / st["decode_s"] if st["decode_s"] else float("nan")
     print(f"--- {gen} tokens in {wall:.2f} s: {gen / wall:.1f} tok/s overall; prefill {st['prompt_tokens']} "
-          f"tokens in {st['prefill_s']:.2f} s; decode {decode_tps:.1f} steps/s, "
-          f"{weight_bytes * decode_tps / 1e9:.2f} GB/s of stored weights (load {load_s:.1f} s)")
+          f"tokens in {st['prefill_s']:.2f} s; decode {decode_tok_s:.1f} tok/s ({steps_s:.1f} steps/s, "
+          f"{weight_bytes * steps_s / 1e9:.2f} GB/s of stored weights); load {load_s:.1f} s")
     kv = eng.kv_pool
     print(f"--- KV cache {kv.mode} ({kv.ops.backend} ops): {kv.num_blocks} blocks of {kv.block_size} tokens, "
           f"{kv.nbytes() / 2**20:.1f} MiB")

@@ -85,7 +85,7 @@ class LLMEngine:
         self.eos_token_id = getattr(lm.tokenizer, "eos_token_id", None)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                      "decode_steps": 0, "steps": 0, "max_batch_tokens": 0}
+                      "decode_steps": 0, "decode_tokens": 0, "steps": 0, "max_batch_tokens": 0}
 
     # ----------------------------------------------------------------------------------- requests
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -170,6 +170,7 @@ class LLMEngine:
         st = self.stats
         st["decode_s" if decode else "prefill_s"] += dt
         st["decode_steps"] += decode
+        st["decode_tokens"] += len(wanting) if decode else 0
         st["steps"] += 1
         st["generated_tokens"] += len(wanting)
         st["max_batch_tokens"] = max(st["max_batch_tokens"], sched.num_tokens)
