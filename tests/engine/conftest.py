@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton-backend engine test runs the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PROMPTS = ["the quick brown fox jumps", "seven wizards quietly judge boxing matches under silver moons and river "
            "stones carry old songs toward distant hills while the lazy dog", "a"]

@@ -52,9 +52,15 @@ class PagedOps:
     backend: str
 
 
-def paged_ops(device: torch.device) -> PagedOps:
-    """The Triton kernels on CUDA, the reference ops elsewhere."""
-    if torch.device(device).type == "cuda":
+ATTENTION_BACKENDS = ("auto", "triton", "ref")
+
+
+def paged_ops(device: torch.device, backend: str = "auto") -> PagedOps:
+    """'auto': the Triton kernels on CUDA (when Triton imports), the reference ops elsewhere; 'triton'
+    forces the kernels (on CPU they need TRITON_INTERPRET=1); 'ref' forces the reference ops."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
         try:
             from ..kernels.decode_attention import paged_decode_attention
             from ..kernels.kv_cache import kv_store
@@ -62,7 +68,8 @@ def paged_ops(device: torch.device) -> PagedOps:
 
             return PagedOps(kv_store, paged_decode_attention, paged_prefill_attention, "triton")
         except ImportError:
-            pass
+            if backend == "triton":
+                raise ValueError("attention backend 'triton' needs the triton package") from None
     return PagedOps(ref.kv_store_ref, ref.paged_decode_attention_ref, ref.paged_prefill_attention_ref, "ref")
 
 
@@ -108,16 +115,18 @@ class KVPool:
     """K/V pools of every layer: ``caches[layer]`` (a PagedKVCache) and the ``ops`` that use them."""
 
     def __init__(self, n_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, mode: str,
-                 device: torch.device, model_dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE):
+                 device: torch.device, model_dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE,
+                 backend: str = "auto"):
         if mode not in KV_CACHE_DTYPES or mode == "auto":
             raise ValueError(f"unknown kv cache mode {mode!r}; choose one of {KV_CACHE_DTYPES[1:]}")
         if mode == "int4" and head_dim % 2:
             raise ValueError(f"an INT4 cache needs an even head_dim, got {head_dim}")
         self.mode, self.num_blocks, self.block_size = mode, num_blocks, block_size
         self.device = torch.device(device)
-        self.ops = paged_ops(self.device)
+        self.ops = paged_ops(self.device, backend)
         if self.ops.backend == "triton" and mode == "model":
-            raise ValueError("kv cache dtype 'model' runs on the reference ops only; use fp16, fp8 or int4 on CUDA")
+            raise ValueError("kv cache dtype 'model' runs on the reference ops only; use fp16, fp8 or int4 "
+                             "with the Triton kernels")
         self.bytes_per_token = bytes_per_token(num_kv_heads, head_dim, mode, model_dtype) * n_layers
         self.caches = [self._allocate(num_blocks, num_kv_heads, head_dim, mode, model_dtype) for _ in range(n_layers)]
 

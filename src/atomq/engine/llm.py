@@ -17,7 +17,8 @@ import torch
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, find_stop
-from .kv_pool import KV_CACHE_DTYPES, KVPool, available_bytes, bytes_per_token, num_blocks_for, resolve_kv_dtype
+from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_bytes, bytes_per_token, num_blocks_for,
+                      resolve_kv_dtype)
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler, SchedulerConfig
@@ -37,6 +38,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
     record_logits: bool = False
 
     def __post_init__(self) -> None:
@@ -46,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -76,7 +80,8 @@ class LLMEngine:
             raise ValueError(f"the KV pool holds {num_blocks * bs} tokens, fewer than max_model_len {max_len}: "
                              f"raise the KV budget or lower max_model_len")
         self.max_model_len = max_len
-        self.kv_pool = KVPool(args.n_layers, args.n_kv_heads, args.head_dim, num_blocks, mode, self.device, dtype, bs)
+        self.kv_pool = KVPool(args.n_layers, args.n_kv_heads, args.head_dim, num_blocks, mode, self.device, dtype, bs,
+                              config.attention_backend)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.block_manager)
