@@ -80,14 +80,37 @@ class Linear(nn.Module):
         self._w_cache = None
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [..., N] in x's dtype."""
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather (own_index) and fake-quantize x [..., K]: what the quantize kernel hands the GEMM.
+
+        Linears that share an input and a spec (q/k/v, gate/up) prepare it once (``shared_forward``).
+        """
         s = self.spec
         if s.own_index:
             x = x.index_select(-1, self.reorder_index.long())
         if s.a_bits is not None:
             x = fake_quant_mixed(x, s.split, s.a_bits, s.a_clip)
+        return x
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared x [..., K] -> [..., N] in x's dtype."""
         return F.linear(x, self.dense_weight(x.dtype), getattr(self, "bias", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        return self.matmul(self.prepare_input(x))
+
+
+def shared_forward(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
+    """Several linears on one input: the input is gathered and quantized once when their input
+    handling is identical (always so for q/k/v and gate/up), else each prepares its own."""
+    input_spec = lambda lin: (lin.spec.split, lin.spec.a_bits, lin.spec.a_clip, lin.spec.own_index)  # noqa: E731
+    hooked = any(lin._forward_pre_hooks or lin._forward_hooks for lin in linears)  # calibration observers
+    same = all(input_spec(lin) == input_spec(linears[0]) for lin in linears)
+    if same and not hooked and not linears[0].spec.own_index:
+        xq = linears[0].prepare_input(x)
+        return [lin.matmul(xq) for lin in linears]
+    return [lin(x) for lin in linears]
 
 
 class RMSNorm(nn.Module):

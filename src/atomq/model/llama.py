@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels import ref
 from .args import ModelArgs, apply_rope, rope_cos_sin, rope_inv_freq
-from .layers import Linear, LinearSpec, RMSNorm
+from .layers import Linear, LinearSpec, RMSNorm, shared_forward
 
 Specs = dict[str, LinearSpec]  # linear name inside a layer ("self_attn.q_proj", ...) -> spec
 
@@ -46,9 +46,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden] (already normed and reordered) -> [B, T, hidden]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = shared_forward(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         if self.kv_bits is not None and self.kv_pre_rope:
             k = ref.fake_quant_kv(k, self.kv_bits)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -77,7 +78,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> [..., hidden]; the down input order is folded into gate/up rows offline."""
         gate, up, down = (getattr(self, n) for n in self.names)
-        h = (F.silu(gate(x).float()) * up(x).float()).to(x.dtype)
+        g, u = shared_forward(x, gate, up)
+        h = (F.silu(g.float()) * u.float()).to(x.dtype)
         return down(h)
 
 
