@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -30,21 +31,27 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 
 def check_quantize() -> None:
-    for m, k in ((1, 4096), (333, 4096), (4096, 8192), (64, 11008)):
+    for cfg in (Q.QuantConfig(),):
+        print(f"quantize kernel {cfg}", flush=True)
+        _check_quantize(cfg)
+
+
+def _check_quantize(cfg) -> None:
+    for m, k in ((1, 4096), (333, 4096), (4096, 8192), (64, 11008), (1000, 28672)):
         split = plan_split(k, 128, 128)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 2
         idx = torch.randperm(k, device="cuda").to(torch.int32)
         r = ref.quantize_act(x, idx, split)
-        a = Q.quantize_act(x, idx, split)
+        a = Q.quantize_act(x, idx, split, config=cfg)
         same = all(torch.equal(u, v) for u, v in zip(a, r))
-        op = Q.quantize_act(x, idx, split, out="int8")
+        op = Q.quantize_act(x, idx, split, out="int8", config=cfg)
         same &= torch.equal(op.qa, unpack_int4(r.q4))
-        f8 = Q.quantize_act(x, idx, split, out="fp8")
+        f8 = Q.quantize_act(x, idx, split, out="fp8", config=cfg)
         same &= torch.equal(f8.qa.float(), op.qa.float())
         report(f"quantize_act M={m} K={k}", same, "packed, int8 and fp8 outputs bit-exact" if same else "mismatch")
         res = torch.randn_like(x)
         wn = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
-        (a, nr), (r, rr) = (Q.rmsnorm_quantize(x, res, wn, 1e-5, idx, split),
+        (a, nr), (r, rr) = (Q.rmsnorm_quantize(x, res, wn, 1e-5, idx, split, config=cfg),
                             ref.rmsnorm_quantize(x, res, wn, 1e-5, idx, split))
         mism = [(u != v).sum().item() for u, v in zip(a, r)]
         qd = max((unpack_int4(a.q4).int() - unpack_int4(r.q4).int()).abs().max().item(), 0)
@@ -54,7 +61,7 @@ def check_quantize() -> None:
                f"max int diff {qd}")
         ks = plan_split(k, 128, 128)
         gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.float16) * 2
-        a, r = Q.silu_mul_quantize(gu, ks), ref.silu_mul_quantize(gu, ks)
+        a, r = Q.silu_mul_quantize(gu, ks, config=cfg), ref.silu_mul_quantize(gu, ks)
         mism = [(u != v).sum().item() for u, v in zip(a, r)]
         report(f"silu_mul_quantize M={m} K={k}", sum(mism) == 0, f"mismatches q4/s4/q8/s8={mism}")
 
@@ -83,6 +90,27 @@ def check_gemm() -> None:
                 tol = 1e-3 if dt == torch.float16 else 8e-3
                 ok = rel <= tol and bool(torch.isfinite(y).all())
                 report(f"w4a4_gemm M={m} N={n} K={k} {op}->{str(dt)[6:]}", ok, f"rel err {rel:.2e} (tol {tol})")
+    # decode variants: row-major layout, split K with the in-kernel (fused) or kernel reduction; the
+    # fused reduction must be deterministic (fixed summation order) and equal to the two-kernel one
+    for n, k, m in ((4096, 11008, 16), (22016, 4096, 1), (8192, 28672, 64)):
+        x, w, pw, split = B.make_problem(n, k, m)
+        a = Q.quantize_act(x, None, split, out="int8")
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        p16, p1 = prepare_weight(pw), prepare_weight(pw, row_tile=1)
+        yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+        ys = {}
+        for name, p, cfg in (("rt16 fused", p16, GemmConfig(block_n=64, block_m=16 if m <= 16 else 64, split_k=8)),
+                             ("rt16 2-kernel", p16, GemmConfig(block_n=64, block_m=16 if m <= 16 else 64, split_k=8,
+                                                               fused_reduce=False)),
+                             ("rt1 fused bn32", p1, GemmConfig(block_n=32, block_m=16 if m <= 16 else 64, split_k=5)),
+                             ("rt16 default", p16, None)):
+            y = w4a4_gemm(a, p, bias, config=cfg)
+            y2 = w4a4_gemm(a, p, bias, config=cfg)
+            ys[name] = y
+            rel = ((y.double() - yr).norm() / yr.norm()).item()
+            report(f"w4a4_gemm decode {name} M={m} N={n} K={k}", rel <= 1e-3 and torch.equal(y, y2),
+                   f"rel err {rel:.2e}, repeat equal {torch.equal(y, y2)}")
+        report(f"fused == 2-kernel reduction M={m} N={n}", torch.equal(ys["rt16 fused"], ys["rt16 2-kernel"]), "")
     # group size 64 and per-row weights on a ragged K
     for gs, k in ((64, 4160), (None, 4096), (32, 4128)):
         x, w, pw, split = B.make_problem(4096, k, 77, gs=gs)
@@ -94,48 +122,81 @@ def check_gemm() -> None:
 
 
 def sweep() -> list[dict]:
-    """Time GEMM variants on a few shapes (lab notes in docs/KERNELS.md)."""
+    """Time decode GEMM and quantize variants (lab notes in docs/KERNELS.md); a table is printed last."""
     C = GemmConfig
-    pre = {
-        "v_default": (None, "int8"),
-        "v_fp8op": (None, "fp8"),
-        "v_magic": (C(magic_cvt=True), "int8"),
-        "v_s3": (C(num_stages=3), "int8"),
-        "v_bm64": (C(block_m=64), "int8"),
-        "v_bm256_w8": (C(block_m=256, num_warps=8), "int8"),
-        "v_bm256_w8_fp8op": (C(block_m=256, num_warps=8), "fp8"),
-        "v_bn128_bm128_w8": (C(block_n=128, block_m=128, num_warps=8), "int8"),
-        "v_bn128_bm128_w8_fp8op": (C(block_n=128, block_m=128, num_warps=8), "fp8"),
-        "v_bn64_bm128_w4_fp8op_magic": (C(magic_cvt=True), "fp8"),
-    }
     dec = {
-        "v_default": (None, "int8"),
-        "v_fp8op": (None, "fp8"),
-        "v_bn128": (C(block_n=128, block_m=16), "int8"),
-        "v_split8": (C(block_m=16, split_k=8), "int8"),
-        "v_split16": (C(block_m=16, split_k=16), "int8"),
+        "old": (C(block_m=16, prefetch=False, fused_reduce=False), "int8", 1),
+        "rt1_pf": (C(block_m=16), "int8", 1),
+        "rt16": (C(block_m=16, prefetch=False), "int8", 16),
+        "rt16_pf": (C(block_m=16), "int8", 16),
+        "pf_w4": (C(block_m=16, waves=4), "int8", 16),
+        "pf_bn32_w2": (C(block_n=32, block_m=16), "int8", 16),
+        "pf_bn32_w4": (C(block_n=32, block_m=16, waves=4), "int8", 16),
+        "pf_bn32_w8": (C(block_n=32, block_m=16, waves=8, min_iters=4), "int8", 16),
+        "pf_bn16_w4": (C(block_n=16, block_m=16, waves=4, num_warps=2), "int8", 16),
+        "pf_bn16_w8": (C(block_n=16, block_m=16, waves=8, num_warps=2, min_iters=4), "int8", 16),
+        "pf_bn128_w4": (C(block_n=128, block_m=16, waves=4, num_warps=4), "int8", 16),
     }
-    rows = []
-    for n, k, m, cfgs in ((22016, 4096, 4096, pre), (22016, 4096, 16, dec), (4096, 11008, 1, dec),
-                          (8192, 28672, 16, dec)):
+    rows, table = [], []
+    shapes = [(22016, 4096, 16), (4096, 4096, 16), (4096, 11008, 1), (4096, 11008, 16),
+              (8192, 28672, 16), (57344, 8192, 16), (22016, 4096, 64), (8192, 28672, 64)]
+    for n, k, m in shapes:
+        cfgs = dict(dec)
+        if m > 16:
+            cfgs = {name: (dataclasses.replace(c, block_m=64), op, rt) for name, (c, op, rt) in dec.items()}
         t = time.time()
-        row = B.bench_gemm_shape(n, k, m, cfgs, baselines=True)
+        row = B.bench_gemm_shape(n, k, m, cfgs, baselines=False)
+        xh = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(B._copies(n * k * 2))]
+        row["fp16_ms"] = B._time_ms(lambda: [torch.matmul(xh, wi.t()) for wi in ws], len(ws))
+        del ws
         rows.append(row)
-        print(f"sweep N={n} K={k} M={m} ({time.time() - t:.0f}s): fp16 {row['fp16_ms'] * 1e3:.1f} us, "
-              f"fp8 {row.get('fp8_ms', float('nan')) * 1e3:.1f} us", flush=True)
+        line = f"N={n:5d} K={k:5d} M={m:3d} fp16 {row['fp16_ms'] * 1e3:6.1f} |"
         for name in cfgs:
-            if name + "_ms" in row:
-                print(f"   {name:22s} {row[name + '_ms'] * 1e3:9.1f} us  x{row[name + '_vs_fp16']:.2f} fp16", flush=True)
-            else:
-                print(f"   {name:22s} {row.get(name + '_error')}", flush=True)
-    # groups vs no groups (per-row weights and activations) on the prefill shape, default tiles
-    for gs in (128, None):
-        x, w, pw, split = B.make_problem(22016, 4096, 4096, gs=gs)
-        a = Q.quantize_act(x, None, split, out="int8")
-        pwp = prepare_weight(pw)
-        ms = B._time_ms(lambda: w4a4_gemm(a, pwp))
-        print(f"   group={gs}: {ms * 1e3:.1f} us", flush=True)
-        rows.append({"sweep": "groups", "group": gs, "ms": ms})
+            v = row.get(name + "_ms")
+            line += f" {name} {v * 1e3:.1f}" if v else f" {name} ERR"
+            if not v:
+                print(f"   {name}: {row.get(name + '_error')}", flush=True)
+        print(f"{line} ({time.time() - t:.0f}s)", flush=True)
+        table.append(line)
+    # prefill guard: the tiled layout and the scale prefetch on the compute-bound shape
+    pre = {"old": (C(prefetch=False), "int8", 1), "rt16": (C(prefetch=False), "int8", 16),
+           "rt16_pf": (C(), "int8", 16), "rt1_pf": (C(), "int8", 1)}
+    for n, k, m in ((22016, 4096, 4096), (4096, 4096, 256)):
+        row = B.bench_gemm_shape(n, k, m, pre, baselines=False)
+        rows.append(row)
+        line = f"prefill N={n} K={k} M={m} |" + "".join(
+            f" {nm} {row[nm + '_ms'] * 1e3:.1f}" if nm + "_ms" in row else f" {nm} ERR" for nm in pre)
+        print(line, flush=True)
+        table.append(line)
+    print("\nGEMM sweep table (us):", flush=True)
+    for line in table:
+        print(line, flush=True)
+    # quantize kernels (rows kernel only without the gather: with tl.gather it did not compile in time)
+    cp = B.copy_gbps()
+    QC = Q.QuantConfig
+    for kind, k in (("rmsnorm", 4096), ("silu", 11008)):
+        bk = 1 << (k - 1).bit_length()
+        for m in (16, 4096):
+            cands = {"chunk": QC(kernel="chunk")}
+            for r_, w_ in ((1, 8), (1, 16), (2, 16)):
+                if kind == "silu" and r_ * bk <= Q.ROWS_MAX_ELEMS and (m >= 1024 or r_ == 1):
+                    cands[f"r{r_}w{w_}"] = QC(rows=r_, num_warps=w_)
+            line = f"q {kind:7s} K={k:5d} M={m:5d} |"
+            for name, c in cands.items():
+                try:
+                    r = B.bench_quantize(m, k, kind, config=c)
+                    r.update(variant=name, vs_copy=r["gbps"] / cp)
+                    rows.append(r)
+                    line += f" {name} {r['ms'] * 1e3:.1f}us/{r['vs_copy']:.2f}"
+                except Exception as e:
+                    line += f" {name} ERR"
+                    print(f"   {kind} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(line, flush=True)
+            table.append(line)
+    print(f"\ncopy {cp:.0f} GB/s; sweep table (us):", flush=True)
+    for line in table:
+        print(line)
     return rows
 
 

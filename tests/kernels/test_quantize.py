@@ -19,6 +19,8 @@ CPU_CASES = [  # (M, K, n_outliers, group_size)
     (5, 256, 32, None),
 ]
 GPU_CASES = [(1, 4096, 128, 128), (333, 4096, 128, 128), (4096, 8192, 128, 128), (64, 11008, 128, 128)]
+# both kernels: whole rows per program with the gather in registers (default), and the chunked one
+CONFIGS = [Q.QuantConfig(kernel="rows"), Q.QuantConfig()]
 
 
 def _assert_actq_equal(a, r):
@@ -38,26 +40,26 @@ def _inputs(m, k, device, seed):
     return x, res, w, idx
 
 
-def _check_quantize_act(m, k, n_out, gs, device):
+def _check_quantize_act(m, k, n_out, gs, device, cfg=None):
     split = plan_split(k, n_out, gs)
     x, _, _, idx = _inputs(m, k, device, seed=m + k)
     for index in (idx, None):
         r = ref.quantize_act(x, index, split)
-        _assert_actq_equal(Q.quantize_act(x, index, split), r)
-        op = Q.quantize_act(x, index, split, out="int8")
+        _assert_actq_equal(Q.quantize_act(x, index, split, config=cfg), r)
+        op = Q.quantize_act(x, index, split, out="int8", config=cfg)
         assert torch.equal(op.qa, unpack_int4(r.q4))
         _assert_actq_equal(op.to_actq(), r)
     if device == "cuda":
-        f8 = Q.quantize_act(x, idx, split, out="fp8")
+        f8 = Q.quantize_act(x, idx, split, out="fp8", config=cfg)
         assert f8.qa.dtype == torch.float8_e4m3fn
         _assert_actq_equal(f8.to_actq(), ref.quantize_act(x, idx, split))
 
 
-def _check_rmsnorm(m, k, n_out, gs, device):
+def _check_rmsnorm(m, k, n_out, gs, device, cfg=None):
     split = plan_split(k, n_out, gs)
     x, res, w, idx = _inputs(m, k, device, seed=2 * m + k)
     for residual in (res, None):
-        a, new_res = Q.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)
+        a, new_res = Q.rmsnorm_quantize(x, residual, w, 1e-5, idx, split, config=cfg)
         r, ref_res = ref.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)
         assert torch.equal(new_res, ref_res)
         total = sum(u.numel() for u in a if u is not None)
@@ -69,26 +71,29 @@ def _check_rmsnorm(m, k, n_out, gs, device):
         assert s_rel <= 2e-3
 
 
-def _check_silu(m, k, n_out, gs, device):
+def _check_silu(m, k, n_out, gs, device, cfg=None):
     split = plan_split(k, n_out, gs)
     g = torch.Generator(device="cpu").manual_seed(m * 7 + k)
     gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(torch.float16).to(device)
-    _assert_actq_equal(Q.silu_mul_quantize(gate_up, split), ref.silu_mul_quantize(gate_up, split))
+    _assert_actq_equal(Q.silu_mul_quantize(gate_up, split, config=cfg), ref.silu_mul_quantize(gate_up, split))
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["rows", "chunk"])
 @pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
-def test_quantize_act(m, k, n_out, gs, device):
-    _check_quantize_act(m, k, n_out, gs, device)
+def test_quantize_act(m, k, n_out, gs, cfg, device):
+    _check_quantize_act(m, k, n_out, gs, device, cfg)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["rows", "chunk"])
 @pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
-def test_rmsnorm_quantize(m, k, n_out, gs, device):
-    _check_rmsnorm(m, k, n_out, gs, device)
+def test_rmsnorm_quantize(m, k, n_out, gs, cfg, device):
+    _check_rmsnorm(m, k, n_out, gs, device, cfg)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["rows", "chunk"])
 @pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
-def test_silu_mul_quantize(m, k, n_out, gs, device):
-    _check_silu(m, k, n_out, gs, device)
+def test_silu_mul_quantize(m, k, n_out, gs, cfg, device):
+    _check_silu(m, k, n_out, gs, device, cfg)
 
 
 def test_validation(device):
@@ -105,9 +110,9 @@ def test_validation(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n_out,gs", GPU_CASES)
-def test_full_size_gpu(m, k, n_out, gs):
+def test_full_size_gpu(m, k, n_out, gs, cfg=None):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _check_quantize_act(m, k, n_out, gs, "cuda")
-    _check_rmsnorm(m, k, n_out, gs, "cuda")
-    _check_silu(m, k, n_out, gs, "cuda")
+    _check_quantize_act(m, k, n_out, gs, "cuda", cfg)
+    _check_rmsnorm(m, k, n_out, gs, "cuda", cfg)
+    _check_silu(m, k, n_out, gs, "cuda", cfg)

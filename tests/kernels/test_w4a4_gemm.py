@@ -37,15 +37,32 @@ def _rel(y, yr):
     return ((y.double() - yr.double()).norm() / yr.double().norm()).item()
 
 
-def test_prepare_weight_layout(device):
-    x, pw, split, _ = _problem(1, 16, 352, 32, 32, device, 0)
-    p = prepare_weight(pw)
-    assert p.span == 32 and p.kp == 320 and p.w4.shape == (16, 160) and p.sw.shape == (10, 16)
-    q = unpack_int4(pw.qweight)  # [N, Kn]
-    b = p.w4.view(torch.uint8)[:, : p.span]  # first block: channels 0..S-1 low, S..2S-1 high
+def _nibbles(b):
     lo = ((b & 0xF).to(torch.int16) ^ 8) - 8
     hi = ((b >> 4).to(torch.int16) ^ 8) - 8
-    assert torch.equal(lo.to(torch.int8), q[:, : p.span]) and torch.equal(hi.to(torch.int8), q[:, p.span: 2 * p.span])
+    return lo.to(torch.int8), hi.to(torch.int8)
+
+
+def test_prepare_weight_layout(device):
+    x, pw, split, _ = _problem(1, 20, 352, 32, 32, device, 0)
+    q = unpack_int4(pw.qweight)  # [N, Kn]
+    p = prepare_weight(pw, row_tile=1)  # row-major
+    assert p.span == 32 and p.kp == 320 and p.w4.shape == (20, 160) and p.sw.shape == (10, 20)
+    lo, hi = _nibbles(p.w4.view(torch.uint8)[:, : p.span])  # first block: channels 0..S-1 low, S..2S-1 high
+    assert torch.equal(lo, q[:, : p.span]) and torch.equal(hi, q[:, p.span: 2 * p.span])
+    # tiles of 16 rows (N padded to 32): block b of rows 16t..16t+15 is one contiguous [16, S] chunk
+    p = prepare_weight(pw)
+    assert p.row_tile == 16 and p.w4.shape == (2, 16 * 160)
+    nb, s = p.kp // (2 * p.span), p.span
+    tiles = p.w4.view(torch.uint8).view(2, nb, 16, s)
+    for t in range(2):
+        for blk in (0, nb - 1):
+            lo, hi = _nibbles(tiles[t, blk])
+            rows = slice(16 * t, min(16 * t + 16, 20))
+            nr = rows.stop - rows.start
+            c = blk * 2 * s
+            assert torch.equal(lo[:nr], q[rows, c: c + s]) and torch.equal(hi[:nr], q[rows, c + s: c + 2 * s])
+            assert not lo[nr:].any() and not hi[nr:].any()  # padding rows are 0
 
 
 @pytest.mark.parametrize("m,n,k,n_out,gs", CPU_CASES)
@@ -68,10 +85,15 @@ def test_split_k_matches(device):
     a = Q.quantize_act(x, None, split, out="int8")
     p = prepare_weight(pw)
     cfg = dict(block_n=32, block_m=16, num_warps=4, num_stages=1)
-    y1 = w4a4_gemm(a, p, bias, config=GemmConfig(split_k=1, **cfg))
-    y3 = w4a4_gemm(a, p, bias, config=GemmConfig(split_k=3, **cfg))
     yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
-    assert _rel(y1, yr) <= 1e-3 and _rel(y3, yr) <= 1e-3
+    y1 = w4a4_gemm(a, p, bias, config=GemmConfig(split_k=1, **cfg))
+    assert _rel(y1, yr) <= 1e-3
+    p1 = prepare_weight(pw, row_tile=1)
+    for fused in (True, False):  # split partials summed in-kernel by the last program, or by the reduce kernel
+        for w in (p, p1):
+            y3 = w4a4_gemm(a, w, bias, config=GemmConfig(split_k=3, fused_reduce=fused, **cfg))
+            assert _rel(y3, yr) <= 1e-3
+            assert torch.equal(y3, w4a4_gemm(a, w, bias, config=GemmConfig(split_k=3, fused_reduce=fused, **cfg)))
 
 
 def test_validation(device):

@@ -66,26 +66,31 @@ def make_problem(n: int, k: int, m: int, device: str = "cuda", n_out: int = N_OU
 
 
 def bench_gemm_shape(n: int, k: int, m: int, configs: dict | None = None, baselines: bool = True) -> dict:
-    """Time every GEMM variant on one shape. configs: name -> (GemmConfig or None, operand 'int8'|'fp8')."""
+    """Time every GEMM variant on one shape. configs: name -> (GemmConfig or None, operand 'int8'|'fp8'
+    [, prepare_weight's row_tile])."""
     from ..kernels.quantize import quantize_act
     from ..kernels.w4a4_gemm import prepare_weight, w4a4_gemm
 
     dev = "cuda"
     x, w, pw, split = make_problem(n, k, m)
     row: dict = {"M": m, "N": n, "K": k, "flop": 2.0 * m * n * k}
-    pws = [prepare_weight(pw)]
-    nc = _copies(pws[0].w4.numel())
-    pws += [prepare_weight(pw) for _ in range(nc - 1)]
     configs = configs or {"ours": (None, "int8")}
-    for name, (cfg, op) in configs.items():
+    pws_by_rt: dict = {}
+    for name, (cfg, op, *rt) in configs.items():
+        rt = rt[0] if rt else 16
+        if rt not in pws_by_rt:
+            pws_by_rt.clear()
+            first = prepare_weight(pw, row_tile=rt)
+            pws_by_rt[rt] = [first] + [prepare_weight(pw, row_tile=rt) for _ in range(_copies(first.w4.numel()) - 1)]
+        pws = pws_by_rt[rt]
         a = quantize_act(x, None, split, out=op)
         try:
-            row[name + "_ms"] = _time_ms(lambda: [w4a4_gemm(a, p, config=cfg) for p in pws], nc)
+            row[name + "_ms"] = _time_ms(lambda: [w4a4_gemm(a, p, config=cfg) for p in pws], len(pws))
         except Exception as e:  # a variant that fails to compile is reported, not fatal
             row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     if not baselines:
         return row
-    del pws
+    pws_by_rt.clear()
     ws = [w] + [w.clone() for _ in range(_copies(w.numel() * 2) - 1)]
     row["fp16_ms"] = _time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))
     del ws
@@ -135,7 +140,7 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def bench_quantize(m: int, k: int, kind: str, out: str = "int8") -> dict:
+def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None) -> dict:
     """GB/s of one fused quantize kernel (kind 'rmsnorm' with residual, 'silu', 'gather'); bytes counted
     once: inputs read, residual written, quantized values and scales written."""
     from ..kernels import quantize as Q
@@ -149,16 +154,16 @@ def bench_quantize(m: int, k: int, kind: str, out: str = "int8") -> dict:
         r = torch.randn_like(x)
         wn = torch.rand(k, device="cuda", dtype=torch.float16, generator=g) + 0.5
         idx = torch.randperm(k, device="cuda", generator=g).to(torch.int32)
-        fn = lambda: Q.rmsnorm_quantize(x, r, wn, 1e-5, idx, split, out=out)  # noqa: E731
+        fn = lambda: Q.rmsnorm_quantize(x, r, wn, 1e-5, idx, split, out=out, config=config)  # noqa: E731
         nbytes = 3 * x.numel() * 2 + qbytes
     elif kind == "silu":
         x = torch.randn(m, 2 * k, device="cuda", dtype=torch.float16, generator=g)
-        fn = lambda: Q.silu_mul_quantize(x, split, out=out)  # noqa: E731
+        fn = lambda: Q.silu_mul_quantize(x, split, out=out, config=config)  # noqa: E731
         nbytes = x.numel() * 2 + qbytes
     else:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
         idx = torch.randperm(k, device="cuda", generator=g).to(torch.int32)
-        fn = lambda: Q.quantize_act(x, idx, split, out=out)  # noqa: E731
+        fn = lambda: Q.quantize_act(x, idx, split, out=out, config=config)  # noqa: E731
         nbytes = x.numel() * 2 + qbytes
     ms = _time_ms(fn)
     return {"kind": kind, "M": m, "K": k, "out": out, "ms": ms, "bytes": nbytes, "gbps": nbytes / ms / 1e6}

@@ -70,7 +70,32 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str):
+class QuantConfig(NamedTuple):
+    """Launch choice. kernel: "chunk" (default: one program per row, chunks of up to 2048 channels,
+    gathers re-read from memory) or "rows" (experimental: ROWS whole token rows per program held in
+    registers, the reorder gather done on them with tl.gather; with an index it did not finish compiling
+    on the H100 at K=4096, docs/KERNELS.md). rows / num_warps: 0 = automatic."""
+
+    kernel: str = "chunk"
+    rows: int = 0
+    num_warps: int = 0
+
+
+ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
+
+
+def _pick_rows(m: int, bk: int, cfg: QuantConfig) -> tuple[int, int]:
+    """(rows per program, warps) for the rows kernel: whole rows of bk (padded) channels."""
+    if interpreting():
+        return max(1, cfg.rows or 2), 4
+    rows = cfg.rows or (1 if m < 1024 else max(1, min(4, 4096 // bk)))
+    elems = rows * bk
+    warps = cfg.num_warps or (4 if elems <= 2048 else (8 if elems <= 8192 else 16))
+    return rows, warps
+
+
+def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
+            config: QuantConfig | None = None):
     if bits != 4:
         raise ValueError("the Triton quantize kernels produce 4-bit activations (bits=4)")
     if out not in _OUT_KINDS:
@@ -112,10 +137,27 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     s8 = torch.empty(m, 1, dtype=torch.float16, device=dev) if n_out else None
     if m == 0:
         return q, s4, q8, s8, (x if res_out is None else res_out)
+    cfg = config or QuantConfig()
+    dummy = s4
+    bk = _next_pow2(k)
+    if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
+        rows, warps = _pick_rows(m, bk, cfg)
+        _kernels()
+        _act_quant_rows_kernel[(triton.cdiv(m, rows),)](
+            x, residual if residual is not None else x, res_out if res_out is not None else dummy,
+            weight if weight is not None else dummy, index if index is not None else dummy,
+            q, s4, q8 if q8 is not None else dummy, s8 if s8 is not None else dummy,
+            m, k, kn, n_out, n_groups, float(eps), float(clip),
+            x.stride(0), residual.stride(0) if residual is not None else 0,
+            res_out.stride(0) if res_out is not None else 0,
+            q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
+            MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
+            OUT_KIND=kind, GS=gs, ROWS=rows, BK=bk, EXACT_EXP=not interpreting(), num_warps=warps,
+        )
+        return q, s4, q8, s8, (x if res_out is None else res_out)
     block = min(2048, _next_pow2(kn))
     if gs:
         block = max(block, gs)
-    dummy = s4
     _kernels()[(m,)](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
         weight if weight is not None else dummy, index if index is not None else dummy,
@@ -137,31 +179,33 @@ def _pack(out: str, q, s4, q8, s8):
 
 def quantize_act(
     x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
-    out: str = "packed",
+    out: str = "packed", config: QuantConfig | None = None,
 ) -> ActQ | ActOp:
     """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act)."""
-    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out)
+    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config)
     return _pack(out, q, s4, q8, s8)
 
 
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
+    config: QuantConfig | None = None,
 ) -> tuple[ActQ | ActOp, torch.Tensor]:
     """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
 
     x, residual: [M, K] same float dtype; weight: [K]; index: int32 [K] or None.
     Returns (quantized activations, new residual [M, K] = x + residual, or x itself when residual is None).
     """
-    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out)
+    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config)
     return _pack(out, q, s4, q8, s8), res
 
 
 def silu_mul_quantize(
-    gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed"
+    gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
+    config: QuantConfig | None = None,
 ) -> ActQ | ActOp:
     """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
-    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out)
+    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config)
     return _pack(out, q, s4, q8, s8)
 
 
@@ -296,3 +340,78 @@ if triton is not None:
             tl.store(s8_ptr + row, s8)
             q8 = _sym_q(v, s8.to(tl.float32), 127)
             tl.store(q8_ptr + row * stride_q8m + offs_o, q8.to(tl.int8), mask=offs_o < NO)
+
+    @triton.jit
+    def _act_quant_rows_kernel(
+        x_ptr, res_ptr, res_out_ptr, w_ptr, idx_ptr, q_ptr, s4_ptr, q8_ptr, s8_ptr,
+        M, K, KN, NO, G, eps, clip,
+        stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
+        MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
+        GS: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, EXACT_EXP: tl.constexpr,
+    ):
+        """Same contract as _act_quant_kernel; ROWS whole rows per program ([ROWS, BK] in registers,
+        BK = K rounded up to a power of two): one read of each input, the norm, SiLU and rounding in
+        the input channel order, then the reorder gather on the register tile (tl.gather) and the
+        group / outlier quantization of the gathered tile."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, BK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        xrow = x_ptr + rows64[:, None] * stride_xm
+        if MODE == 2:
+            g = tl.load(xrow + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            u = tl.load(xrow + K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            if EXACT_EXP:
+                e = libdevice.exp(-g)
+            else:
+                e = tl.exp(-g)
+            v = (tl.math.div_rn(g, 1.0 + e) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            xv = tl.load(xrow + cols[None, :], mask=m2, other=0.0)
+            if HAS_RES:
+                rv = tl.load(res_ptr + rows64[:, None] * stride_rm + cols[None, :], mask=m2, other=0.0)
+                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                tl.store(res_out_ptr + rows64[:, None] * stride_rom + cols[None, :], xv, mask=m2)
+            v = xv.to(tl.float32)
+            if MODE == 1:
+                ms = tl.math.div_rn(tl.sum(v * v, 1), K.to(tl.float32))
+                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
+                wv = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                v = ((v * rstd[:, None]) * wv[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_IDX:  # output channel j <- input channel idx[j] (padding columns read channel 0)
+            src = tl.load(idx_ptr + cols, mask=cmask, other=0)
+            v = tl.gather(v, tl.broadcast_to(src[None, :], [ROWS, BK]), 1)
+        qrow = rows64[:, None] * stride_qm
+        nmask = rmask[:, None] & (cols < KN)[None, :]
+        if GS == 0:
+            amax = tl.max(tl.where(nmask, tl.abs(v), 0.0), 1)
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [ROWS]
+            tl.store(s4_ptr + rows64 * stride_sm, scale, mask=rmask)
+            q = _sym_q(v, scale.to(tl.float32)[:, None], 7)
+        else:
+            vg = tl.reshape(v, [ROWS, BK // GS, GS])
+            amax = tl.max(tl.abs(vg), 2)
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [ROWS, BK // GS]
+            gidx = tl.arange(0, BK // GS)
+            tl.store(s4_ptr + rows64[:, None] * stride_sm + gidx[None, :], scale,
+                     mask=rmask[:, None] & (gidx < G)[None, :])
+            q = tl.reshape(_sym_q(vg, scale.to(tl.float32)[:, :, None], 7), [ROWS, BK])
+        if OUT_KIND == 0:
+            lo, hi = tl.split(tl.reshape(q.to(tl.int32), [ROWS, BK // 2, 2]))
+            byte = (lo & 15) | ((hi & 15) << 4)
+            half = tl.arange(0, BK // 2)
+            tl.store(q_ptr + qrow + half[None, :], byte.to(tl.uint8), mask=rmask[:, None] & (half < KN // 2)[None, :])
+        elif OUT_KIND == 1:
+            tl.store(q_ptr + qrow + cols[None, :], q.to(tl.int8), mask=nmask)
+        else:
+            tl.store(q_ptr + qrow + cols[None, :], q.to(tl.float8e4nv), mask=nmask)
+        if NO > 0:
+            is_o = (cols >= KN) & cmask
+            omask = rmask[:, None] & is_o[None, :]
+            a8 = tl.max(tl.where(omask, tl.abs(v), 0.0), 1)
+            s8 = tl.math.div_rn(tl.maximum(a8, 1e-6), 127.0).to(tl.float16)
+            tl.store(s8_ptr + rows64, s8, mask=rmask)
+            q8 = _sym_q(v, s8.to(tl.float32)[:, None], 127)
+            tl.store(q8_ptr + rows64[:, None] * stride_q8m + (cols - KN)[None, :], q8.to(tl.int8), mask=omask)

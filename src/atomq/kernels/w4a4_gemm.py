@@ -12,9 +12,14 @@ Hopper's wgmma can read from registers, and small M fills the MMA's N side (deco
 splits K over several programs (fp32 partials, then a reduce kernel).
 
 Prepared weight layout (``prepare_weight``, once at load time), S = min(group_size, 64) ("span"):
-    w4:  int8 [N, KP // 2], KP = Kn rounded up to 2S. Byte j of block b (2S channels) holds channel
-         b*2S + j in its low nibble and channel b*2S + S + j in its high nibble, so a block unpacks
-         into two [N, S] operands with no shuffle. Padding channels are 0.
+    w4:  int8 [NP // RT, KP * RT // 2], KP = Kn rounded up to 2S, RT = row_tile (16 by default),
+         NP = N rounded up to RT. Byte j of block b (2S channels) of a row holds channel b*2S + j in
+         its low nibble and channel b*2S + S + j in its high nibble, so a block unpacks into two
+         [rows, S] operands with no shuffle. Rows are stored in tiles of RT: tile t holds, for each
+         block b in order, the RT rows' S bytes of that block ([RT, S], contiguous), so byte j of
+         block b of row r sits at (r // RT) * (KP * RT // 2) + b * RT * S + (r % RT) * S + j. A
+         program that streams K over RT rows reads one contiguous slab; RT = 1 is plain row-major
+         [N, KP // 2]. Padding channels and rows are 0.
     sw:  fp32 [GP, N] group scales, transposed; GP = KP // group_size (padding groups 0).
          Per-row weights (group_size None): fp32 [1, N].
     w8:  int8 [N, n_out] outlier weights, s8w: fp32 [N] (absent when n_out == 0).
@@ -53,14 +58,20 @@ class PreparedWeight:
     n_out: int
     group_size: int | None
     span: int
+    row_tile: int = 1
 
     @property
     def n_groups(self) -> int:
         return 1 if self.group_size is None else self.kn // self.group_size
 
 
-def prepare_weight(w: PackedWeight) -> PreparedWeight:
-    """PackedWeight (4-bit symmetric, qweight uint8 [N, Kn // 2]) -> PreparedWeight on the same device."""
+def prepare_weight(w: PackedWeight, row_tile: int = 16) -> PreparedWeight:
+    """PackedWeight (4-bit symmetric, qweight uint8 [N, Kn // 2]) -> PreparedWeight on the same device.
+
+    row_tile: rows per contiguous tile of the 4-bit weights (module docstring); 1 = row-major.
+    """
+    if row_tile < 1 or row_tile & (row_tile - 1):
+        raise ValueError(f"row_tile must be a power of two, got {row_tile}")
     if w.bits != 4 or w.zeros is not None:
         raise ValueError("the W4A4 kernel takes 4-bit symmetric weights")
     q = unpack_int4(w.qweight)  # int8 [N, Kn]
@@ -71,11 +82,15 @@ def prepare_weight(w: PackedWeight) -> PreparedWeight:
         raise ValueError(f"group size {gs} (Kn {kn}, {g_count} groups) must be a power of two >= 32")
     span = min(gs or 64, 64)
     kp = -(-kn // (2 * span)) * (2 * span)
-    qp = torch.zeros(n, kp, dtype=torch.int8, device=q.device)
-    qp[:, :kn] = q
-    qp = qp.view(n, kp // (2 * span), 2, span)  # [N, blocks, lo/hi, S]
+    rt = row_tile
+    npad = -(-n // rt) * rt
+    nb = kp // (2 * span)
+    qp = torch.zeros(npad, kp, dtype=torch.int8, device=q.device)
+    qp[:n, :kn] = q
+    qp = qp.view(npad, nb, 2, span)  # [NP, blocks, lo/hi, S]
     w4 = ((qp[:, :, 0].to(torch.int16) & 0xF) | ((qp[:, :, 1].to(torch.int16) & 0xF) << 4))
-    w4 = w4.to(torch.uint8).view(torch.int8).reshape(n, kp // 2).contiguous()
+    w4 = w4.to(torch.uint8).view(torch.int8)  # [NP, blocks, S]
+    w4 = w4.view(npad // rt, rt, nb, span).transpose(1, 2).reshape(npad // rt, nb * rt * span).contiguous()
     gp = 1 if gs is None else kp // gs
     sw = torch.zeros(gp, n, dtype=torch.float32, device=q.device)
     sw[:g_count] = w.scales.float().t()
@@ -85,7 +100,7 @@ def prepare_weight(w: PackedWeight) -> PreparedWeight:
         w8 = w.qweight_outlier.contiguous()
         s8w = w.scales_outlier.float().reshape(n).contiguous()
         n_out = w8.shape[1]
-    return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span)
+    return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span, rt)
 
 
 def act_operand(a: ActQ | ActOp) -> ActOp:
@@ -108,16 +123,24 @@ class GemmConfig:
     magic_cvt: bool = False  # int32 -> fp32 by an exponent trick instead of I2F (measured slower)
     defer: bool = False  # promote the previous group's dot after issuing the next one
     group_m: int = 8
+    prefetch: bool = True  # load the next group's scales one iteration ahead (groups of 2S)
+    fused_reduce: bool = True  # split K: the last program of a tile sums the partials (no 2nd kernel)
+    waves: float = 2.0  # automatic split K: aim at waves * SMs programs
+    min_iters: int = 2  # automatic split K: at least this many K blocks per split
 
 
 def pick_config(m: int, n: int, kp: int) -> GemmConfig:
     """Default tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill the GPU."""
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
-    if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return GemmConfig(block_n=64, block_m=bm, num_warps=4, num_stages=4, magic_cvt=False)
-    return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, magic_cvt=False)
+    if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
+        tiles = -(-n // 64)
+        return GemmConfig(block_n=64, block_m=16, num_warps=4, num_stages=4, waves=4.0,
+                          prefetch=tiles < 4 * _num_sms(torch.cuda.current_device()))
+    if m <= 64:  # the prefetch costs registers with BLOCK_M 64 (measured slower)
+        bm = 32 if m <= 32 else 64
+        return GemmConfig(block_n=64, block_m=bm, num_warps=4, num_stages=4, prefetch=False)
+    return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, prefetch=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +157,28 @@ def _split_k(cfg: GemmConfig, tiles: int, n_iters: int, m: int, device: torch.de
     if m > 64:
         return 1
     n_sm = _num_sms(device.index or 0)
-    return max(1, min((2 * n_sm + tiles - 1) // tiles, n_iters // 2, 16))
+    if tiles >= 2 * n_sm:  # enough tiles: no partials
+        return 1
+    want = int(cfg.waves * n_sm + tiles - 1) // tiles
+    return max(1, min(want, n_iters // max(1, cfg.min_iters), 16))
+
+
+_LOCKS: dict = {}
+
+
+def _locks(device: torch.device, count: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters for the fused split-K reduction, cached per device (each program
+    that finishes a tile resets its counter, so they stay zero between calls). None while a CUDA graph
+    is being captured and the cache is too small (the caller then uses the reduce kernel). Calls on
+    several streams at once must not share them: use fused_reduce=False there."""
+    key = (device.type, device.index)
+    t = _LOCKS.get(key)
+    if t is None or t.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _LOCKS[key] = t
+    return t
 
 
 def w4a4_gemm(
@@ -182,22 +226,25 @@ def w4a4_gemm(
     split = triton.cdiv(n_iters, per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     dummy = w.sw
+    locks = _locks(out.device, tiles) if split > 1 and cfg.fused_reduce else None
+    fused = locks is not None
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     gpu = not interpreting()
     _w4a4_kernel[(tiles, split)](
         w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa, a.s4, q8, s8,
-        bias if bias is not None else dummy, target,
-        m, n, kn, w.n_groups, w.n_out, n_iters, per_split,
-        w.w4.stride(0), w.sw.stride(0), w.w8.stride(0) if has_out else 0,
+        bias if bias is not None else dummy, target, out, locks if fused else dummy,
+        m, n, kn, w.n_groups, w.n_out, n_iters, per_split, split,
+        w.sw.stride(0), w.w8.stride(0) if has_out else 0,
         a.qa.stride(0), a.s4.stride(0), q8.stride(0), s8.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
-        S=w.span, GS=w.group_size or 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
+        S=w.span, GS=w.group_size or 0, RT=w.row_tile, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
         GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
+        PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span, FUSED=fused,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
+    if split > 1 and not fused:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else dummy, out, m * n, n, split, target.stride(0),
@@ -301,19 +348,21 @@ if triton is not None:
 
     @triton.jit
     def _w4a4_kernel(
-        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
-        M, N, KN, G, NO, N_ITERS, PER_SPLIT,
-        stride_wn, stride_swg, stride_w8n, stride_am, stride_sam, stride_a8m, stride_s8am,
+        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr, fin_ptr, lock_ptr,
+        M, N, KN, G, NO, N_ITERS, PER_SPLIT, SPLIT,
+        stride_swg, stride_w8n, stride_am, stride_sam, stride_a8m, stride_s8am,
         stride_os, stride_om, stride_on,
-        S: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        S: tl.constexpr, GS: tl.constexpr, RT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
-        DEFER: tl.constexpr,
+        DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
         Tensors as in the module docstring; a: int8/fp8 [M, KN]; sa: fp16 [M, G]; a8: int8 [M, NO];
-        s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]).
+        s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]). FUSED (with PARTIAL): the last
+        program to finish a tile (arrival counter lock[tile]) sums the SPLIT partials in order, adds
+        the bias and writes fin [M, N]; it then resets the counter to 0.
         """
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -330,7 +379,8 @@ if triton is not None:
         mask_n = offs_n < N
         mask_m = offs_m < M
         offs_s = tl.arange(0, S)
-        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        # row r, block it: (r // RT) * (N_ITERS * RT * S) + it * (RT * S) + (r % RT) * S (module docstring)
+        w_rows = w_ptr + ((offs_n // RT).to(tl.int64) * N_ITERS * (RT * S) + (offs_n % RT) * S)[:, None]
         a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         if OP_FP8:
@@ -340,8 +390,11 @@ if triton is not None:
         acc_i = d_prev
         it0 = pid_k * PER_SPLIT
         it1 = tl.minimum(it0 + PER_SPLIT, N_ITERS)
+        if PREFETCH:  # scale vectors of the current group; the loop loads the next group's ahead of use
+            swv = tl.load(sw_ptr + it0 * stride_swg + offs_n, mask=mask_n & (it0 < G), other=0.0)
+            sav = tl.load(sa_ptr + offs_m * stride_sam + it0, mask=mask_m & (it0 < G), other=0.0).to(tl.float32)
         for it in range(it0, it1):
-            wp = tl.load(w_rows + (it * S + offs_s)[None, :], mask=mask_n[:, None], other=0)
+            wp = tl.load(w_rows + (it * (RT * S) + offs_s)[None, :], mask=mask_n[:, None], other=0)
             wl, wh = _unpack(wp, USE_ASM, OP_FP8)
             k_lo = it * (2 * S) + offs_s
             k_hi = k_lo + S
@@ -353,8 +406,17 @@ if triton is not None:
                 else:
                     acc_i = _dot(wh, ah, _dot(wl, al, acc_i, OP_FP8), OP_FP8)
             elif GS == 2 * S:
+                if PREFETCH:
+                    gn = it + 1
+                    swn = tl.load(sw_ptr + gn * stride_swg + offs_n, mask=mask_n & (gn < G), other=0.0)
+                    san = tl.load(sa_ptr + offs_m * stride_sam + gn, mask=mask_m & (gn < G),
+                                  other=0.0).to(tl.float32)
                 d = _dot(wh, ah, _dot(wl, al, None, OP_FP8), OP_FP8)
-                if DEFER:
+                if PREFETCH:
+                    acc += _to_f32(d, OP_FP8, MAGIC_CVT) * (swv[:, None] * sav[None, :])
+                    swv = swn
+                    sav = san
+                elif DEFER:
                     g = tl.maximum(it - 1, 0)
                     acc += _to_f32(d_prev, OP_FP8, MAGIC_CVT) * _scales(
                         sw_ptr, sa_ptr, g, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
@@ -395,6 +457,18 @@ if triton is not None:
         mask = mask_n[:, None] & mask_m[None, :]
         if PARTIAL:
             tl.store(ptrs + pid_k * stride_os, acc, mask=mask)
+            if FUSED:
+                tl.debug_barrier()  # every thread's partial is stored before the release below
+                arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+                if arrived == SPLIT - 1:
+                    tot = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                    for s in range(0, SPLIT):  # fixed order: the result does not depend on arrival order
+                        tot += tl.load(ptrs + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        tot += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                    fptrs = fin_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+                    tl.store(fptrs, tot.to(fin_ptr.dtype.element_ty), mask=mask)
+                    tl.atomic_xchg(lock_ptr + pid, 0)
         else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
