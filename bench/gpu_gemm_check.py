@@ -31,7 +31,7 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 
 def check_quantize() -> None:
-    for cfg in (Q.QuantConfig(),):
+    for cfg in (Q.QuantizeLaunch(),):
         print(f"quantize kernel {cfg}", flush=True)
         _check_quantize(cfg)
 
@@ -174,7 +174,7 @@ def sweep() -> list[dict]:
         print(line, flush=True)
     # quantize kernels (rows kernel only without the gather: with tl.gather it did not compile in time)
     cp = B.copy_gbps()
-    QC = Q.QuantConfig
+    QC = Q.QuantizeLaunch
     for kind, k in (("rmsnorm", 4096), ("silu", 11008)):
         bk = 1 << (k - 1).bit_length()
         for m in (16, 4096):

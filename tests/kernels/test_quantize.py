@@ -20,7 +20,7 @@ CPU_CASES = [  # (M, K, n_outliers, group_size)
 ]
 GPU_CASES = [(1, 4096, 128, 128), (333, 4096, 128, 128), (4096, 8192, 128, 128), (64, 11008, 128, 128)]
 # both kernels: whole rows per program with the gather in registers (default), and the chunked one
-CONFIGS = [Q.QuantConfig(kernel="rows"), Q.QuantConfig()]
+CONFIGS = [Q.QuantizeLaunch(kernel="rows"), Q.QuantizeLaunch()]
 
 
 def _assert_actq_equal(a, r):

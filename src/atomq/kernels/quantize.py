@@ -70,7 +70,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-class QuantConfig(NamedTuple):
+class QuantizeLaunch(NamedTuple):
     """Launch choice. kernel: "chunk" (default: one program per row, chunks of up to 2048 channels,
     gathers re-read from memory) or "rows" (experimental: ROWS whole token rows per program held in
     registers, the reorder gather done on them with tl.gather; with an index it did not finish compiling
@@ -84,7 +84,7 @@ class QuantConfig(NamedTuple):
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
 
 
-def _pick_rows(m: int, bk: int, cfg: QuantConfig) -> tuple[int, int]:
+def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch) -> tuple[int, int]:
     """(rows per program, warps) for the rows kernel: whole rows of bk (padded) channels."""
     if interpreting():
         return max(1, cfg.rows or 2), 4
@@ -95,7 +95,7 @@ def _pick_rows(m: int, bk: int, cfg: QuantConfig) -> tuple[int, int]:
 
 
 def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
-            config: QuantConfig | None = None):
+            config: QuantizeLaunch | None = None):
     if bits != 4:
         raise ValueError("the Triton quantize kernels produce 4-bit activations (bits=4)")
     if out not in _OUT_KINDS:
@@ -137,7 +137,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     s8 = torch.empty(m, 1, dtype=torch.float16, device=dev) if n_out else None
     if m == 0:
         return q, s4, q8, s8, (x if res_out is None else res_out)
-    cfg = config or QuantConfig()
+    cfg = config or QuantizeLaunch()
     dummy = s4
     bk = _next_pow2(k)
     if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
@@ -179,7 +179,7 @@ def _pack(out: str, q, s4, q8, s8):
 
 def quantize_act(
     x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
-    out: str = "packed", config: QuantConfig | None = None,
+    out: str = "packed", config: QuantizeLaunch | None = None,
 ) -> ActQ | ActOp:
     """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act)."""
     q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config)
@@ -189,7 +189,7 @@ def quantize_act(
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantConfig | None = None,
+    config: QuantizeLaunch | None = None,
 ) -> tuple[ActQ | ActOp, torch.Tensor]:
     """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
 
@@ -202,7 +202,7 @@ def rmsnorm_quantize(
 
 def silu_mul_quantize(
     gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantConfig | None = None,
+    config: QuantizeLaunch | None = None,
 ) -> ActQ | ActOp:
     """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
     q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config)
