@@ -20,25 +20,11 @@ from typing import Any, Callable
 import torch
 
 from ..kernels import ref
+from ..kernels.kv_layout import PagedKVCache
 
 BLOCK_SIZE = 16
 CPU_KV_CAP = 4 << 30
 KV_CACHE_DTYPES = ("auto", "int4", "fp8", "fp16", "model")
-
-
-@dataclass
-class Cache:
-    """One layer's pools, with the attributes of kernels.kv_cache.PagedKVCache (used where Triton is absent)."""
-
-    mode: str
-    k: torch.Tensor
-    v: torch.Tensor
-    k_scale: torch.Tensor | None = None
-    v_scale: torch.Tensor | None = None
-    k_zero: torch.Tensor | None = None
-    v_zero: torch.Tensor | None = None
-    block_size: int = BLOCK_SIZE
-    layout: str = "HND"
 
 
 @dataclass(frozen=True)
@@ -139,14 +125,14 @@ class KVPool:
         if mode == "int4":
             meta = lambda dt: torch.empty(nb, h, bs, dtype=dt, device=dev)  # noqa: E731
             pool = lambda: torch.empty(nb, h, bs, d // 2, dtype=torch.uint8, device=dev)  # noqa: E731
-            return Cache(mode, pool(), pool(), meta(torch.float16), meta(torch.float16),
+            return PagedKVCache(mode, pool(), pool(), meta(torch.float16), meta(torch.float16),
                          meta(torch.uint8), meta(torch.uint8), bs)
         dt = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}.get(mode, model_dtype)
         k, v = (torch.empty(nb, h, bs, d, dtype=dt, device=dev) for _ in range(2))  # slots valid once written
         if mode == "fp8":  # per-head scale 1.0: e4m3 covers |x| <= 448 at 3 mantissa bits
             ones = lambda: torch.ones(h, dtype=torch.float32, device=dev)  # noqa: E731
-            return Cache(mode, k, v, ones(), ones(), block_size=bs)
-        return Cache("fp16", k, v, block_size=bs)  # "fp16" mode of the ref ops: a plain float pool
+            return PagedKVCache(mode, k, v, ones(), ones(), block_size=bs)
+        return PagedKVCache("fp16", k, v, block_size=bs)  # "fp16" mode of the ref ops: a plain float pool
 
     @property
     def num_tokens(self) -> int:
