@@ -78,6 +78,14 @@ def _cmd_quantize(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kv_overrides(p: argparse.ArgumentParser) -> None:
+    """Run-time KV-cache choices that override the checkpoint's (evaluation commands)."""
+    p.add_argument("--kv-bits", type=_parse_optional_int, default=None,
+                   help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
+    p.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotate queries and keys per head (Hadamard) before KV quantization; default: the checkpoint's")
+
+
 def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
     import torch
 
@@ -111,7 +119,8 @@ def _cmd_eval_zeroshot(ns: argparse.Namespace) -> int:
     tasks = [get_task(t.strip()).name for t in ns.tasks.split(",") if t.strip()]  # typos fail before the load
     if not tasks:
         raise ValueError("--tasks names no task")
-    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits)
+    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
+                    kv_rotate=ns.kv_rotate)
     results = evaluate_tasks(lm.model, lm.tokenizer, tasks, ns.data_dir, ns.limit, ns.batch_size)
     print(format_table(results))
     if ns.json:
@@ -221,10 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
     pp.add_argument("--data-dir", default=None)
     pp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    pp.add_argument("--kv-bits", type=_parse_optional_int, default=None,
-                    help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
-    pp.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,
-                    help="rotate queries and keys per head (Hadamard) before KV quantization; default: the checkpoint's")
+    _add_kv_overrides(pp)
     pp.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     pp.set_defaults(func=_cmd_eval_ppl)
 
@@ -238,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
     zs.add_argument("--data-dir", default=None)
     zs.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    zs.add_argument("--kv-bits", type=_parse_optional_int, default=None,
-                    help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
+    _add_kv_overrides(zs)
     zs.add_argument("--json", default=None, help="append the results as one JSON line to this file")
     zs.set_defaults(func=_cmd_eval_zeroshot)
 

@@ -127,3 +127,35 @@ def test_cli_generate(tiny_model, capsys):
     assert "tok/s" in out and "peak memory" in out
     assert main(["generate", "--model", model, "--prompt", "x", "--max-tokens", "0"]) == 2
     assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
+def test_abort_frees_blocks_and_the_others_finish_unchanged(load, prompts):
+    lm = load("llama")
+    llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22, max_model_len=96)
+    alone = llm.generate([prompts[0]], GREEDY)[0].token_ids
+    eng = llm.engine
+    keep, running, queued = (eng.add_request(p, GREEDY) for p in (prompts[0], prompts[1], prompts[2]))
+    eng.step()
+    assert eng.num_running == 3 and eng.kv_usage > 0
+    assert eng.abort_request(running) and eng.abort_request(queued)
+    assert not eng.abort_request(running)  # already finished
+    assert running.is_finished and running.finish_reason == "abort" and running.block_table == []
+    eng.block_manager.check([keep])
+    while eng.has_unfinished():
+        eng.step()
+    assert keep.output_token_ids == alone
+    eng.block_manager.check([])
+    # a request aborted while still waiting never runs
+    waiting = eng.add_request(prompts[1], GREEDY)
+    assert eng.num_waiting == 1 and eng.abort_request(waiting) and eng.num_waiting == 0
+    assert not eng.has_unfinished()
+
+
+def test_request_metrics_are_ordered(load, prompts):
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22, max_model_len=96)
+    out = llm.generate(prompts, GREEDY)
+    for o in out:
+        m = o.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finish_time
+        assert m.num_output_tokens == len(o.token_ids) == 8
+        assert m.ttft >= 0 and m.tpot >= 0

@@ -22,7 +22,7 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import RequestOutput, SamplingParams, Sequence
+from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class LLMEngine:
                              f"no room to generate")
         sid = next(self._ids)
         seq = Sequence(sid, ids, params, text, request_id if request_id is not None else str(sid))
+        seq.arrival_time = time.perf_counter()
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
@@ -126,6 +127,30 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
         return seq
+
+    def abort_request(self, seq: Sequence) -> bool:
+        """Stop a queued or running request now (finish_reason "abort"); its KV blocks are freed.
+        Returns False when it had already finished. Call between steps (the engine is single-threaded)."""
+        if seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        seq.finish_time = time.perf_counter()
+        return True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV pool's blocks in use (held by running sequences or the prefix cache's
+        live references; cached-but-free blocks count as free)."""
+        bm = self.block_manager
+        return 1.0 - bm.num_free_blocks / bm.num_blocks
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -162,13 +187,17 @@ class LLMEngine:
         finished = []
         if wanting:
             tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
+            now = time.perf_counter()
             for i, (seq, tok) in enumerate(zip(wanting, tokens)):
                 seq.token_ids.append(tok)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
                 if seq.logits is not None:
                     seq.logits.append(logits[i].clone())
                 reason = self._check_stop(seq, tok)
                 if reason is not None:
                     self.scheduler.finish(seq, reason)
+                    seq.finish_time = now
                     finished.append(seq)
         dt = time.perf_counter() - t0
         decode = all(n == 1 for n in sched.num_new_tokens)
@@ -183,9 +212,10 @@ class LLMEngine:
 
     @staticmethod
     def output(seq: Sequence) -> RequestOutput:
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), seq.detok.text,
                              list(seq.output_token_ids), seq.finish_reason, seq.num_cached_tokens,
-                             seq.num_preemptions, seq.logits)
+                             seq.num_preemptions, seq.logits, metrics)
 
 
 def apply_chat_template(tokenizer: Any, prompt: str) -> str:

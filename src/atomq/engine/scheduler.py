@@ -109,7 +109,11 @@ class Scheduler:
         return ScheduledBatch(seqs, counts, preempted)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running or waiting sequence (reason "stop" | "length" | "abort") and free its blocks."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.bm.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.running.remove(seq)
-        self.bm.free_seq(seq)

@@ -84,6 +84,10 @@ class Sequence:
     generator: Any = None  # torch.Generator when params.seed is set
     detok: Any = None  # IncrementalDetokenizer
     logits: list | None = None  # fp32 [V] rows, only when the engine records them
+    # time.perf_counter() stamps: queued, first output token sampled, finished (None until then)
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -123,3 +127,25 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     logits: list | None = None  # per generated token, fp32 [V], when the engine records logits
+    metrics: "RequestMetrics | None" = None
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Latency of one request in seconds (time.perf_counter() stamps): ttft = first token - arrival;
+    tpot = (finish - first token) / (output tokens - 1), None for a single output token."""
+
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_output_tokens: int
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first_token_time is None or self.finish_time is None or self.num_output_tokens < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
