@@ -19,6 +19,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, find_stop
 from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_bytes, bytes_per_token, num_blocks_for,
                       resolve_kv_dtype)
+from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler, SchedulerConfig
@@ -29,7 +30,10 @@ from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence
 class EngineConfig:
     """Serving knobs. kv_cache_bytes: explicit KV budget in bytes (else measured free memory times
     gpu_memory_utilization); max_model_len: None = the model's max_position (and sliding window);
-    record_logits: keep each generated token's logits in RequestOutput.logits (tests, debugging)."""
+    record_logits: keep each generated token's logits in RequestOutput.logits (tests, debugging);
+    linear_method / linear_backend: how the linears run (model/methods.py: "auto" = the stored format,
+    or float / fp8 / int8 / w4a16 / atom; backend "auto" = kernels on CUDA, reference ops on CPU);
+    enforce_eager: no CUDA graphs for decode steps."""
 
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
@@ -40,6 +44,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     record_logits: bool = False
+    linear_method: str = "auto"
+    linear_backend: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -50,6 +57,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        if self.linear_method not in LINEAR_METHODS:
+            raise ValueError(f"unknown linear method {self.linear_method!r}; choose one of {LINEAR_METHODS}")
+        if self.linear_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown linear backend {self.linear_backend!r}; choose one of {ATTENTION_BACKENDS}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -70,6 +81,7 @@ class LLMEngine:
         max_len = config.max_model_len or limit
         if max_len > limit:
             raise ValueError(f"max_model_len {max_len} exceeds the model's context of {limit} tokens")
+        self.linear_kernels = prepare_linears(model, config.linear_method, config.linear_backend)
         dtype = model.model.embed_tokens.weight.dtype
         per_token = bytes_per_token(args.n_kv_heads, args.head_dim, mode, dtype) * args.n_layers
         budget = config.kv_cache_bytes or available_bytes(self.device, config.gpu_memory_utilization)
@@ -85,7 +97,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.block_manager)
-        self.runner = ModelRunner(model, self.kv_pool)
+        self.runner = ModelRunner(model, self.kv_pool, config.max_num_seqs, max_len, not config.enforce_eager)
         self.tokenizer = lm.tokenizer
         self.eos_token_id = getattr(lm.tokenizer, "eos_token_id", None)
         self._ids = itertools.count()

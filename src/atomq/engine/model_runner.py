@@ -2,6 +2,12 @@
 
 The runner owns the model and the KV pool; it knows nothing about queues or sampling. The per-step
 metadata is built on the host in plain Python lists and moved to the device once per step.
+
+On CUDA, decode steps replay CUDA graphs: one per batch bucket (1, 2, 4, 8, then multiples of 16 up to
+max_num_seqs), captured on first use over static input buffers. A batch of B sequences runs in the
+smallest bucket >= B; the padding rows have slot -1 (nothing stored) and context length 0 (attention
+returns zeros), and their logits are dropped. Prefill and chunked steps run eagerly, as do MoE models
+(their expert routing reads token counts on the host).
 """
 
 from __future__ import annotations
@@ -55,15 +61,89 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
     )
 
 
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 32, 48, ... (the last >= max_num_seqs)."""
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
+    return [b for b in sizes if b < max_num_seqs] + [next(b for b in sizes if b >= max_num_seqs)]
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode forward, one per batch bucket, sharing one memory pool."""
+
+    def __init__(self, model: CausalLM, kv_pool: KVPool, max_num_seqs: int, max_model_len: int):
+        self.model, self.kv_pool = model, kv_pool
+        self.buckets = graph_buckets(max_num_seqs)
+        n, dev = self.buckets[-1], kv_pool.device
+        width = -(-max_model_len // kv_pool.block_size)
+        i32 = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=dev)  # noqa: E731
+        self.token_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = i32(n)
+        self.block_tables = i32(n, width)
+        self.context_lens = i32(n)
+        self.cached_lens = i32(n)  # decode reads none; kept for the StepBatch
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(n, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, batch_size: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch_size), None)
+
+    def _static_batch(self, b: int) -> StepBatch:
+        return StepBatch(self.token_ids[:b], self.positions[:b], self.slot_mapping[:b], self.block_tables[:b],
+                         self.cached_lens[:b], self.context_lens[:b], self.cu_seqlens[:b + 1], self.rows[:b],
+                         max_q_len=1, is_decode=True)
+
+    def _capture(self, b: int) -> None:
+        self.slot_mapping[:b] = -1  # capture and warm-up write nothing into the cache
+        self.context_lens[:b] = 0
+        batch = self._static_batch(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: compiles kernels, allocates split-K counters
+            forward_paged(self.model, batch, self.kv_pool)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = forward_paged(self.model, batch, self.kv_pool)
+        self.pool = graph.pool()
+        self.graphs[b] = (graph, out)
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Replay the bucket's graph on ``batch`` (a decode StepBatch); logits [B, vocab]."""
+        bsz = batch.num_seqs
+        b = self.bucket(bsz)
+        if b not in self.graphs:
+            self._capture(b)
+        self.token_ids[:bsz].copy_(batch.token_ids)
+        self.positions[:bsz].copy_(batch.positions)
+        self.slot_mapping[:bsz].copy_(batch.slot_mapping)
+        self.slot_mapping[bsz:b] = -1
+        self.block_tables[:bsz, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.context_lens[:bsz].copy_(batch.context_lens)
+        self.context_lens[bsz:b] = 0
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:bsz]
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_pool: KVPool):
+    def __init__(self, model: CausalLM, kv_pool: KVPool, max_num_seqs: int = 64, max_model_len: int = 2048,
+                 cuda_graphs: bool = True):
         self.model = model
         self.kv_pool = kv_pool
         self.device = kv_pool.device
+        use = (cuda_graphs and self.device.type == "cuda" and kv_pool.ops.backend == "triton"
+               and not model.args.is_moe)
+        self.graphs = DecodeGraphs(model, kv_pool, max_num_seqs, max_model_len) if use else None
 
     def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute one step. Returns (sequences that get a next token, their logits fp32 [L, vocab])."""
         batch = build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device)
         wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        logits = forward_paged(self.model, batch, self.kv_pool)
+        if self.graphs is not None and batch.is_decode and self.graphs.bucket(batch.num_seqs) is not None:
+            logits = self.graphs.run(batch)
+        else:
+            logits = forward_paged(self.model, batch, self.kv_pool)
         return wanting, logits.float()

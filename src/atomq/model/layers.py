@@ -2,8 +2,10 @@
 
 ``Linear`` covers every method through one spec: float weights, quantized weights (PackedWeight tensors
 under the linear's own name: qweight, scales, zeros, qweight_outlier, scales_outlier) and/or
-dynamically quantized activations. On CPU it runs the reference numerics as fake-quant: dequantized
+dynamically quantized activations. By default it runs the reference numerics as fake-quant: dequantized
 weights (cached once) times fake-quantized activations, which equals ref.w4a4_gemm up to float rounding.
+``model/methods.py`` can give it a prepared ``kernel`` instead (Triton / torch GEMMs, q/k/v and gate/up
+merged into one); then the stored tensors are released and every call goes through the kernel.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class Linear(nn.Module):
         for name, (shape, tdtype) in spec.tensor_shapes().items():
             self.register_buffer(name, torch.empty(shape, dtype=tdtype or dtype, device="meta"))
         self._w_cache: torch.Tensor | None = None
+        # set by model/methods.apply_linear_method (plain attributes, not part of the state dict)
+        self.kernel = None  # LinearKernel computing this linear (and the ones merged into it)
+        self.kernel_outputs: list[int] = []  # output widths of the merged linears, in order
+        self.kernel_merged_into: "Linear | None" = None  # the linear whose kernel computes this one
 
     def packed_weight(self) -> PackedWeight:
         names = ("qweight", "scales", "zeros", "qweight_outlier", "scales_outlier")
@@ -80,11 +86,14 @@ class Linear(nn.Module):
         self._w_cache = None
         return super()._apply(fn, recurse)
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Gather (own_index) and fake-quantize x [..., K]: what the quantize kernel hands the GEMM.
+    def prepare_input(self, x: torch.Tensor):
+        """Gather (own_index) and fake-quantize x [M, K]: what the quantize kernel hands the GEMM
+        (with a kernel: its operand, e.g. INT4 values and scales).
 
         Linears that share an input and a spec (q/k/v, gate/up) prepare it once (``shared_forward``).
         """
+        if self.kernel is not None:
+            return self.kernel.prepare_input(x)
         s = self.spec
         if s.own_index:
             x = x.index_select(-1, self.reorder_index.long())
@@ -92,25 +101,38 @@ class Linear(nn.Module):
             x = fake_quant_mixed(x, s.split, s.a_bits, s.a_clip)
         return x
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Prepared x [..., K] -> [..., N] in x's dtype."""
+    def matmul(self, x) -> torch.Tensor:
+        """Prepared x [M, K] -> [M, N] in the model dtype ([M, sum N] for a merged kernel)."""
+        if self.kernel is not None:
+            return self.kernel.matmul(x)
+        if self.kernel_merged_into is not None:
+            raise RuntimeError("this linear is computed by a merged kernel: call it through shared_forward")
         return F.linear(x, self.dense_weight(x.dtype), getattr(self, "bias", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype."""
-        return self.matmul(self.prepare_input(x))
+        lead = x.shape[:-1]
+        y = self.matmul(self.prepare_input(x.reshape(-1, x.shape[-1])))
+        return y.reshape(*lead, y.shape[-1])
 
 
 def shared_forward(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
-    """Several linears on one input: the input is gathered and quantized once when their input
-    handling is identical (always so for q/k/v and gate/up), else each prepares its own."""
-    input_spec = lambda lin: (lin.spec.split, lin.spec.a_bits, lin.spec.a_clip, lin.spec.own_index)  # noqa: E731
-    hooked = any(lin._forward_pre_hooks or lin._forward_hooks for lin in linears)  # calibration observers
-    same = all(input_spec(lin) == input_spec(linears[0]) for lin in linears)
-    if same and not hooked and not linears[0].spec.own_index:
-        xq = linears[0].prepare_input(x)
-        return [lin.matmul(xq) for lin in linears]
-    return [lin(x) for lin in linears]
+    """Several linears on one input x [..., K] -> their outputs [..., N_i]. A merged kernel computes them
+    in one GEMM; otherwise the input is gathered and quantized once when their input handling is
+    identical (always so for q/k/v and gate/up), else each prepares its own."""
+    first = linears[0]
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # [M, K]
+    if first.kernel is not None and len(first.kernel_outputs) == len(linears) > 1:
+        outs = first.matmul(first.prepare_input(x2)).split(first.kernel_outputs, dim=-1)
+    else:
+        input_spec = lambda lin: (lin.spec.split, lin.spec.a_bits, lin.spec.a_clip, lin.spec.own_index)  # noqa: E731
+        hooked = any(lin._forward_pre_hooks or lin._forward_hooks for lin in linears)  # calibration observers
+        same = all(input_spec(lin) == input_spec(first) for lin in linears)
+        if same and not hooked and not first.spec.own_index and first.kernel is None:
+            xq = first.prepare_input(x2)
+            return [lin.matmul(xq).reshape(*lead, lin.spec.out_features) for lin in linears]
+        return [lin(x) for lin in linears]
+    return [y.reshape(*lead, y.shape[-1]) for y in outs]
 
 
 class RMSNorm(nn.Module):

@@ -18,6 +18,7 @@ import torch
 
 from ..kernels import ref
 from .args import apply_rope, default_sm_scale, rope_cos_sin
+from .layers import shared_forward
 from .llama import Attention, CausalLM
 
 
@@ -65,9 +66,10 @@ def _paged_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: t
     if attn.kv_pre_rope and attn.kv_bits is not None:
         raise ValueError("the paged cache stores keys after RoPE; a kv_pre_rope model cannot be served")
     t = x.shape[0]
-    q = attn.q_proj(x).view(1, t, attn.n_heads, attn.head_dim)  # [1, T, Hq, D] (apply_rope's layout)
-    k = attn.k_proj(x).view(1, t, attn.n_kv_heads, attn.head_dim)
-    v = attn.v_proj(x).view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
+    q, k, v = shared_forward(x, attn.q_proj, attn.k_proj, attn.v_proj)
+    q = q.view(1, t, attn.n_heads, attn.head_dim)  # [1, T, Hq, D] (apply_rope's layout)
+    k = k.view(1, t, attn.n_kv_heads, attn.head_dim)
+    v = v.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]  # [T, H, D]
     if attn.kv_hadamard is not None:
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)

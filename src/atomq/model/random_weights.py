@@ -1,0 +1,134 @@
+"""Models of real shapes with random weights, in any linear method: for speed measurements only.
+
+Time does not depend on the values, so benchmarks of Llama-2-7B / 13B / 70B or Mixtral-8x7B build the
+model directly on the device, one tensor at a time (a 70B model in 4 bits never exists in 16 bits), with
+values of realistic magnitude (activations stay finite through every layer). Nothing here needs
+transformers: the shapes are plain numbers and the tokenizer is ``ByteTokenizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..config import PRESETS, QuantConfig
+from .llama import CausalLM, KVSpec
+from .loader import LoadedModel, expected_tensors
+from .specs import layer_specs
+
+# name -> Hugging Face config fields (published model shapes)
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096),
+    "llama-2-13b": dict(architectures=["LlamaForCausalLM"], hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                        max_position_embeddings=4096),
+    "llama-2-70b": dict(architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                        max_position_embeddings=4096),
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                         max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
+                         rope_theta=1e6),
+    # for tests: every code path of the big ones at a size the CPU runs in milliseconds
+    "tiny-llama": dict(architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       max_position_embeddings=1024),
+    "tiny-mixtral": dict(architectures=["MixtralForCausalLM"], hidden_size=256, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=1024, num_local_experts=4, num_experts_per_tok=2),
+}
+
+# stored formats a random model can be built in; "fp8" is a run-time method over float weights
+# (model/methods.py), so it is built as "float" and converted there
+RANDOM_FORMATS: dict[str, QuantConfig] = {
+    "float": PRESETS["fp16"],
+    "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),
+    "int8": PRESETS["w8a8"],
+    "w4a16": PRESETS["w4a16"],
+}
+
+
+def shape_config(shape: str) -> SimpleNamespace:
+    """A config object with the Hugging Face field names of ``shape`` (no transformers needed)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {sorted(SHAPES)}")
+    fields = dict(rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, model_type="llama")
+    fields.update(SHAPES[shape])
+    return SimpleNamespace(**fields)
+
+
+class ByteTokenizer:
+    """Bytes as token ids (ids >= 256 decode to nothing): enough for the engine's detokenizer and stop
+    strings on random models, at almost no host cost. No EOS, so requests run to max_tokens."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.float16, device="cpu",
+                 seed: int = 0, kv_bits: int | None = None) -> LoadedModel:
+    """A CausalLM of a named real shape (``SHAPES``) with random weights stored as ``fmt`` (``RANDOM_FORMATS``).
+
+    The tensors are made on ``device`` one at a time. ``kv_bits`` sets the model's KV numerics (the engine's
+    kv_cache_dtype "auto" follows it); ``fmt="atom"`` defaults to 4. Returns a LoadedModel with a
+    ByteTokenizer; ``meta`` records {"random": shape, "format": fmt}.
+    """
+    if fmt not in RANDOM_FORMATS:
+        raise ValueError(f"unknown random-weight format {fmt!r}; choose one of {sorted(RANDOM_FORMATS)}")
+    qcfg = RANDOM_FORMATS[fmt]
+    if kv_bits is not None or fmt != "atom":
+        qcfg = dataclasses.replace(qcfg, kv_bits=kv_bits)
+    config = shape_config(shape)
+    from .args import ModelArgs
+
+    args = ModelArgs.from_hf(config)
+    specs = layer_specs(args, qcfg)
+    model = CausalLM(args, config, [specs] * args.n_layers, KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate),
+                     qcfg.reorder, dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type == "cuda" else gen
+    int8_rows = {f"model.layers.{i}.{n}": spec.w_bits == 8 for i in range(args.n_layers) for n, spec in specs.items()}
+    state = {}
+    for name, (shp, exact) in expected_tensors(model).items():
+        t_dtype = exact or dtype
+        state[name] = _random_value(name, shp, t_dtype, device, dev_gen, gen, int8_rows)
+    if args.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, ByteTokenizer(), qcfg, {"random": shape, "format": fmt})
+
+
+def _random_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, device, dev_gen: torch.Generator,
+                  cpu_gen: torch.Generator, int8_rows: dict[str, bool]) -> torch.Tensor:
+    """Values of the right kind and magnitude for tensor ``name`` (linear weights ~ N(0, 0.02) dequantized)."""
+    owner, leaf = name.rsplit(".", 1)
+    empty = lambda dt: torch.empty(shape, dtype=dt, device=device)  # noqa: E731
+    if leaf == "reorder_index":
+        return torch.randperm(shape[0], generator=cpu_gen).to(torch.int32).to(device)
+    if leaf == "zeros":  # asymmetric 4-bit zero points
+        return empty(torch.int16).random_(0, 16, generator=dev_gen).to(torch.uint8)
+    if leaf in ("qweight", "qweight_outlier"):
+        if dtype == torch.uint8:  # packed INT4 pairs (or asymmetric 8-bit)
+            return empty(torch.int16).random_(0, 256, generator=dev_gen).to(torch.uint8)
+        return empty(torch.int16).random_(-127, 128, generator=dev_gen).to(torch.int8)
+    if leaf == "scales_outlier" or (leaf == "scales" and int8_rows.get(owner)):
+        return torch.full(shape, 0.02 / 73.0, dtype=dtype, device=device)  # int8 values: std ~73
+    if leaf == "scales":
+        return torch.full(shape, 0.02 / 4.6, dtype=dtype, device=device)  # int4 values: std ~4.6
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if "norm" in owner:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return empty(dtype).normal_(0.0, 0.02, generator=dev_gen)
