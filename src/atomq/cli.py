@@ -1,4 +1,4 @@
-"""The ``atomq`` command line: quantize | eval ppl | eval zeroshot | inspect | bench kernels.
+"""The ``atomq`` command line: quantize | eval ppl | eval zeroshot | generate | serve | inspect | bench kernels.
 
 Quantization flags are derived from the QuantConfig / CalibConfig fields, so defaults live in config.py:
 a flag left unset takes the preset's value.
@@ -187,6 +187,20 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import os
+
+    from .serve.server import run_server
+
+    run_server(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("ATOMQ_API_KEY"),
+               served_model_name=ns.served_model_name, max_waiting=ns.max_waiting, chat_template=ns.chat_template,
+               shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level, threads=ns.threads, dtype=ns.dtype,
+               device=ns.device, kv_cache_dtype=ns.kv_cache_dtype, kv_cache_bytes=ns.kv_cache_bytes,
+               gpu_memory_utilization=ns.gpu_memory_utilization, max_model_len=ns.max_model_len,
+               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens)
+    return 0
+
+
 def _cmd_bench_kernels(ns: argparse.Namespace) -> int:
     import os
 
@@ -274,6 +288,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.set_defaults(func=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, health, metrics)")
+    sv.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $ATOMQ_API_KEY)")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: the path's name)")
+    sv.add_argument("--max-waiting", type=int, default=256,
+                    help="sequences that may wait beyond --max-num-seqs; more get 429 (default 256)")
+    sv.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    sv.add_argument("--shutdown-timeout", type=float, default=None,
+                    help="on SIGINT / SIGTERM, abort requests still running after this many seconds (default: wait)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--kv-cache-dtype", default="auto", help="auto | int4 | fp8 | fp16 | model (as for generate)")
+    sv.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget in bytes (default: measured)")
+    sv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    sv.add_argument("--max-model-len", type=int, default=None)
+    sv.add_argument("--max-num-seqs", type=int, default=64)
+    sv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sv.set_defaults(func=_cmd_serve)
 
     i = sub.add_parser("inspect", help="print a checkpoint's config and tensor table")
     i.add_argument("checkpoint")

@@ -1,0 +1,45 @@
+"""``atomq serve``: load a model, build the app, run uvicorn (SIGINT / SIGTERM drain in-flight requests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("atomq.serve")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def model_id(model: str) -> str:
+    """The id clients name the model by: the last part of its path ('smollm2' stays 'smollm2')."""
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               served_model_name: str | None = None, max_waiting: int = 256, chat_template: str | None = None,
+               shutdown_timeout: float | None = None, log_level: str = "info", threads: int | None = None,
+               **llm_kwargs: Any) -> None:
+    """Serve ``model`` until interrupted. llm_kwargs go to ``atomq.LLM`` (dtype, device, EngineConfig
+    fields); chat_template is a path to a Jinja file."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("atomq serve needs the serve extras: pip install 'atomq[serve]'") from None
+    import torch
+
+    from ..engine.llm import LLM
+    from .app import create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    template = None
+    if chat_template is not None:
+        with open(chat_template) as f:
+            template = f.read()
+    if host not in LOOPBACK and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
+    llm = LLM(model, **llm_kwargs)
+    app = create_app(llm.engine, model_name=served_model_name or model_id(model), api_key=api_key,
+                     max_waiting=max_waiting, chat_template=template, shutdown_timeout=shutdown_timeout)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)

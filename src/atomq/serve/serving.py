@@ -1,0 +1,137 @@
+"""From OpenAI requests to engine requests, and from engine deltas back to OpenAI responses.
+
+Both endpoints share the pieces here: sampling parameters, the chat prompt, collecting a whole answer
+(aborting it if the client disconnects first) and streaming it as server-sent events (aborting it when
+the stream is cancelled by a disconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from pydantic import BaseModel
+
+from ..engine.sequence import SamplingParams
+from .engine_loop import Delta, GenerationRequest, RequestHandle
+from .errors import APIError, InvalidRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its (non-streamed) answer was ready."""
+
+
+def sampling_params(req: SamplingFields) -> SamplingParams:
+    """The engine's SamplingParams of a request (max_tokens and seed are set per choice by the bridge)."""
+    try:
+        return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
+                              stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
+                              ignore_eos=req.ignore_eos)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def completion_request(req: CompletionRequest) -> GenerationRequest:
+    return GenerationRequest(req.prompts(), sampling_params(req), req.n, req.max_tokens)
+
+
+def chat_request(req: ChatCompletionRequest, tokenizer: Any, chat_template: str | None) -> GenerationRequest:
+    prompt = render_chat(tokenizer, req, chat_template)
+    return GenerationRequest([prompt], sampling_params(req), req.n, req.token_limit, add_special_tokens=False)
+
+
+def render_chat(tokenizer: Any, req: ChatCompletionRequest, chat_template: str | None) -> str:
+    """The conversation as one prompt, through the tokenizer's chat template (or the server's
+    --chat-template), ending with the assistant's turn opened."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model's tokenizer has no chat template: use /v1/completions, or start the "
+                             "server with --chat-template FILE", param="messages")
+    from jinja2 import TemplateError
+
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as exc:
+        raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.num_tokens = delta.num_tokens
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+
+def usage_of(handle: RequestHandle, choices: list[ChoiceResult]) -> Usage:
+    return Usage.of(sum(handle.prompt_tokens), sum(c.num_tokens for c in choices))
+
+
+async def _until_disconnect(receive: Callable[[], Any]) -> None:
+    """Return once the client has gone (the body was read already, so only http.disconnect comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(handle: RequestHandle, receive: Callable[[], Any]) -> list[ChoiceResult]:
+    """The whole answer of every choice; aborts the request and raises ClientDisconnected when the
+    client disconnects first."""
+    choices = [ChoiceResult() for _ in range(handle.request.num_sequences)]
+
+    async def consume() -> None:
+        async for deltas in handle:
+            for d in deltas:
+                choices[d.index].add(d)
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled from outside (server shutdown): stop the generation too
+        handle.abort()
+        consumer.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if consumer not in done:
+        handle.abort()
+        consumer.cancel()
+        raise ClientDisconnected()
+    consumer.result()  # re-raises an engine failure
+    return choices
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def stream(handle: RequestHandle, chunk: Callable[[list[Delta]], BaseModel],
+                 usage_chunk: Callable[[Usage], BaseModel] | None, first: BaseModel | None = None) -> AsyncIterator[str]:
+    """Server-sent events: ``first`` (if any), one chunk per engine step, a usage chunk (if wanted), then
+    ``[DONE]``. A failure mid-stream is sent as an error event. When the client disconnects the stream
+    is cancelled, and ``finally`` aborts the request, which frees its KV blocks."""
+    choices = [ChoiceResult() for _ in range(handle.request.num_sequences)]
+    try:
+        if first is not None:
+            yield sse(first)
+        async for deltas in handle:
+            for d in deltas:
+                choices[d.index].add(d)
+            yield sse(chunk(deltas))
+        if usage_chunk is not None:
+            yield sse(usage_chunk(usage_of(handle, choices)))
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        handle.abort()
+    yield "data: [DONE]\n\n"
