@@ -61,7 +61,8 @@ def serving(lm: Any, *, step_delay: float = 0.0, **options: Any) -> Iterator[Liv
 
         engine.step = slow_step
     app = create_app(engine, **app_options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=app_options.get("shutdown_timeout")))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -81,6 +82,12 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def sample(live: LiveServer, name: str, **labels: str) -> float:
+    """A metric's current value from the server's Prometheus registry (0 when not yet created)."""
+    value = live.app.state.atomq.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
 
 
 def assert_no_leaks(live: LiveServer, timeout: float = 10.0) -> None:

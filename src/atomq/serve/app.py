@@ -63,10 +63,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """A readable one-line message and the first offending parameter of a validation error."""
     parts, param = [], None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+            return f"the body is not valid JSON ({reason} at character {err['loc'][-1]})", None
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+            return "the body must be a JSON object", None
         if param is None and loc:
             param = loc[0]
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request", param
 
 
