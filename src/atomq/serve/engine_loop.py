@@ -339,7 +339,7 @@ class AsyncEngine:
             if live.finished:
                 batch.append((live.handle, _END))
                 del self._live[key]
-        self._post(batch)
-        if self.metrics is not None:
+        if self.metrics is not None:  # before posting: a client that got its answer sees up-to-date metrics
             self.metrics.on_tokens(tokens)
             self.metrics.on_step(self.engine)
+        self._post(batch)

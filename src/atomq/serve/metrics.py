@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
-HTTP requests by route and status come from an ASGI middleware; tokens, queue length, KV usage and
-per-sequence latencies (time to first token, time per output token, end to end) from the engine thread.
+HTTP requests by route and status come from an ASGI middleware; tokens, queue length, KV usage,
+preemptions and per-sequence latencies (time to first token, time per output token, end to end) from
+the engine thread.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("atomq_generation_tokens", "tokens generated", registry=r)
         self.sequences_finished = Counter("atomq_sequences_finished", "sequences (choices) finished, by reason",
                                           ["finish_reason"], registry=r)
+        self.preemptions = Counter("atomq_preemptions", "times a running sequence was preempted (recomputed later)",
+                                   registry=r)
         self.waiting = Gauge("atomq_num_sequences_waiting", "sequences in the waiting queue", registry=r)
         self.running = Gauge("atomq_num_sequences_running", "sequences being generated", registry=r)
         self.kv_usage = Gauge("atomq_kv_cache_usage_ratio", "fraction of the KV cache's blocks in use", registry=r)
@@ -54,6 +57,7 @@ class ServerMetrics:
     def on_finished(self, seq: Any) -> None:
         """A sequence finished (or was aborted): count it; time the ones that ran to the end."""
         self.sequences_finished.labels(seq.finish_reason).inc()
+        self.preemptions.inc(seq.num_preemptions)
         if seq.finish_reason == "abort":
             return
         m = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
