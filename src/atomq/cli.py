@@ -1,4 +1,5 @@
-"""The ``atomq`` command line: quantize | eval ppl | eval zeroshot | generate | serve | inspect | bench kernels.
+"""The ``atomq`` command line: quantize | eval ppl | eval zeroshot | generate | serve | inspect |
+bench kernels | throughput | serving | report.
 
 Quantization flags are derived from the QuantConfig / CalibConfig fields, so defaults live in config.py:
 a flag left unset takes the preset's value.
@@ -220,6 +221,114 @@ def _cmd_bench_kernels(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _workload_from_flags(ns: argparse.Namespace):
+    from .bench.workloads import make_workload
+
+    return make_workload(ns.workload, ns.num_requests, max_len=ns.max_len, seed=ns.seed, input_len=ns.input_len,
+                         output_len=ns.output_len, sharegpt_path=ns.sharegpt_path,
+                         sharegpt_max_prompt=ns.sharegpt_max_prompt or None,
+                         sharegpt_max_total=ns.sharegpt_max_total or None)
+
+
+def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from .bench.memory import GiB, parse_budget
+    from .bench.report import describe_row, render
+    from .bench.results import ResultFile, env_info
+    from .bench.throughput import RunSettings, run_comparison
+
+    workload = _workload_from_flags(ns)
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
+    settings = RunSettings(device, dtype, ns.max_num_batched_tokens, ns.max_model_len, ns.gpu_memory_utilization,
+                           not ns.no_warmup, ns.time_limit, ns.seed or 0)
+    budgets = [parse_budget(b, int(ns.reserve_gb * GiB)) for b in _csv(ns.budgets)]
+    batch_sizes = [int(b) for b in _csv(ns.max_num_seqs)]
+    out = ResultFile(ns.out, "throughput", env_info(device), dataclasses.asdict(settings), workload.summary())
+    print(f"workload: {workload.summary()}", flush=True)
+
+    def on_row(row: dict) -> None:
+        out.add(row)
+        print(describe_row(row), flush=True)
+
+    run_comparison(_csv(ns.models), _csv(ns.configs), budgets, workload, batch_sizes, settings, on_row)
+    print("\n" + render(out.data))
+    print(f"\nresults in {ns.out}")
+    return 0
+
+
+def _cmd_bench_serving(ns: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from .bench.report import describe_row, render
+    from .bench.results import ResultFile, env_info
+    from .bench.serving import ServerProcess, run_serving, serve_command
+
+    if (ns.url is None) == (ns.model is None):
+        raise ValueError("give either --url (a running server) or --model (launch atomq serve)")
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise ValueError("atomq bench serving needs httpx (pip install httpx)") from None
+    workload = _workload_from_flags(ns)
+    rates = [None if r.lower() == "inf" else float(r) for r in _csv(ns.rates)]
+    if ns.model is not None:
+        url = f"http://127.0.0.1:{ns.port}"
+        server = ServerProcess(serve_command(ns.model, ns.port, ns.serve_arg or []), url, ns.startup_timeout,
+                               log_path=os.path.splitext(ns.out)[0] + ".server.log")
+    else:
+        url, server = ns.url, contextlib.nullcontext()
+    settings = {"url": url, "rates": rates, "seed": ns.seed or 0, "vocab_size": ns.vocab_size,
+                "serve_args": ns.serve_arg, "launched_model": ns.model}
+    out = ResultFile(ns.out, "serving", env_info("cpu"), settings, workload.summary())
+    print(f"workload: {workload.summary()}", flush=True)
+
+    def on_row(row: dict) -> None:
+        out.add(row)
+        print(describe_row(row), flush=True)
+
+    with server:
+        run_serving(url, workload, rates, model=ns.served_model, label=ns.label, vocab_size=ns.vocab_size,
+                    seed=ns.seed or 0, api_key=ns.api_key or os.environ.get("ATOMQ_API_KEY"),
+                    timeout_s=ns.request_timeout, on_row=on_row)
+    print("\n" + render(out.data))
+    print(f"\nresults in {ns.out}")
+    return 0
+
+
+def _cmd_bench_report(ns: argparse.Namespace) -> int:
+    from .bench.report import main as report_main
+
+    return report_main(ns.results + (["--plots", ns.plots] if ns.plots else []) + (["--out", ns.out] if ns.out else []))
+
+
+def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("workload (bench/workloads.py)")
+    w.add_argument("--workload", default="synthetic", choices=["synthetic", "sharegpt", "fixed"],
+                   help="synthetic: the Atom paper's lognormal prompts / uniform totals; sharegpt: ShareGPT lengths; "
+                        "fixed: --input-len / --output-len (default synthetic)")
+    w.add_argument("--num-requests", type=int, default=256)
+    w.add_argument("--max-len", type=int, default=2048, help="synthetic: the longest request, prompt + output")
+    w.add_argument("--input-len", type=int, default=512, help="fixed: prompt tokens per request")
+    w.add_argument("--output-len", type=int, default=128, help="fixed: output tokens per request")
+    w.add_argument("--sharegpt-path", default=None, help="the ShareGPT length CSV (default: in the offline data)")
+    w.add_argument("--sharegpt-max-prompt", type=int, default=1024,
+                   help="keep rows with at most this many prompt tokens (0 = no limit; default 1024, vLLM's)")
+    w.add_argument("--sharegpt-max-total", type=int, default=2048,
+                   help="keep rows with prompt + output at most this (0 = no limit; default 2048, vLLM's)")
+    w.add_argument("--seed", type=int, default=None,
+                   help="workload seed (default: the paper's PCG64 seed for synthetic, 0 otherwise); also the "
+                        "prompt ids' seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atomq", description="Atom W4A4 quantization, evaluation and serving")
     sub = p.add_subparsers(dest="command", required=True)
@@ -323,6 +432,57 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--what", default="all", choices=["all", "gemm", "attention"])
     bk.add_argument("--out", default="runs/bench-kernels", help="directory for the JSON results")
     bk.set_defaults(func=_cmd_bench_kernels)
+
+    bt = b.add_parser("throughput", help="offline engine throughput: FP16 / FP8 / W4A16 / Atom, whole device and a "
+                                         "24 GB budget (random weights of real shapes)")
+    bt.add_argument("--models", default="llama-2-7b",
+                    help="comma-separated random-weight shapes: llama-2-7b, llama-2-13b, llama-2-70b, mixtral-8x7b "
+                         "(tiny-llama, tiny-mixtral for tests)")
+    bt.add_argument("--configs", default="fp16,fp8,w4a16,atom", help="comma-separated (default all four)")
+    bt.add_argument("--budgets", default="full,24GB",
+                    help="comma-separated: full (the whole device) and/or <N>GB (weights + KV + reserve <= N GiB)")
+    bt.add_argument("--reserve-gb", type=float, default=2.0,
+                    help="GiB of a capped budget kept for activations, workspaces, CUDA context (default 2)")
+    bt.add_argument("--max-num-seqs", default="256", help="comma-separated sweep of the engine's batch limit")
+    bt.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    bt.add_argument("--max-model-len", type=int, default=None,
+                    help="default: the workload's longest request rounded up to 16")
+    bt.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the device for 'full'")
+    bt.add_argument("--time-limit", type=float, default=None,
+                    help="seconds per run; unfinished requests are then aborted and the row says 'time limit'")
+    bt.add_argument("--no-warmup", action="store_true", help="measure cold engines (kernel compiles included)")
+    bt.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bt.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                    help="model dtype (auto: float16 on CUDA, float32 on CPU)")
+    bt.add_argument("--out", default="runs/bench-throughput/results.json", help="JSON results, rewritten per run")
+    _add_workload_flags(bt)
+    bt.set_defaults(func=_cmd_bench_throughput)
+
+    bs = b.add_parser("serving", help="online serving: Poisson arrivals against the HTTP server, latency percentiles")
+    bs.add_argument("--url", default=None, help="an already running server, e.g. http://127.0.0.1:8000")
+    bs.add_argument("--model", default=None, help="launch 'atomq serve --model MODEL' for the benchmark instead")
+    bs.add_argument("--port", type=int, default=8321, help="port of the launched server")
+    bs.add_argument("--serve-arg", action="append", default=None,
+                    help="extra argument for the launched atomq serve (repeatable), "
+                         "e.g. --serve-arg=--kv-cache-dtype=int4")
+    bs.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server's /health")
+    bs.add_argument("--served-model", default=None, help="model id to send (default: the server's first)")
+    bs.add_argument("--label", default="server", help="the configuration's name in the results (e.g. atom)")
+    bs.add_argument("--api-key", default=None, help="bearer token (default: $ATOMQ_API_KEY)")
+    bs.add_argument("--rates", default="1,2,4,8,inf",
+                    help="comma-separated request rates in requests/s; inf = every request at t=0")
+    bs.add_argument("--vocab-size", type=int, default=256,
+                    help="prompt token ids are drawn from [0, N) (256: valid for every model)")
+    bs.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    bs.add_argument("--out", default="runs/bench-serving/results.json", help="JSON results, rewritten per rate")
+    _add_workload_flags(bs)
+    bs.set_defaults(func=_cmd_bench_serving)
+
+    br = b.add_parser("report", help="markdown tables and plots from bench throughput / serving JSON")
+    br.add_argument("results", nargs="+", help="result JSON files")
+    br.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")
+    br.add_argument("--out", default=None, help="also write the markdown here")
+    br.set_defaults(func=_cmd_bench_report)
     return p
 
 
