@@ -18,6 +18,7 @@ from .auth import BearerAuthMiddleware
 from .engine_loop import AsyncEngine
 from .errors import APIError, InvalidRequest
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
+from .openapi import refine
 from .routes import ServerState, router
 from .serving import ClientDisconnected
 
@@ -45,7 +46,7 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, max_
     app.state.atomq = ServerState(bridge, model_name, engine.max_model_len, engine.tokenizer, chat_template, metrics)
     app.include_router(router)
     _install_error_handlers(app)
-    _drop_422_from_openapi(app)
+    _refine_openapi(app)
     metrics.routes = frozenset([route.path for route in router.routes] + [app.openapi_url, app.docs_url])
     if api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=api_key)
@@ -100,17 +101,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(APIError(f"internal server error: {type(exc).__name__}", status=500, error_type="server_error"))
 
 
-def _drop_422_from_openapi(app: FastAPI) -> None:
-    """Document validation errors as the 400s they are: remove FastAPI's generated 422 responses."""
-
+def _refine_openapi(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            for path in schema.get("paths", {}).values():
-                for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = refine(FastAPI.openapi(app))
         return app.openapi_schema
 
     app.openapi = openapi

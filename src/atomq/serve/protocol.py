@@ -2,8 +2,8 @@
 
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
-known OpenAI fields this server does not implement (logprobs, echo, suffix, penalties, logit_bias, tools)
-are refused with a 400 when set. Extensions beyond OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``,
+known OpenAI fields this server does not implement (logprobs, echo, suffix, penalties, logit_bias, tools,
+response formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``,
 ``stop_token_ids``.
 """
 
@@ -12,14 +12,68 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
+                      StrictStr, Tag, WithJsonSchema, model_serializer, model_validator)
 
 MAX_N = 128  # choices per prompt
 MAX_STOP = 16  # stop strings per request
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
 
 FinishReason = Literal["stop", "length", "abort"]
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (JSON Schema agrees), "2" and true are not."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def Int(**constraints: Any) -> Any:
+    """A JSON integer with constraints (ge, le, ...): not a string, not a bool; 2.0 counts as 2."""
+    return Annotated[StrictInt, Field(**constraints), BeforeValidator(_json_integer)]
+
+
+TokenId = Int(ge=0, le=2**63 - 1)
+
+
+def _str_or_list(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+def _prompt_shape(value: Any) -> str | None:
+    """"str", "list[str]", "list[list]" or "list" (token ids, or anything else in a list)."""
+    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return "list[str]"
+    if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
+        return "list[list]"
+    return _str_or_list(value)
+
+
+def OneOf(what: str, members: dict[str, Any], shape: Any = _str_or_list) -> Any:
+    """A union whose member is picked by ``shape(value)`` (a key of ``members``), so that a mistake is
+    reported against that member only, and a value of no known shape as "must be <what>"."""
+    return Annotated[Union[tuple(Annotated[t, Tag(k)] for k, t in members.items())],
+                     Discriminator(shape, custom_error_type="invalid_shape", custom_error_message=f"must be {what}")]
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return value is allowed
+    if isinstance(value, (int, float)) and isinstance(allowed, (int, float)):
+        return value == allowed
+    return type(value) is type(allowed) and value == allowed
+
+
+def Unsupported(*allowed: Any) -> Any:
+    """The type of an OpenAI field this server does not implement: null, or one of ``allowed`` (the
+    values that mean "off"); anything else is refused as "not supported by this server"."""
+
+    def check(value: Any) -> Any:
+        if value is None or any(_same(value, a) for a in allowed):
+            return value
+        raise ValueError("not supported by this server")
+
+    schema = {"anyOf": [{"type": "null"}, *({"const": a} for a in allowed)], "description": "not supported"}
+    return Annotated[Any, AfterValidator(check), WithJsonSchema(schema)]
 
 
 class _Request(BaseModel):
@@ -36,62 +90,51 @@ class SamplingFields(_Request):
     model: str | None = Field(None, description="the served model's id (default: the one served)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default 1)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1)")
-    n: StrictInt = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    n: Int(ge=1, le=MAX_N) = Field(1, description="choices per prompt")
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = Field(
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    stop: OneOf("a string or a list of strings", {
+        "str": NonEmptyStr, "list": Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)]}) | None = Field(
         None, description="strings that end a choice (not included in its text)")
-    seed: StrictInt | None = Field(None, **INT64, description="choice i samples with seed + i")
-    presence_penalty: float | None = Field(None, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    seed: Int(ge=-(2**63), le=2**63 - 1) | None = Field(None, description="choice i samples with seed + i")
+    presence_penalty: Unsupported(0) = None
+    frequency_penalty: Unsupported(0) = None
+    logit_bias: Unsupported({}) = None
     user: str | None = None
-    top_k: StrictInt = Field(0, ge=0, description="extension: keep the k most likely tokens (0 = off)")
+    top_k: Int(ge=0) = Field(0, description="extension: keep the k most likely tokens (0 = off)")
     ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-sequence token")
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]] | None = Field(
+    stop_token_ids: list[TokenId] | None = Field(
         None, max_length=MAX_STOP, description="extension: token ids that end a choice")
 
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def _refuse_unsupported(self, extra: dict[str, Any]) -> None:
-        """Raise for OpenAI features this server does not implement, when a request sets them."""
-        used = {"presence_penalty": self.presence_penalty not in (None, 0),
-                "frequency_penalty": self.frequency_penalty not in (None, 0),
-                "logit_bias": bool(self.logit_bias), **extra}
-        names = [name for name, on in used.items() if on]
-        if names:
-            raise ValueError(f"not supported by this server: {', '.join(names)}")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-
     @property
     def include_usage(self) -> bool:
         return self.stream_options is None or self.stream_options.include_usage
 
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
-TokenIds = list[StrictInt]
-Prompt = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = OneOf("a string, a list of strings, a list of token ids or a list of token-id lists",
+               {"str": NonEmptyStr, "list[str]": Annotated[list[NonEmptyStr], Field(min_length=1)], "list": TokenIds,
+                "list[list]": Annotated[list[TokenIds], Field(min_length=1)]},
+               _prompt_shape)
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: StrictInt | None = Field(16, ge=1, description="tokens to generate per choice (null: up to the context)")
-    echo: bool = Field(False, description="not supported")
-    logprobs: StrictInt | None = Field(None, description="not supported")
-    suffix: str | None = Field(None, description="not supported")
-    best_of: StrictInt | None = Field(None, description="only equal to n is supported")
-
-    @model_validator(mode="after")
-    def _check(self) -> "CompletionRequest":
-        self._refuse_unsupported({"echo": self.echo, "logprobs": self.logprobs is not None,
-                                  "suffix": bool(self.suffix), "best_of": self.best_of not in (None, self.n)})
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
-            raise ValueError("a token-id prompt must not be empty")
-        return self
+    max_tokens: Int(ge=1) | None = Field(16, description="tokens to generate per choice (null: up to the context)")
+    best_of: Unsupported(1) = None
+    echo: Unsupported(False) = None
+    logprobs: Unsupported() = None
+    suffix: Unsupported("") = None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list each."""
@@ -102,44 +145,36 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(_Request):
-    type: str = Field(description='only "text" parts are supported')
-    text: str | None = None
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: StrictStr
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: OneOf("a string or a list of text parts", {"str": StrictStr, "list": list[TextPart]}) | None = None
     name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        if any(part.type != "text" or part.text is None for part in self.content):
-            raise ValueError("only text content parts are supported")
         return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1, description="tokens per choice (default: up to the context)")
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="the newer name of max_tokens")
-    logprobs: bool | None = Field(None, description="not supported")
-    top_logprobs: StrictInt | None = Field(None, description="not supported")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
-    tool_choice: Any = Field(None, description="not supported")
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+    max_tokens: Int(ge=1) | None = Field(None, description="tokens per choice (default: up to the context)")
+    max_completion_tokens: Int(ge=1) | None = Field(None, description="the newer name of max_tokens")
+    logprobs: Unsupported(False) = None
+    top_logprobs: Unsupported(0) = None
+    tools: Unsupported([]) = None
+    tool_choice: Unsupported("none") = None
+    response_format: Unsupported({"type": "text"}) = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
-        fmt = (self.response_format or {}).get("type", "text")
-        self._refuse_unsupported({"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs is not None,
-                                  "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
-                                  "response_format": fmt != "text"})
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree")
-        for m in self.messages:
-            m.text()
         return self
 
     @property
