@@ -247,8 +247,10 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
     workload = _workload_from_flags(ns)
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
-    settings = RunSettings(device, dtype, ns.max_num_batched_tokens, ns.max_model_len, ns.gpu_memory_utilization,
-                           not ns.no_warmup, ns.time_limit, ns.seed or 0)
+    settings = RunSettings(device=device, dtype=dtype, max_num_batched_tokens=ns.max_num_batched_tokens,
+                           max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
+                           warmup=not ns.no_warmup, time_limit_s=ns.time_limit,
+                           total_time_limit_s=ns.total_time_limit, prompt_seed=ns.seed or 0)
     budgets = [parse_budget(b, int(ns.reserve_gb * GiB)) for b in _csv(ns.budgets)]
     batch_sizes = [int(b) for b in _csv(ns.max_num_seqs)]
     out = ResultFile(ns.out, "throughput", env_info(device), dataclasses.asdict(settings), workload.summary())
@@ -450,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the device for 'full'")
     bt.add_argument("--time-limit", type=float, default=None,
                     help="seconds per run; unfinished requests are then aborted and the row says 'time limit'")
+    bt.add_argument("--total-time-limit", type=float, default=None,
+                    help="seconds for the whole comparison: the run going at the end is cut short, later runs are "
+                         "'skipped' (their rows still written)")
     bt.add_argument("--no-warmup", action="store_true", help="measure cold engines (kernel compiles included)")
     bt.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bt.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],

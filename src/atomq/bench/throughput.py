@@ -14,7 +14,7 @@ Row fields (``run_config``'s dicts, the JSON the report reads; sizes in bytes, t
   model, config, label, budget, cap_bytes, reserve_bytes, workload, num_requests, max_num_seqs,
   max_num_batched_tokens, max_model_len, device, dtype
   status: "ok" | "time limit" (unfinished requests aborted at time_limit_s) | "does not fit" |
-      "out of memory" | "error";  reason: why, for any status but "ok"
+      "out of memory" | "error" | "skipped" (total time limit);  reason: why, for any status but "ok"
   weight_bytes (the weights as they run: measured, or predicted on meta when the model was not built),
   weights_measured (bool), kv_budget_bytes (what the budget leaves for the KV cache),
   kv_budget_tokens (tokens that budget holds), kv_capacity_tokens / kv_cache_bytes (the pool of this run:
@@ -75,8 +75,10 @@ class RunSettings:
     float32 on CPU); max_num_batched_tokens: token budget of one engine step; max_model_len: None = the
     workload's longest request rounded up to a 16-token block; gpu_memory_utilization: share of device
     memory the "full" budget may use; warmup: run ``warm_up`` on each fresh engine before measuring
-    (kernels compiled, CUDA graphs captured: otherwise the first steps of a run pay for it); time_limit_s: abort a run's unfinished requests
-    after this many seconds (None = no limit); prompt_seed: random prompt ids; model_seed: random weights."""
+    (kernels compiled, CUDA graphs captured: otherwise the first steps of a run pay for it); time_limit_s:
+    abort a run's unfinished requests after this many seconds (None = no limit); total_time_limit_s: for
+    run_comparison as a whole: runs cut short at the end, later ones skipped (None = no limit);
+    prompt_seed: random prompt ids; model_seed: random weights."""
 
     device: str = "cuda"
     dtype: torch.dtype | None = None
@@ -85,6 +87,7 @@ class RunSettings:
     gpu_memory_utilization: float = 0.9
     warmup: bool = True
     time_limit_s: float | None = None
+    total_time_limit_s: float | None = None
     prompt_seed: int = 0
     model_seed: int = 0
 
@@ -202,9 +205,11 @@ def warm_up(engine: Any, vocab_size: int, seed: int, prompt_len: int = 16) -> fl
 
 # ------------------------------------------------------------------------------- one model config
 def run_config(shape: str, config: Config, budgets: list[Budget], workload: Workload, batch_sizes: list[int],
-               settings: RunSettings, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+               settings: RunSettings, on_row: Callable[[dict], None] | None = None,
+               stop_at: float | None = None) -> list[dict]:
     """Every (budget, max_num_seqs) run of one model shape in one configuration; returns the rows (and
-    hands each to on_row as soon as it exists, e.g. to save progress)."""
+    hands each to on_row as soon as it exists, e.g. to save progress). stop_at: a time.monotonic() after
+    which no run starts (their rows say "skipped") and a running one is cut short."""
     s, rows = settings, []
     device, dtype = torch.device(s.device), s.model_dtype
     max_len = s.model_len(workload)
@@ -228,11 +233,16 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
     too_big = (f"building the model needs {format_bytes(fp.build_bytes)} ({config.weights} weights, converted at "
                f"load), more than the device's {format_bytes(device_bytes)}") if fp.build_bytes > device_bytes else ""
     lm, build_error, prompts = None, "", None
+    out_of_time = lambda: stop_at is not None and time.monotonic() >= stop_at  # noqa: E731
+    skipped = {"status": "skipped", "reason": "the benchmark's total time limit was reached"}
     for b in budgets:
         # predicted on meta: what cannot fit gets its row before anything is allocated
         plan = plan_memory(b, fp.weight_bytes, fp.kv_bytes_per_token, max_len, device_bytes - fp.weight_bytes)
         if too_big or not plan.fits:
             emit(b, plan, {"status": "does not fit", "reason": too_big or plan.reason})
+            continue
+        if lm is None and out_of_time():
+            emit(b, plan, skipped)
             continue
         if lm is None and not build_error:
             lm, build_error = _build(shape, config, dtype, device, s.model_seed)
@@ -247,7 +257,14 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
             emit(b, plan, {"status": "does not fit", "reason": plan.reason}, measured=True)
             continue
         for n in batch_sizes:
-            fields = _run_one(lm, config, plan, n, max_len, workload, prompts, fp.vocab_size, s, b)
+            if out_of_time():
+                emit(b, plan, skipped, n, measured=True)
+                continue
+            limit = s.time_limit_s
+            if stop_at is not None:
+                left = stop_at - time.monotonic()
+                limit = left if limit is None else min(limit, left)
+            fields = _run_one(lm, config, plan, n, max_len, workload, prompts, fp.vocab_size, s, b, limit)
             emit(b, plan, fields, n, measured=True)
     del lm
     _free(device)
@@ -275,7 +292,8 @@ def _available_bytes(device: torch.device, utilization: float) -> int:
 
 
 def _run_one(lm: Any, config: Config, plan: MemoryPlan, max_num_seqs: int, max_len: int, workload: Workload,
-             prompts: list[list[int]], vocab_size: int, s: RunSettings, budget: Budget) -> dict:
+             prompts: list[list[int]], vocab_size: int, s: RunSettings, budget: Budget,
+             time_limit_s: float | None) -> dict:
     """Build an engine over lm, warm it up, measure; failures become a row status instead of an exception."""
     from ..engine.llm import LLM
 
@@ -291,7 +309,7 @@ def _run_one(lm: Any, config: Config, plan: MemoryPlan, max_num_seqs: int, max_l
         build_s = time.perf_counter() - t0
         eng = llm.engine
         warmup_s = warm_up(eng, vocab_size, s.prompt_seed + 1) if s.warmup else 0.0
-        fields = measure(eng, workload, prompts, s.time_limit_s)
+        fields = measure(eng, workload, prompts, time_limit_s)
         peak, kind = peak_memory(device)
         within = peak <= budget.cap_bytes if device.type == "cuda" and budget.cap_bytes is not None else None
         fields.update(kv_capacity_tokens=eng.kv_pool.num_tokens, kv_cache_bytes=eng.kv_pool.nbytes(),
@@ -332,8 +350,9 @@ def run_comparison(shapes: list[str], configs: list[str], budgets: list[Budget],
         raise ValueError(f"unknown model shape(s) {unknown}; choose from {sorted(SHAPES)}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"max_num_seqs values must be >= 1, got {batch_sizes}")
+    stop_at = None if settings.total_time_limit_s is None else time.monotonic() + settings.total_time_limit_s
     rows = []
     for shape in shapes:
         for name in configs:
-            rows += run_config(shape, CONFIGS[name], budgets, workload, batch_sizes, settings, on_row)
+            rows += run_config(shape, CONFIGS[name], budgets, workload, batch_sizes, settings, on_row, stop_at)
     return rows
