@@ -78,6 +78,23 @@ def silu_mul_quantize(gate_up: torch.Tensor, split: Split, bits: int = 4, clip: 
     return quantize_act(h, None, split, bits, clip)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [M, 2 * I] (gate first, then up) -> SiLU(gate) * up [M, I], fp32 math, gate_up's dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, D] in place by RoPE (rotate-half convention); cos, sin fp32 [T, D]. Returns x.
+
+    x is usually the q and k heads of a merged q/k/v output, viewed together (last dim contiguous)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    x.copy_(xf * cos[:, None, :] + rot * sin[:, None, :])
+    return x
+
+
 # --------------------------------------------------------------------------------------------------
 # W4A4 GEMM
 # --------------------------------------------------------------------------------------------------

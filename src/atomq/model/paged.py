@@ -1,7 +1,11 @@
 """The serving forward: a flat batch of new tokens of many sequences over a paged KV cache.
 
-It reuses the modules of ``llama.CausalLM`` (embedding, norms, quantized ``Linear``s, MoE, lm_head) and
-its RoPE, and changes only attention: each layer first stores the new tokens' K/V into their pages
+It reuses the modules and weights of ``llama.CausalLM`` with the same numerics, but is written for speed
+at small batches: the residual stream is carried separately so that each residual add is fused into the
+next RMSNorm, RoPE rotates q and k in place, SiLU * up is one op, and with Atom kernels the norm, the
+reorder gather and the activation quantization are one kernel (as are SiLU * up and down's quantization);
+``kv_pool.ops`` supplies these ops as Triton kernels or their ref.py twins. Attention: each layer first
+stores the new tokens' K/V into their pages
 (quantizing them when the cache is INT4 / FP8), then attends entirely from the pages, so a new token sees
 exactly the K/V later steps will see (docs/KERNELS.md, "store first"). With an INT4 cache this is the
 numerics of the full-sequence forward built with ``kv_bits=4`` (fake-quantized K after RoPE and V);
@@ -17,9 +21,10 @@ from typing import Any
 import torch
 
 from ..kernels import ref
-from .args import apply_rope, default_sm_scale, rope_cos_sin
-from .layers import shared_forward
+from .args import default_sm_scale, rope_cos_sin
+from .layers import Linear, RMSNorm
 from .llama import Attention, CausalLM
+from .methods import AtomKernel
 
 
 @dataclass
@@ -60,29 +65,68 @@ class StepBatch:
         return self.cached_lens.shape[0]
 
 
-def _paged_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     batch: StepBatch, cache: Any, ops: Any) -> torch.Tensor:
-    """x [T, hidden] (normed, reordered) -> [T, hidden]; writes the new K/V into ``cache`` first."""
+def _group(lins: list[Linear], operand: Any) -> list[torch.Tensor]:
+    """The outputs [T, N_i] of linears that share one prepared input (one GEMM when merged)."""
+    first = lins[0]
+    if first.kernel is not None and len(first.kernel_outputs) == len(lins) > 1:
+        return list(first.matmul(operand).split(first.kernel_outputs, dim=-1))
+    return [lin.matmul(operand) for lin in lins]
+
+
+def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, residual: torch.Tensor | None,
+                       ops: Any) -> tuple[Any, torch.Tensor]:
+    """Residual add + RMSNorm (+ reorder gather), then the input preparation of the linears that read it
+    (``first`` of them; None = return the normed activations). Atom kernels do it all in one pass.
+    Returns (prepared input, new residual)."""
+    index = getattr(norm, "reorder_index", None)
+    if first is not None and isinstance(first.kernel, AtomKernel):
+        from ..kernels.quantize import rmsnorm_quantize
+
+        k = first.kernel
+        return rmsnorm_quantize(x, residual, norm.weight, norm.eps, index, k.split, 4, k.a_clip, out="int8")
+    y, residual = ops.rmsnorm(x, norm.weight, norm.eps, residual)
+    if index is not None:
+        y = y.index_select(-1, index.long())
+    return (y if first is None else first.prepare_input(y)), residual
+
+
+def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch,
+                     cache: Any, ops: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Prepared q/k/v input of T tokens -> attention output [T, hidden] in ``dtype``; writes the new K/V
+    into ``cache`` first."""
     if attn.kv_pre_rope and attn.kv_bits is not None:
         raise ValueError("the paged cache stores keys after RoPE; a kv_pre_rope model cannot be served")
-    t = x.shape[0]
-    q, k, v = shared_forward(x, attn.q_proj, attn.k_proj, attn.v_proj)
-    q = q.view(1, t, attn.n_heads, attn.head_dim)  # [1, T, Hq, D] (apply_rope's layout)
-    k = k.view(1, t, attn.n_kv_heads, attn.head_dim)
-    v = v.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
-    q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]  # [T, H, D]
+    q, k, v = _group([attn.q_proj, attn.k_proj, attn.v_proj], operand)  # [T, N] each (views when merged)
+    t = q.shape[0]
+    q = ops.rope_(q.view(t, attn.n_heads, attn.head_dim), cos, sin)  # [T, Hq, D], in place
+    k = ops.rope_(k.view(t, attn.n_kv_heads, attn.head_dim), cos, sin)  # [T, Hkv, D]
+    v = v.view(t, attn.n_kv_heads, attn.head_dim)
     if attn.kv_hadamard is not None:
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
-    ops.store(cache, k.contiguous(), v.contiguous(), batch.slot_mapping)
+    ops.store(cache, k, v, batch.slot_mapping)
     sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
         q = q.half()  # the kernels take fp16 / bf16 queries
-    q = q.contiguous()
     if batch.is_decode:
         o = ops.decode(q, cache, batch.block_tables, batch.context_lens, sm_scale)
     else:
         o = ops.prefill(q, cache, batch.cu_seqlens_q, batch.cached_lens, batch.block_tables, sm_scale)
-    return attn.o_proj(o.to(x.dtype).reshape(t, attn.n_heads * attn.head_dim))
+    return attn.o_proj(o.to(dtype).reshape(t, attn.n_heads * attn.head_dim))
+
+
+def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
+    """Prepared gate/up input -> MLP output [T, hidden]; Atom: SiLU * up fused with down's quantization."""
+    gate, up, down = (getattr(mlp, n) for n in mlp.names)
+    if gate.kernel is not None and len(gate.kernel_outputs) == 2:
+        gate_up = gate.matmul(operand)  # [T, 2I] = gate | up, one GEMM
+    else:
+        gate_up = torch.cat([gate.matmul(operand), up.matmul(operand)], dim=-1)
+    if isinstance(down.kernel, AtomKernel):
+        from ..kernels.quantize import silu_mul_quantize
+
+        k = down.kernel
+        return down.matmul(silu_mul_quantize(gate_up, k.split, 4, k.a_clip, out="int8"))
+    return down.matmul(down.prepare_input(ops.silu_mul(gate_up)))
 
 
 @torch.no_grad()
@@ -93,12 +137,21 @@ def forward_paged(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tens
     (engine.kv_pool.PagedOps: store / decode / prefill). Returns logits [L, vocab] in the model dtype
     for the rows ``batch.logits_indices``.
     """
-    m = model.model
+    m, ops = model.model, kv_pool.ops
     cos, sin = rope_cos_sin(model.inv_freq, model.rope_scaling, batch.positions)  # [T, D] each
-    x = m.embed_tokens(batch.token_ids)  # [T, hidden]
+    x = m.embed_tokens(batch.token_ids)  # [T, hidden]: the last sublayer's output; residual = the stream
+    residual = None
     for layer, cache in zip(m.layers, kv_pool.caches):
-        x = x + _paged_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, batch, cache, kv_pool.ops)
-        ffn = layer.block_sparse_moe if hasattr(layer, "block_sparse_moe") else layer.mlp
-        x = x + ffn(layer.post_attention_layernorm(x))
-    h = m.norm(x.index_select(0, batch.logits_indices))  # [L, hidden]
-    return model.lm_head(h)
+        attn = layer.self_attn
+        a, residual = _norm_then_prepare(layer.input_layernorm, attn.q_proj, x, residual, ops)
+        x = _paged_attention(attn, a, cos, sin, batch, cache, ops, residual.dtype)
+        if hasattr(layer, "block_sparse_moe"):
+            h, residual = _norm_then_prepare(layer.post_attention_layernorm, None, x, residual, ops)
+            x = layer.block_sparse_moe(h)
+        else:
+            a, residual = _norm_then_prepare(layer.post_attention_layernorm, getattr(layer.mlp, layer.mlp.names[0]),
+                                             x, residual, ops)
+            x = _mlp(layer.mlp, a, ops)
+    rows = batch.logits_indices
+    h, _ = ops.rmsnorm(x.index_select(0, rows), m.norm.weight, m.norm.eps, residual.index_select(0, rows))
+    return model.lm_head(h)  # [L, vocab]
