@@ -24,12 +24,14 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     fields); chat_template is a path to a Jinja file."""
     try:
         import uvicorn
-    except ImportError:
-        raise ValueError("atomq serve needs the serve extras: pip install 'atomq[serve]'") from None
+
+        from .app import create_app
+    except ImportError as exc:
+        raise ValueError(f"atomq serve needs the serve extras ({exc.name} is missing): "
+                         f"pip install 'atomq[serve]'") from None
     import torch
 
     from ..engine.llm import LLM
-    from .app import create_app
 
     if threads:
         torch.set_num_threads(threads)
