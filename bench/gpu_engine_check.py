@@ -11,7 +11,10 @@ JSON to --out; a short table is printed last.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -90,7 +93,8 @@ def _replay_ms(engine, bsz: int, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, bandwidth: float) -> dict:
+def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, bandwidth: float,
+               profile: bool = False) -> dict:
     """Decode ``steps`` tokens for ``bsz`` requests; per-step wall times of engine.step() after the prefill."""
     fmt, method, kv = CONFIGS[config]
     t0 = time.perf_counter()
@@ -108,10 +112,18 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running + list(eng.scheduler.waiting)):
         eng.step()  # prefill
     walls = []
+    prof = cProfile.Profile() if profile else None
     while eng.has_unfinished():
         t = time.perf_counter()
-        eng.step()
+        if prof is not None and 10 <= len(walls) < 30:
+            prof.runcall(eng.step)
+        else:
+            eng.step()
         walls.append((time.perf_counter() - t) * 1e3)
+    if prof is not None:  # where the host time of 20 decode steps goes
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+        print(out.getvalue()[-3500:], flush=True)
     walls = walls[:-1] or walls  # the last step also frees everything
     step_ms = statistics.median(walls)
     replay_ms = _replay_ms(eng, bsz)
@@ -137,6 +149,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ns = ap.parse_args()
     info = env_info()
     print(info, flush=True)
@@ -149,7 +162,7 @@ def main() -> int:
     for config in ns.configs.split(","):
         for bsz in (int(b) for b in ns.batches.split(",")):
             try:
-                rows.append(decode_run(ns.shape, config, bsz, 128, ns.steps, bw))
+                rows.append(decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64))
             except Exception as e:  # one failing configuration is reported, the others still run
                 report(f"decode {config} batch {bsz}", False, f"{type(e).__name__}: {str(e)[:300]}")
                 torch.cuda.empty_cache()

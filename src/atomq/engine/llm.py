@@ -205,7 +205,7 @@ class LLMEngine:
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 if seq.logits is not None:
-                    seq.logits.append(logits[i].clone())
+                    seq.logits.append(logits[i].to(torch.float32, copy=True))
                 reason = self._check_stop(seq, tok)
                 if reason is not None:
                     self.scheduler.finish(seq, reason)

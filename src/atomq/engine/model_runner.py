@@ -42,20 +42,22 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
         if start + n == seq.num_tokens:
             logit_rows.append(cu[-1] - 1)
     width = max(len(s.block_table) for s in seqs)
-    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]  # [B, max_blocks]
-
-    def i32(x):
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
+    tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]  # [B * max_blocks]
+    # two host-to-device copies per step (int64 and int32 fields), sliced on the device
+    t, b = len(tokens), len(seqs)
+    wide = torch.tensor(tokens + positions + logit_rows, dtype=torch.int64).to(device, non_blocking=True)
+    narrow = torch.tensor(slots + cached + context + cu + tables, dtype=torch.int32).to(device, non_blocking=True)
+    cuts = [t, b, b, b + 1]
+    slot_mapping, cached_lens, context_lens, cu_seqlens, flat_tables = narrow.split(cuts + [b * width])
     return StepBatch(
-        token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        slot_mapping=i32(slots),
-        block_tables=i32(tables),
-        cached_lens=i32(cached),
-        context_lens=i32(context),
-        cu_seqlens_q=i32(cu),
-        logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=device),
+        token_ids=wide[:t],
+        positions=wide[t:2 * t],
+        slot_mapping=slot_mapping,
+        block_tables=flat_tables.view(b, width),
+        cached_lens=cached_lens,
+        context_lens=context_lens,
+        cu_seqlens_q=cu_seqlens,
+        logits_indices=wide[2 * t:],
         max_q_len=max(num_new_tokens),
         is_decode=all(n == 1 for n in num_new_tokens),
     )
@@ -139,11 +141,11 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, kv_pool, max_num_seqs, max_model_len) if use else None
 
     def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor]:
-        """Compute one step. Returns (sequences that get a next token, their logits fp32 [L, vocab])."""
+        """Compute one step. Returns (sequences that get a next token, their logits [L, vocab], model dtype)."""
         batch = build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device)
         wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         if self.graphs is not None and batch.is_decode and self.graphs.bucket(batch.num_seqs) is not None:
             logits = self.graphs.run(batch)
         else:
             logits = forward_paged(self.model, batch, self.kv_pool)
-        return wanting, logits.float()
+        return wanting, logits
