@@ -27,6 +27,11 @@ def _pct(summary: dict | None, scale: float = 1.0, fmt: str = ".3f") -> str:
     return f"{summary['p50'] * scale:{fmt}} / {summary['p99'] * scale:{fmt}}"
 
 
+def _rate(rate: float | None) -> str:
+    """A request rate in req/s; None (every request at t=0) reads 'inf', as on the command line."""
+    return "inf" if rate is None else f"{rate:g}"
+
+
 def _gb(n) -> str:
     return "-" if n is None else f"{n / 1e9:.2f}"
 
@@ -41,7 +46,7 @@ def describe_row(r: dict) -> str:
     if "budget" in r:
         head += f" budget {r['budget']}" + (f" max seqs {r['max_num_seqs']}" if r.get("max_num_seqs") else "")
     if "request_rate" in r:
-        head += f" at {r['request_rate']:g} req/s"
+        head += f" at {_rate(r['request_rate'])} req/s"
     if r.get("output_tok_s") is None:
         return f"{head}: {r.get('reason', '')}"
     tail = f", max batch {r['max_running']}" if "max_running" in r else ""
@@ -72,11 +77,11 @@ def serving_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         lines.append(" | ".join([
-            f"| {r.get('model', '-')}", r.get("config", "-"), _num(r.get("request_rate"), "g"), r["status"],
+            f"| {r.get('model', '-')}", r.get("config", "-"), _rate(r.get("request_rate")), r["status"],
             f"{r.get('completed', 0)} / {r.get('num_requests', 0)}", _num(r.get("duration_s"), ".1f"),
             _num(r.get("output_tok_s")), _pct(r.get("ttft_s")), _pct(r.get("tpot_s"), 1e3, ".1f"),
             _pct(r.get("e2e_s"), 1.0, ".2f") + " |"]))
-    notes = _notes(rows, lambda r: f"{r.get('config', '-')} at {r.get('request_rate')} req/s")
+    notes = _notes(rows, lambda r: f"{r.get('config', '-')} at {_rate(r.get('request_rate'))} req/s")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
