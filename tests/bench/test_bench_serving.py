@@ -84,3 +84,23 @@ def test_command_line(fake_server, tmp_path, capsys):
     assert data["kind"] == "serving" and [r["request_rate"] for r in data["rows"]] == [None, 100.0]
     assert "| fake-model | fp16 | inf | ok | 3 / 3 |" in capsys.readouterr().out
     assert main(["bench", "serving", "--out", str(out)]) == 2  # neither --url nor --model
+
+
+@pytest.mark.slow
+def test_against_atomq_serve(tiny_model, tmp_path):
+    """The whole path: ``atomq serve`` launched as a subprocess over a tiny model, the client's rows."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from atomq.bench.serving import serve_command
+
+    port = free_port()
+    cmd = serve_command(str(tiny_model("llama")), port, ["--device", "cpu", "--kv-cache-bytes", str(1 << 22),
+                                                         "--max-model-len", "128", "--threads", "1"])
+    url = f"http://127.0.0.1:{port}"
+    w = fixed(4, 6, 5)
+    with ServerProcess(cmd, url, 120, str(tmp_path / "server.log")):
+        rows = run_serving(url, w, [None, 20.0], label="fp32", vocab_size=256)
+    for r in rows:
+        assert (r["status"], r["completed"]) == ("ok", 4), r["reason"]
+        assert r["output_tokens"] == w.num_output_tokens and r["prompt_tokens"] == w.num_prompt_tokens
+        assert r["ttft_s"]["p50"] <= r["e2e_s"]["p50"] and r["tpot_s"]["p50"] > 0
