@@ -1,6 +1,6 @@
 """Bounded load: 64 concurrent streaming clients for a fixed time, over a KV pool too small for all of
-them (requests wait, running ones get preempted and recomputed). Zero errors, greedy outputs identical to offline generation, and
-every KV block free at the end."""
+them (requests wait, running ones get preempted and recomputed). Zero errors, greedy outputs identical
+to offline generation, and every KV block free at the end."""
 
 from __future__ import annotations
 

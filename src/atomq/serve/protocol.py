@@ -3,11 +3,11 @@
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
 known OpenAI fields this server does not implement (logprobs, echo, suffix, penalties, logit_bias, tools,
-response formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``,
-``stop_token_ids``.
-"""
+response formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions
+beyond OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``.
 
-from __future__ import annotations
+(No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
+"""
 
 import time
 from typing import Annotated, Any, Literal, Union
@@ -76,6 +76,12 @@ def Unsupported(*allowed: Any) -> Any:
     return Annotated[Any, AfterValidator(check), WithJsonSchema(schema)]
 
 
+Stop = OneOf("a string or a list of strings",
+             {"str": NonEmptyStr, "list": Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)]})
+# "off" values of OpenAI fields this server does not implement, as types (see Unsupported)
+NoSuffix, NoToolChoice, TextFormat = Unsupported(""), Unsupported("none"), Unsupported({"type": "text"})
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -93,8 +99,7 @@ class SamplingFields(_Request):
     n: Int(ge=1, le=MAX_N) = Field(1, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
-    stop: OneOf("a string or a list of strings", {
-        "str": NonEmptyStr, "list": Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)]}) | None = Field(
+    stop: Stop | None = Field(
         None, description="strings that end a choice (not included in its text)")
     seed: Int(ge=-(2**63), le=2**63 - 1) | None = Field(None, description="choice i samples with seed + i")
     presence_penalty: Unsupported(0) = None
@@ -134,7 +139,7 @@ class CompletionRequest(SamplingFields):
     best_of: Unsupported(1) = None
     echo: Unsupported(False) = None
     logprobs: Unsupported() = None
-    suffix: Unsupported("") = None
+    suffix: NoSuffix = None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list each."""
@@ -149,9 +154,12 @@ class TextPart(_Request):
     text: StrictStr
 
 
+MessageContent = OneOf("a string or a list of text parts", {"str": StrictStr, "list": list[TextPart]})
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: OneOf("a string or a list of text parts", {"str": StrictStr, "list": list[TextPart]}) | None = None
+    content: MessageContent | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -167,8 +175,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Unsupported(False) = None
     top_logprobs: Unsupported(0) = None
     tools: Unsupported([]) = None
-    tool_choice: Unsupported("none") = None
-    response_format: Unsupported({"type": "text"}) = None
+    tool_choice: NoToolChoice = None
+    response_format: TextFormat = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":

@@ -1,18 +1,17 @@
 """The endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from .engine_loop import AsyncEngine, Delta, RequestHandle
-from .errors import ModelNotFound, NotFound, ServiceUnavailable
+from .engine_loop import AsyncEngine, GenerationRequest, RequestHandle
+from .errors import ModelNotFound, ServiceUnavailable
 from .metrics import ServerMetrics
-from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
-                       ErrorResponse, Health, ModelCard, ModelList, SamplingFields, unix_now)
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, Health, ModelCard, ModelList, SamplingFields)
+from .responses import ChatFormat, CompletionFormat
 from .serving import chat_request, collect, completion_request, stream, usage_of
 
 
@@ -71,22 +70,21 @@ async def list_models(request: Request) -> Response:
     return _json(ModelList(data=[_card(_state(request))]))
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
-async def get_model(model: str, request: Request) -> Response:
-    s = _state(request)
-    if model != s.model_name:
-        raise NotFound(f"the model '{model}' does not exist; this server serves '{s.model_name}'", param="model",
-                       code="model_not_found")
-    return _json(_card(s))
-
-
-def _check_model(s: ServerState, req: SamplingFields) -> None:
-    if req.model is not None and req.model != s.model_name:
-        raise ModelNotFound(f"the model '{req.model}' does not exist; this server serves '{s.model_name}'",
+def _check_model(s: ServerState, model: str | None) -> None:
+    """A request may leave the model out; naming another one is a 404."""
+    if model is not None and model != s.model_name:
+        raise ModelNotFound(f"the model '{model}' does not exist; this server serves '{s.model_name}'",
                             param="model")
 
 
-async def _admit(s: ServerState, gen: Any, request_id: str) -> RequestHandle:
+@router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
+async def get_model(model: str, request: Request) -> Response:
+    s = _state(request)
+    _check_model(s, model)
+    return _json(_card(s))
+
+
+async def _admit(s: ServerState, gen: GenerationRequest, request_id: str) -> RequestHandle:
     handle = s.bridge.submit(gen, request_id)
     try:
         await handle.admitted()
@@ -96,49 +94,28 @@ async def _admit(s: ServerState, gen: Any, request_id: str) -> RequestHandle:
     return handle
 
 
+async def _generate(request: Request, body: SamplingFields, gen: GenerationRequest,
+                    fmt: CompletionFormat) -> Response:
+    """Run one generation request and answer it whole, or as server-sent events."""
+    handle = await _admit(_state(request), gen, fmt.id)
+    if body.stream:
+        events = stream(handle, fmt, body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    choices = await collect(handle, request.receive)
+    return _json(fmt.whole(choices, usage_of(handle, choices)))
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, **_SSE})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     s = _state(request)
-    _check_model(s, body)
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    handle = await _admit(s, completion_request(body), rid)
-    created = unix_now()
-
-    def response(choices: list[CompletionChoice], usage: Any = None) -> CompletionResponse:
-        return CompletionResponse(id=rid, created=created, model=s.model_name, choices=choices, usage=usage)
-
-    if body.stream:
-        def chunk(deltas: list[Delta]) -> CompletionResponse:
-            return response([CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
-                             for d in deltas])
-
-        usage_chunk = (lambda usage: response([], usage)) if body.include_usage else None
-        return StreamingResponse(stream(handle, chunk, usage_chunk), media_type="text/event-stream")
-    results = await collect(handle, request.receive)
-    choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(results)]
-    return _json(response(choices, usage_of(handle, results)))
+    _check_model(s, body.model)
+    gen = completion_request(body)
+    return await _generate(request, body, gen, CompletionFormat(s.model_name, gen.num_sequences))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **_SSE})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     s = _state(request)
-    _check_model(s, body)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    handle = await _admit(s, chat_request(body, s.tokenizer, s.chat_template), rid)
-    created = unix_now()
-
-    if body.stream:
-        def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, created=created, model=s.model_name, choices=choices, usage=usage)
-
-        first = chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                       for i in range(body.n)])
-        deltas_chunk = lambda deltas: chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),  # noqa: E731
-                                                             finish_reason=d.finish_reason) for d in deltas])
-        usage_chunk = (lambda usage: chunk([], usage)) if body.include_usage else None
-        return StreamingResponse(stream(handle, deltas_chunk, usage_chunk, first), media_type="text/event-stream")
-    results = await collect(handle, request.receive)
-    choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-               for i, c in enumerate(results)]
-    return _json(ChatCompletionResponse(id=rid, created=created, model=s.model_name, choices=choices,
-                                        usage=usage_of(handle, results)))
+    _check_model(s, body.model)
+    gen = chat_request(body, s.tokenizer, s.chat_template)
+    return await _generate(request, body, gen, ChatFormat(s.model_name, gen.num_sequences))

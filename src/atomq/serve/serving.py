@@ -18,6 +18,7 @@ from ..engine.sequence import SamplingParams
 from .engine_loop import Delta, GenerationRequest, RequestHandle
 from .errors import APIError, InvalidRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
+from .responses import CompletionFormat
 
 
 class ClientDisconnected(Exception):
@@ -115,21 +116,22 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-async def stream(handle: RequestHandle, chunk: Callable[[list[Delta]], BaseModel],
-                 usage_chunk: Callable[[Usage], BaseModel] | None, first: BaseModel | None = None) -> AsyncIterator[str]:
-    """Server-sent events: ``first`` (if any), one chunk per engine step, a usage chunk (if wanted), then
-    ``[DONE]``. A failure mid-stream is sent as an error event. When the client disconnects the stream
-    is cancelled, and ``finally`` aborts the request, which frees its KV blocks."""
+async def stream(handle: RequestHandle, fmt: CompletionFormat, include_usage: bool = True) -> AsyncIterator[str]:
+    """Server-sent events: ``fmt.first()`` (if any), one chunk per engine step, a usage chunk (if
+    wanted), then ``[DONE]``. A failure mid-stream is sent as an
+    error event. When the client disconnects the stream is cancelled and ``finally`` aborts the request,
+    which frees its KV blocks."""
     choices = [ChoiceResult() for _ in range(handle.request.num_sequences)]
     try:
+        first = fmt.first()
         if first is not None:
             yield sse(first)
         async for deltas in handle:
             for d in deltas:
                 choices[d.index].add(d)
-            yield sse(chunk(deltas))
-        if usage_chunk is not None:
-            yield sse(usage_chunk(usage_of(handle, choices)))
+            yield sse(fmt.chunk(deltas))
+        if include_usage:
+            yield sse(fmt.usage_chunk(usage_of(handle, choices)))
     except APIError as exc:
         yield sse(exc.body())
     finally:

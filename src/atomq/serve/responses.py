@@ -1,0 +1,67 @@
+"""Response bodies of one request, whole or streamed, for each endpoint.
+
+A format knows the request's id, creation time and model and turns the bridge's output into OpenAI
+objects: ``first()`` (the chunk that opens a stream, if any), ``chunk(deltas)``, ``usage_chunk(usage)``
+(the last chunk of a stream) and ``whole(choices, usage)`` (the non-streamed answer).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel
+
+from .engine_loop import Delta
+from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+                       CompletionChoice, CompletionResponse, DeltaMessage, Usage, unix_now)
+
+
+class CompletionFormat:
+    prefix = "cmpl"
+
+    def __init__(self, model: str, num_choices: int):
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created, self.model, self.num_choices = unix_now(), model, num_choices
+
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def first(self) -> BaseModel | None:
+        return None
+
+    def chunk(self, deltas: list[Delta]) -> BaseModel:
+        return self._body([CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
+                           for d in deltas])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._body([], usage)
+
+    def whole(self, choices: list[Any], usage: Usage) -> BaseModel:
+        return self._body([CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
+                           for i, c in enumerate(choices)], usage)
+
+
+class ChatFormat(CompletionFormat):
+    prefix = "chatcmpl"
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def first(self) -> BaseModel:
+        """The assistant's role for every choice, as OpenAI opens a chat stream."""
+        return self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                            for i in range(self.num_choices)])
+
+    def chunk(self, deltas: list[Delta]) -> BaseModel:
+        return self._chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
+                                            finish_reason=d.finish_reason) for d in deltas])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage)
+
+    def whole(self, choices: list[Any], usage: Usage) -> BaseModel:
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, usage=usage,
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                     for i, c in enumerate(choices)])
