@@ -93,8 +93,34 @@ def _replay_ms(engine, bsz: int, reps: int = 30) -> float:
     return statistics.median(times)
 
 
+def _kernel_profile(eng, prompts, config: str, bsz: int) -> None:
+    """GPU time per kernel name over 5 eager decode steps (graphs off: each kernel shows), a short table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(p, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running + list(eng.scheduler.waiting)):
+        eng.step()
+    graphs, eng.runner.graphs = eng.runner.graphs, None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.step()
+    eng.runner.graphs = graphs
+    while eng.has_unfinished():
+        eng.step()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            totals.setdefault(ev.name[:60], []).append(ev.device_time / 1e3)
+    rows = sorted(((sum(v) / 5, len(v) // 5, k) for k, v in totals.items()), reverse=True)
+    print(f"kernels per decode step, {config} batch {bsz}: total {sum(r[0] for r in rows):.3f} ms", flush=True)
+    for ms, n, name in rows[:14]:
+        print(f"  {ms:7.3f} ms  x{n:<4d} {name}", flush=True)
+
+
 def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, bandwidth: float,
-               profile: bool = False) -> dict:
+               profile: bool = False, kernel_profile: bool = False) -> dict:
     """Decode ``steps`` tokens for ``bsz`` requests; per-step wall times of engine.step() after the prefill."""
     fmt, method, kv = CONFIGS[config]
     t0 = time.perf_counter()
@@ -125,6 +151,8 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
         print(out.getvalue()[-3500:], flush=True)
     walls = walls[:-1] or walls  # the last step also frees everything
+    if kernel_profile:
+        _kernel_profile(eng, prompts, config, bsz)
     step_ms = statistics.median(walls)
     replay_ms = _replay_ms(eng, bsz)
     nb = weight_nbytes(lm.model)
@@ -150,6 +178,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
+    ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ns = ap.parse_args()
     info = env_info()
     print(info, flush=True)
@@ -162,7 +191,8 @@ def main() -> int:
     for config in ns.configs.split(","):
         for bsz in (int(b) for b in ns.batches.split(",")):
             try:
-                rows.append(decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64))
+                rows.append(decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64,
+                                       ns.kernel_profile))
             except Exception as e:  # one failing configuration is reported, the others still run
                 report(f"decode {config} batch {bsz}", False, f"{type(e).__name__}: {str(e)[:300]}")
                 torch.cuda.empty_cache()
