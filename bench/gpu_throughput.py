@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
 
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print(f"defaults: {' '.join(DEFAULTS)} --models llama-2-7b --out runs/bench-throughput/<models>.json\n")
+        print(f"defaults: {' '.join(DEFAULTS)} --models llama-2-7b\n"
+              "--out runs/bench-throughput/<models>_<configs>_<budgets>_seqs<max-num-seqs>_<workload>.json\n")
         return cli_main(["bench", "throughput", "--help"])
     import torch
 
@@ -32,11 +33,13 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     pre = argparse.ArgumentParser(add_help=False)
+    for flag, value in zip(DEFAULTS[::2], DEFAULTS[1::2]):
+        pre.add_argument(flag, default=value)
     pre.add_argument("--models", default="llama-2-7b")
-    pre.add_argument("--workload", default="synthetic")
     ns, _ = pre.parse_known_args(argv)
-    out = f"runs/bench-throughput/{ns.models.replace(',', '+')}-{ns.workload}.json"
-    return cli_main(["bench", "throughput", *DEFAULTS, "--models", ns.models, "--out", out, *argv])
+    name = "_".join([ns.models, ns.configs, ns.budgets, f"seqs{ns.max_num_seqs}", ns.workload]).replace(",", "+")
+    return cli_main(["bench", "throughput", *DEFAULTS, "--models", ns.models,
+                     "--out", f"runs/bench-throughput/{name}.json", *argv])
 
 
 if __name__ == "__main__":

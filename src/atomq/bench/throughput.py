@@ -232,8 +232,12 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
 
     fp = footprint(shape, config, dtype)
     device_bytes = int(device_memory_bytes(device) * s.gpu_memory_utilization)
-    too_big = (f"building the model needs {format_bytes(fp.build_bytes)} ({config.weights} weights, converted at "
-               f"load), more than the device's {format_bytes(device_bytes)}") if fp.build_bytes > device_bytes else ""
+    too_big = ""
+    if fp.build_bytes > device_bytes:
+        method = config.linear_method
+        converted = f", built before their conversion to {method}" if method != "auto" else ""
+        too_big = (f"the {config.weights} weights take {format_bytes(fp.build_bytes)}{converted}: more than the "
+                   f"device's {format_bytes(device_bytes)}")
     lm, build_error, prompts = None, "", None
     out_of_time = lambda: stop_at is not None and time.monotonic() >= stop_at  # noqa: E731
     skipped = {"status": "skipped", "reason": "the benchmark's total time limit was reached"}
