@@ -68,6 +68,13 @@ def test_streamed_completion_equals_offline_generation(client, offline):
     assert usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in want)
 
 
+def test_a_tiny_temperature_samples_greedily(client, offline):
+    """1e-300 would overflow the logits to inf; below 1e-5 the server samples greedily."""
+    want = offline(PROMPTS[:1], 8)[0]
+    res = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=1e-300)
+    assert res.choices[0].text == want.text
+
+
 def test_token_id_prompts(client, offline):
     ids = offline(PROMPTS[:1], 1)[0].prompt_token_ids
     want = offline([ids], 6)[0]

@@ -94,13 +94,12 @@ class SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="the served model's id (default: the one served)")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default 1)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 (or below 1e-5) = greedy (default 1)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1)")
     n: Int(ge=1, le=MAX_N) = Field(1, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
-    stop: Stop | None = Field(
-        None, description="strings that end a choice (not included in its text)")
+    stop: Stop | None = Field(None, description="strings that end a choice (not included in its text)")
     seed: Int(ge=-(2**63), le=2**63 - 1) | None = Field(None, description="choice i samples with seed + i")
     presence_penalty: Unsupported(0) = None
     frequency_penalty: Unsupported(0) = None

@@ -25,10 +25,14 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its (non-streamed) answer was ready."""
 
 
+GREEDY_BELOW = 1e-5  # a smaller temperature samples greedily (logits / 1e-40 overflow to inf, as in vLLM)
+
+
 def sampling_params(req: SamplingFields) -> SamplingParams:
     """The engine's SamplingParams of a request (max_tokens and seed are set per choice by the bridge)."""
+    temperature = 1.0 if req.temperature is None else req.temperature
     try:
-        return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+        return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                               stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
                               ignore_eos=req.ignore_eos)
