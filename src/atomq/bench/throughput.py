@@ -6,9 +6,9 @@ and the engine steps until all have finished. Models are random weights of real 
 (model/random_weights.py): time does not depend on the values.
 
 Per model and configuration the weights are built once; each budget and max_num_seqs then gets a fresh
-engine (a new KV pool), a short warm-up (compiles the kernels) and the measured run. Whether a
-configuration fits a budget is predicted on the meta device before anything is allocated, and checked
-again with the measured weight bytes (bench/memory.py); what does not fit gets a "does not fit" row.
+engine (a new KV pool), a warm-up (kernels compiled, decode CUDA graphs captured) and the measured run.
+Whether a configuration fits a budget is predicted on the meta device before anything is allocated, and
+checked again with the measured weight bytes (bench/memory.py); what does not fit gets a "does not fit" row.
 
 Row fields (``run_config``'s dicts, the JSON the report reads; sizes in bytes, times in seconds):
   model, config, label, budget, cap_bytes, reserve_bytes, workload, num_requests, max_num_seqs,
@@ -147,7 +147,7 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
     t0 = time.perf_counter()
     seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     running, durations = [], []  # per step: sequences running, seconds
-    timed_out = False
+    aborted: list = []
     while engine.has_unfinished():
         t_step = time.perf_counter()
         finished = engine.step()
@@ -155,7 +155,7 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
         running.append(engine.num_running + len(finished))
         durations.append(t_end - t_step)
         if time_limit_s is not None and t_end - t0 > time_limit_s:
-            timed_out = bool([s for s in seqs if engine.abort_request(s)])  # abort every one, no short cut
+            aborted = [s for s in seqs if engine.abort_request(s)]
             break
     elapsed = time.perf_counter() - t0
 
@@ -168,8 +168,8 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs if o.metrics.first_token_time is not None)
     busy = sum(durations)
     return {
-        "status": "time limit" if timed_out else "ok",
-        "reason": f"stopped after {time_limit_s} s; {len(outs) - len(done)} requests aborted" if timed_out else "",
+        "status": "time limit" if aborted else "ok",
+        "reason": f"stopped after {time_limit_s:.0f} s; {len(aborted)} requests aborted" if aborted else "",
         "elapsed_s": elapsed, "num_steps": len(running), "completed_requests": len(done),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "output_tok_s": output_tokens / elapsed, "total_tok_s": (prompt_tokens + output_tokens) / elapsed,
