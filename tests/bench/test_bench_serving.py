@@ -48,6 +48,8 @@ def test_rates_against_a_server(fake_server):
     assert body["stream_options"] == {"include_usage": True}
     assert sorted(len(b["prompt"]) for b in app.bodies[:6]) == sorted(w.prompt_lens.tolist())
     assert all(0 <= t < 100 for b in app.bodies for t in b["prompt"])
+    first, second = ({tuple(b["prompt"]) for b in app.bodies[k:k + 6]} for k in (0, 6))
+    assert not first & second  # each rate sends new prompts (no prefix-cache hits from the one before)
 
 
 def test_failed_requests_are_counted(fake_server):

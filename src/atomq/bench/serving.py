@@ -161,13 +161,14 @@ def run_serving(url: str, workload: Workload, rates: list[float | None], *, mode
                 label: str = "server", vocab_size: int = 256, seed: int = 0, api_key: str | None = None,
                 timeout_s: float = 600.0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per rate against the server at ``url``. Prompts are random token ids in [0, vocab_size)
-    (256: valid for every model's vocabulary); model: the id to send (None = the server's first)."""
+    (256: valid for every model's vocabulary), drawn anew for each rate (seed + its index, also the
+    Poisson seed); model: the id to send (None = the server's first)."""
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     model = model or served_model(url, headers)
-    prompts = workload.prompts(vocab_size, seed)
     rows = []
     for i, rate in enumerate(rates):
+        prompts = workload.prompts(vocab_size, seed + i)  # new ids per rate: no prefix-cache hits across rates
         row = {"model": model, "config": label, "url": url, "workload": workload.name,
                **asyncio.run(run_rate(url, model, workload, prompts, rate, seed + i, headers, timeout_s))}
         rows.append(row)
