@@ -111,6 +111,11 @@ def _grid(rows: list[dict], col_key: str | None):
     return groups, models, cols
 
 
+def _colors(rows: list[dict]) -> dict[str, str]:
+    """One color per configuration, the same in every panel (order of first appearance)."""
+    return {cfg: f"C{i}" for i, cfg in enumerate(dict.fromkeys(r.get("config") for r in rows))}
+
+
 def _figure(models: list, cols: list):
     import matplotlib
 
@@ -127,13 +132,14 @@ def plot_throughput_vs_batch(rows: list[dict], path: str | Path) -> Path | None:
     groups, models, cols = _grid(rows, "budget")
     if not groups:
         return None
+    color = _colors(rows)
     plt, fig, axes = _figure(models, cols)
     for i, m in enumerate(models):
         for j, b in enumerate(cols):
             ax = axes[i][j]
             for cfg, rs in groups.get((m, b), {}).items():
                 rs = sorted(rs, key=lambda r: r["mean_running"])
-                ax.plot([r["mean_running"] for r in rs], [r["output_tok_s"] for r in rs], marker="o", label=cfg)
+                ax.plot([r["mean_running"] for r in rs], [r["output_tok_s"] for r in rs], marker="o", color=color[cfg], label=cfg)
             ax.set(title=f"{m}, budget {b}", xlabel="mean running batch (sequences)", ylabel="output tok/s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -146,6 +152,7 @@ def plot_latency_vs_throughput(rows: list[dict], path: str | Path) -> Path | Non
     groups, models, cols = _grid(rows, "budget")
     if not groups:
         return None
+    color = _colors(rows)
     plt, fig, axes = _figure(models, cols)
     for i, m in enumerate(models):
         for j, b in enumerate(cols):
@@ -153,8 +160,8 @@ def plot_latency_vs_throughput(rows: list[dict], path: str | Path) -> Path | Non
             for cfg, rs in groups.get((m, b), {}).items():
                 rs = sorted((r for r in rs if r.get("tpot_s")), key=lambda r: r["output_tok_s"])
                 x = [r["output_tok_s"] for r in rs]
-                (line,) = ax.plot(x, [r["tpot_s"]["p50"] * 1e3 for r in rs], marker="o", label=f"{cfg} p50")
-                ax.plot(x, [r["tpot_s"]["p99"] * 1e3 for r in rs], ls="--", color=line.get_color(), label=f"{cfg} p99")
+                for pct, style in (("p50", dict(marker="o")), ("p99", dict(ls="--"))):
+                    ax.plot(x, [r["tpot_s"][pct] * 1e3 for r in rs], color=color[cfg], label=f"{cfg} {pct}", **style)
             ax.set(title=f"{m}, budget {b}", xlabel="output tok/s", ylabel="time per output token (ms)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -166,6 +173,7 @@ def plot_serving_latency(rows: list[dict], path: str | Path) -> Path | None:
     groups, models, _ = _grid(rows, None)
     if not groups:
         return None
+    color = _colors(rows)
     plt, fig, axes = _figure(models, ["ttft", "tpot"])
     for i, m in enumerate(models):
         for j, (key, unit, scale) in enumerate((("ttft_s", "s", 1.0), ("tpot_s", "ms", 1e3))):
@@ -173,8 +181,8 @@ def plot_serving_latency(rows: list[dict], path: str | Path) -> Path | None:
             for cfg, rs in groups.get((m, None), {}).items():
                 rs = sorted((r for r in rs if r.get(key)), key=lambda r: r["request_rate"])
                 x = [r["request_rate"] for r in rs]
-                (line,) = ax.plot(x, [r[key]["p50"] * scale for r in rs], marker="o", label=f"{cfg} p50")
-                ax.plot(x, [r[key]["p99"] * scale for r in rs], ls="--", color=line.get_color(), label=f"{cfg} p99")
+                for pct, style in (("p50", dict(marker="o")), ("p99", dict(ls="--"))):
+                    ax.plot(x, [r[key][pct] * scale for r in rs], color=color[cfg], label=f"{cfg} {pct}", **style)
             name = key.removesuffix("_s").upper()
             ax.set(title=f"{m}: {name}", xlabel="request rate (req/s)", ylabel=f"{name} ({unit})")
             ax.grid(alpha=0.3)
