@@ -95,11 +95,11 @@ def _rint(x):
 
 @triton.jit
 def _store_one(
-    X, t, stride_xt, stride_xh, P, S, Z, base, meta_base, stride_ph, stride_mh, valid,
+    X, t, h0, stride_xt, stride_xh, P, S, Z, base, meta_base, stride_ph, stride_mh, valid,
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Quantize one token's [H, D] keys (or values) and write them at pool offset ``base``."""
-    hh = tl.arange(0, BLOCK_H)
+    """Quantize heads h0..h0+BLOCK_H of one token's keys (or values) and write them at pool offset ``base``."""
+    hh = h0 + tl.arange(0, BLOCK_H)
     d = tl.arange(0, D2)
     hmask = (hh < H)[:, None] & valid
     xp = X + t.to(tl.int64) * stride_xt + hh[:, None] * stride_xh + 2 * d[None, :]
@@ -139,6 +139,7 @@ def _kv_store_kernel(
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
 ):
     t = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
     slot = tl.load(SLOT + t)
     valid = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
@@ -146,9 +147,9 @@ def _kv_store_kernel(
     off = slot % PAGE
     base = blk * stride_pb + off * stride_ps
     meta_base = blk * stride_mb + off * stride_ms
-    _store_one(K, t, stride_kt, stride_kh, KP, KS, KZ, base, meta_base, stride_ph, stride_mh, valid,
+    _store_one(K, t, h0, stride_kt, stride_kh, KP, KS, KZ, base, meta_base, stride_ph, stride_mh, valid,
                H, BLOCK_H, D2, MODE)
-    _store_one(V, t, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
+    _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
                H, BLOCK_H, D2, MODE)
 
 
@@ -188,7 +189,10 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
     sb, sh, ss = cache.data_strides()
     mb, mh, ms = cache.meta_strides()
     dummy = cache.k  # placeholder pointer for the unused metadata arguments
-    _kv_store_kernel[(t,)](
+    block_h = triton.next_power_of_2(h)
+    if t < 128:  # few tokens (decode): 2 heads per program instead of all of them
+        block_h = min(block_h, 2)
+    _kv_store_kernel[(t, triton.cdiv(h, block_h))](
         k, v, slot_mapping, cache.k, cache.v,
         cache.k_scale if cache.k_scale is not None else dummy,
         cache.v_scale if cache.v_scale is not None else dummy,
@@ -196,6 +200,6 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
         cache.v_zero if cache.v_zero is not None else dummy,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         sb, sh, ss, mb, mh, ms,
-        H=h, BLOCK_H=triton.next_power_of_2(h), D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode],
-        num_warps=4 if h * d >= 4096 else 2,
+        H=h, BLOCK_H=block_h, D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode],
+        num_warps=4 if block_h * d >= 4096 else (2 if block_h * d >= 512 else 1),
     )

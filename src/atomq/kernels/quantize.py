@@ -20,6 +20,7 @@ differ in rare ties (docs/KERNELS.md gives the measured rate); the SiLU uses the
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -64,6 +65,16 @@ def _kernels():
         raise RuntimeError("the Triton kernels need the 'triton' package (pip install atomq[triton])")
     interpreter_compat()
     return _act_quant_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 8 elsewhere (the interpreter: a few programs per row)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 8
 
 
 def _next_pow2(x: int) -> int:
@@ -158,11 +169,18 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     block = min(2048, _next_pow2(kn))
     if gs:
         block = max(block, gs)
-    _kernels()[(m,)](
+    chunk = kn  # channels of the normal part per program
+    if gs:  # few rows: split each row's groups over programs (each recomputes the norm's sum of squares)
+        small = max(gs, 64 if interpreting() else 256)
+        want = max(1, (2 * _num_sms(dev)) // max(m, 1))
+        if want > 1:
+            block = min(block, small)
+            chunk = max(block, -(-triton.cdiv(kn, want) // block) * block)
+    _kernels()[(m, triton.cdiv(kn, chunk))](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
         weight if weight is not None else dummy, index if index is not None else dummy,
         q, s4, q8 if q8 is not None else dummy, s8 if s8 is not None else dummy,
-        k, kn, n_out, n_groups, float(eps), float(clip),
+        k, kn, n_out, n_groups, float(eps), float(clip), chunk,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         res_out.stride(0) if res_out is not None else 0,
         q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
@@ -275,7 +293,7 @@ if triton is not None:
     @triton.jit
     def _act_quant_kernel(
         x_ptr, res_ptr, res_out_ptr, w_ptr, idx_ptr, q_ptr, s4_ptr, q8_ptr, s8_ptr,
-        K, KN, NO, G, eps, clip,
+        K, KN, NO, G, eps, clip, CHUNK,
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, EXACT_EXP: tl.constexpr,
@@ -284,9 +302,14 @@ if triton is not None:
 
         x: [M, K] (MODE 2: [M, 2K]); residual, res_out: [M, K]; w: [K]; idx: int32 [K] (output channel j
         reads input channel idx[j]); q: see _store_q4; s4: fp16 [M, G]; q8: int8 [M, NO]; s8: fp16 [M, 1].
-        GS: group size (0 = one scale per row). One program handles one row.
+        GS: group size (0 = one scale per row). Program (row, c) handles normal channels
+        [c * CHUNK, (c + 1) * CHUNK) of one row (CHUNK a multiple of BLOCK; the whole row when GS == 0);
+        the first writes the new residual, the last also quantizes the outliers.
         """
         row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        c_begin = chunk * CHUNK
+        c_end = tl.minimum(c_begin + CHUNK, KN)
         row_x = row * stride_xm
         row_r = row * stride_rm
         rstd = 1.0
@@ -299,7 +322,7 @@ if triton is not None:
                 if HAS_RES:
                     rv = tl.load(res_ptr + row_r + offs, mask=mask, other=0.0)
                     xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
-                    tl.store(res_out_ptr + row * stride_rom + offs, xv, mask=mask)
+                    tl.store(res_out_ptr + row * stride_rom + offs, xv, mask=mask & (chunk == 0))
                 xf = xv.to(tl.float32)
                 acc += xf * xf
             ms = tl.math.div_rn(tl.sum(acc, 0), K.to(tl.float32))
@@ -320,7 +343,7 @@ if triton is not None:
                                 MODE, HAS_RES, HAS_IDX, EXACT_EXP)
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), 7), KN, OUT_KIND, BLOCK)
         else:
-            for c0 in range(0, KN, BLOCK):
+            for c0 in range(c_begin, c_end, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
                                 MODE, HAS_RES, HAS_IDX, EXACT_EXP)
@@ -332,7 +355,7 @@ if triton is not None:
                 qg = _sym_q(vg, scale.to(tl.float32)[:, None], 7)
                 _store_q4(q_ptr, row * stride_qm, c0, tl.reshape(qg, [BLOCK]), KN, OUT_KIND, BLOCK)
 
-        if NO > 0:
+        if NO > 0 and chunk == tl.num_programs(1) - 1:
             offs_o = tl.arange(0, BLOCK_O)
             v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN + offs_o, offs_o < NO, K, rstd,
                             MODE, HAS_RES, HAS_IDX, EXACT_EXP)
