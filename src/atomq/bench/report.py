@@ -139,7 +139,8 @@ def plot_throughput_vs_batch(rows: list[dict], path: str | Path) -> Path | None:
             ax = axes[i][j]
             for cfg, rs in groups.get((m, b), {}).items():
                 rs = sorted(rs, key=lambda r: r["mean_running"])
-                ax.plot([r["mean_running"] for r in rs], [r["output_tok_s"] for r in rs], marker="o", color=color[cfg], label=cfg)
+                ax.plot([r["mean_running"] for r in rs], [r["output_tok_s"] for r in rs], marker="o", color=color[cfg],
+                        label=cfg)
             ax.set(title=f"{m}, budget {b}", xlabel="mean running batch (sequences)", ylabel="output tok/s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
