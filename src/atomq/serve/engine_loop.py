@@ -1,6 +1,6 @@
 """The bridge between the asyncio server and the synchronous engine.
 
-One background thread owns the ``LLMEngine``: nothing else touches it (the tokenizer included). The
+One background thread owns the ``LLMEngine``: nothing else touches it (its tokenizer included). The
 event loop hands it work through an inbox of callables (admit a request, abort one, run a function
 between steps); the thread applies the inbox, runs one ``step()``, and posts each request's new text to
 that request's asyncio queue with a single ``loop.call_soon_threadsafe`` per step.
@@ -321,7 +321,8 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for key, live in list(self._live.items()):
             for seq in live.seqs:
-                self.engine.abort_request(seq)
+                if self.engine.abort_request(seq) and self.metrics is not None:
+                    self.metrics.on_finished(seq)
             del self._live[key]
             self._post([(live.handle, error)])
 
