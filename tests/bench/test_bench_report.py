@@ -34,7 +34,8 @@ def test_throughput_table():
     lines = text.splitlines()
     assert lines[0].startswith("| model | config | budget |") and set(lines[1]) == {"|", "-"}
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert "| m | atom | 24GB | 64 | ok | 3,000 | 4,500 | 0.500 / 2.000 | 20.0 / 50.0 | 64 | 150,000 / 131,072 |" in text
+    assert ("| m | atom | 24GB | 64 | ok | 3,000 | 4,500 | 0.500 / 2.000 | 20.0 / 50.0 | 64 | 150,000 / 131,072 |"
+            in text)
     assert "| m | fp16 | 24GB | - | does not fit | - | - | - | - | - | 150,000 / - | 3.90 | - |" in text
     assert "- m fp16 24GB: does not fit: 13.48 GB of weights" in text  # the reason under the table
 
