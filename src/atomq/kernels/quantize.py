@@ -170,7 +170,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     if gs:
         block = max(block, gs)
     chunk = kn  # channels of the normal part per program
-    if gs:  # few rows: split each row's groups over programs (each recomputes the norm's sum of squares)
+    if gs and m <= 16:  # decode: split each row's groups over programs (each recomputes the norm's sum of squares)
         small = max(gs, 64 if interpreting() else 256)
         want = max(1, (2 * _num_sms(dev)) // max(m, 1))
         if want > 1:
