@@ -39,6 +39,14 @@ def test_models(client):
         client.models.retrieve("gpt-17")
 
 
+def test_model_ids_may_hold_slashes(live_server):
+    import httpx
+
+    live = live_server(model_name="org/tiny")
+    assert httpx.get(live.url + "/v1/models/org/tiny").json()["id"] == "org/tiny"
+    assert httpx.get(live.url + "/v1/models/org/other").status_code == 404
+
+
 def test_completion_equals_offline_generation(client, offline):
     want = offline(PROMPTS, 12)
     res = client.completions.create(model=MODEL_NAME, prompt=PROMPTS, max_tokens=12, temperature=0)

@@ -77,7 +77,7 @@ def _check_model(s: ServerState, model: str | None) -> None:
                             param="model")
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
 async def get_model(model: str, request: Request) -> Response:
     s = _state(request)
     _check_model(s, model)
