@@ -3,6 +3,7 @@ offline generation; models; usage; seeds; stop strings."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from atomq import LLM, SamplingParams
@@ -40,8 +41,6 @@ def test_models(client):
 
 
 def test_model_ids_may_hold_slashes(live_server):
-    import httpx
-
     live = live_server(model_name="org/tiny")
     assert httpx.get(live.url + "/v1/models/org/tiny").json()["id"] == "org/tiny"
     assert httpx.get(live.url + "/v1/models/org/other").status_code == 404

@@ -29,6 +29,6 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_generated_requests_get_no_server_error(case):
     case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
