@@ -32,7 +32,7 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, max_
     chat_template: a Jinja template used instead of the tokenizer's own;
     shutdown_timeout: on shutdown, abort what has not finished after this many seconds (None: wait).
     """
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(routes=(*(route.path for route in router.routes), "/openapi.json", "/docs"))
     bridge = AsyncEngine(engine, max_waiting=max_waiting, metrics=metrics)
 
     @asynccontextmanager
@@ -47,7 +47,6 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, max_
     app.include_router(router)
     _install_error_handlers(app)
     _refine_openapi(app)
-    metrics.routes = frozenset([route.path for route in router.routes] + [app.openapi_url, app.docs_url])
     if api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # outermost: counts 401s too
