@@ -126,3 +126,17 @@ def test_random_model_shapes_and_magnitudes():
     logits = lm.model(IDS)
     assert torch.isfinite(logits).all() and 0.05 < logits.std() < 5
     assert lm.tokenizer.decode(lm.tokenizer("héllo")["input_ids"]) == "héllo"
+
+
+def test_weight_bytes_count_prepared_kernels():
+    """After preparation the stored tensors are gone and the kernels' operands count instead."""
+    from atomq.model.methods import weight_nbytes
+
+    lm = random_model("tiny-llama", "int8", torch.float32)
+    before = weight_nbytes(lm.model)
+    prepare_linears(lm.model, "int8", backend="triton")
+    after = weight_nbytes(lm.model)
+    assert after["embedding"] == before["embedding"] == 512 * 256 * 4
+    # the int8 weights move into the kernels unchanged (same storage); the fp16 row scales become fp32
+    n_rows = 2 * (256 + 128 + 128 + 256 + 2 * 512 + 256)
+    assert after["total"] - before["total"] == n_rows * 2

@@ -98,30 +98,10 @@ def format_bytes(n: int) -> str:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every tensor the model holds: parameters, buffers and the prepared GEMM operands of
-    model/methods.py kernels (plain attributes of ``Linear.kernel``). Tensors sharing storage count once;
-    meta tensors count by shape and dtype."""
-    seen: set = set()
-    total = 0
-    for t in _model_tensors(model):
-        if t.device.type == "meta":
-            key, size = id(t), t.numel() * t.element_size()
-        else:
-            storage = t.untyped_storage()
-            key, size = (t.device, storage.data_ptr()), storage.nbytes()
-        if key not in seen:
-            seen.add(key)
-            total += size
-    return total
+    """Bytes of every tensor the model holds, prepared kernel operands included (model/methods.py)."""
+    from ..model.methods import weight_nbytes
 
-
-def _model_tensors(model: torch.nn.Module):
-    yield from model.parameters()
-    yield from (b for b in model.buffers() if b is not None)
-    for mod in model.modules():
-        kernel = getattr(mod, "kernel", None)
-        if kernel is not None:
-            yield from (v for v in vars(kernel).values() if isinstance(v, torch.Tensor))
+    return weight_nbytes(model)["total"]
 
 
 def device_memory_bytes(device: torch.device) -> int:

@@ -323,16 +323,23 @@ def _tensors_of(obj) -> list[torch.Tensor]:
 def weight_nbytes(model) -> dict[str, int]:
     """Bytes of the model's weights as they sit in memory: {"total", "embedding", "per_token_read"}.
 
-    per_token_read = what one decode step reads at least once (everything but the embedding table, of
-    which only the batch's rows are read): the floor for batch-1 decode is per_token_read / bandwidth."""
-    seen: set[int] = set()
+    Parameters, buffers and the prepared tensors of every kernel count; tensors sharing storage count once;
+    meta tensors (a model not yet materialised) count by shape and dtype. per_token_read = what one decode
+    step reads at least once (everything but the embedding table, of which only the batch's rows are
+    read): the floor for batch-1 decode is per_token_read / bandwidth."""
+    seen: set = set()
     total = 0
-    for t in list(model.buffers()) + list(model.parameters()) + [
-            t for m in model.modules() if getattr(m, "kernel", None) is not None for t in _tensors_of(m.kernel)]:
-        if t is None or t.device.type == "meta" or t.data_ptr() in seen:
+    kernel_tensors = [t for m in model.modules() if getattr(m, "kernel", None) is not None for t in _tensors_of(m.kernel)]
+    for t in list(model.parameters()) + list(model.buffers()) + kernel_tensors:
+        if t is None:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    emb = model.model.embed_tokens.weight
-    emb_bytes = emb.numel() * emb.element_size()
+        if t.device.type == "meta":
+            key, size = id(t), t.numel() * t.element_size()
+        else:
+            key, size = (t.device, t.untyped_storage().data_ptr()), t.untyped_storage().nbytes()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    emb = getattr(getattr(getattr(model, "model", None), "embed_tokens", None), "weight", None)
+    emb_bytes = 0 if emb is None else emb.numel() * emb.element_size()
     return {"total": total, "embedding": emb_bytes, "per_token_read": total - emb_bytes}
