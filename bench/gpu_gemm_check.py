@@ -121,6 +121,69 @@ def check_gemm() -> None:
         report(f"w4a4_gemm group={gs} K={k} {split}", rel <= 1e-3, f"rel err {rel:.2e}")
 
 
+GLUON_VARIANTS = {
+    "g_bm128_w4_s4": GemmConfig(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
+    "g_bm128_w4_s3": GemmConfig(kernel="gluon", block_m=128, num_warps=4, num_stages=3),
+    "g_bm64_w4_s4": GemmConfig(kernel="gluon", block_m=64, num_warps=4, num_stages=4),
+    "g_bm128_w8_s4": GemmConfig(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
+    "g_bm64_w8_s4": GemmConfig(kernel="gluon", block_m=64, num_warps=8, num_stages=4),
+}
+
+
+def prefill_sweep() -> list[dict]:
+    """Time the Triton kernel and the Gluon variants against FP16 and FP8 at M >= 256."""
+    cfgs = {"triton": (None, "int8"), **{k: (v, "int8") for k, v in GLUON_VARIANTS.items()}}
+    rows, table = [], []
+    shapes = [(n, k) for _, _, n, k in B.LLAMA2_SHAPES[:4]] + [(57344, 8192), (8192, 28672)]
+    for n, k in shapes:
+        for m in (256, 1024, 4096, 16384):
+            if n * m > 57344 * 4096:  # keep the run short: the largest products only at M <= 4096
+                continue
+            t = time.time()
+            row = B.bench_gemm_shape(n, k, m, cfgs, which=("fp8",))
+            rows.append(row)
+            best = min((nm for nm in cfgs if nm != "triton" and nm + "_ms" in row), key=lambda nm: row[nm + "_ms"],
+                       default=None)
+            line = (f"N={n:5d} K={k:5d} M={m:5d} fp16 {row['fp16_ms'] * 1e3:7.1f} fp8 {row.get('fp8_ms', 0) * 1e3:7.1f} |"
+                    + "".join(f" {nm} {row[nm + '_ms'] * 1e3:.1f}" if nm + "_ms" in row else f" {nm} ERR"
+                              for nm in cfgs))
+            if best:
+                line += (f" | best {best}: {row['fp16_ms'] / row[best + '_ms']:.2f}x fp16, "
+                         f"{row.get('fp8_ms', 0) / row[best + '_ms']:.2f}x fp8, triton {row['fp16_ms'] / row['triton_ms']:.2f}x fp16")
+            for nm in cfgs:
+                if nm + "_error" in row:
+                    print(f"   {nm}: {row[nm + '_error']}", flush=True)
+            print(f"{line} ({time.time() - t:.0f}s)", flush=True)
+            table.append(line)
+    print("\nprefill sweep table (us):", flush=True)
+    for line in table:
+        print(line, flush=True)
+    return rows
+
+
+def check_gluon() -> None:
+    """The Gluon prefill kernel (sm_90): ragged M and N, bias, both output dtypes, each tile variant."""
+    for n, k, m in ((4096, 4096, 333), (22016, 4096, 4096), (4096 + 80, 11008, 1000), (8192, 28672, 65)):
+        x, w, pw, split = B.make_problem(n, k, m)
+        a = Q.quantize_act(x, None, split, out="int8")
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        cols = torch.randperm(n, device="cuda")[:256]
+        sub = _sub_weight(pw, cols)
+        pwp = prepare_weight(pw)
+        for name, cfg in GLUON_VARIANTS.items():
+            for dt in (torch.float16, torch.bfloat16):
+                try:
+                    y = w4a4_gemm(a, pwp, bias.to(dt), out_dtype=dt, config=cfg)
+                except Exception as e:  # reported, the other checks go on
+                    report(f"gluon {name} M={m} N={n} K={k}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                yr = ref.w4a4_gemm(a.to_actq(), sub, bias.to(dt)[cols], out_dtype=torch.float64)
+                rel = ((y[:, cols].double() - yr).norm() / yr.norm()).item()
+                tol = 1e-3 if dt == torch.float16 else 8e-3
+                report(f"gluon {name} M={m} N={n} K={k} ->{str(dt)[6:]}", rel <= tol and bool(torch.isfinite(y).all()),
+                       f"rel err {rel:.2e} (tol {tol})")
+
+
 def sweep() -> list[dict]:
     """Time decode GEMM and quantize variants (lab notes in docs/KERNELS.md); a table is printed last."""
     C = GemmConfig
@@ -204,15 +267,24 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gemm_bench.json")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--prefill-sweep", action="store_true")
+    ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
     args = ap.parse_args()
     print(json.dumps(B.env_info()), flush=True)
     torch.manual_seed(0)
-    if not args.no_check:
+    if args.gluon_only:
+        check_gluon()
+    elif not args.no_check:
         check_quantize()
         check_gemm()
+        check_gluon()
+    if args.prefill_sweep:
+        rows = prefill_sweep()
+        with open(args.out.replace(".json", "_prefill.json"), "w") as f:
+            json.dump(rows, f, indent=1)
     if args.sweep:
         rows = sweep()
         with open(args.out.replace(".json", "_sweep.json"), "w") as f:

@@ -36,6 +36,7 @@ from ..quant import PackedWeight, unpack_int4
 from . import interpreter_compat
 from .quantize import ActOp, interpreting
 from .ref import ActQ
+from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM
 
 try:  # guarded: atomq imports without triton
     import triton
@@ -116,6 +117,7 @@ class GemmConfig:
 
     block_n: int = 64
     block_m: int = 128
+    kernel: str = "triton"  # "triton" (any GPU, the interpreter) or "gluon" (sm_90, M > 64, groups of 128)
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
@@ -219,6 +221,14 @@ def w4a4_gemm(
     if m == 0:
         return out
     cfg = config or pick_config(m, n, w.kp)
+    if cfg.kernel == "gluon":
+        from . import w4a4_gemm_hopper as hopper
+
+        reason = hopper.unsupported_reason(a, w)
+        if reason:
+            raise ValueError(reason)
+        return hopper.w4a4_gemm_hopper(a, w, bias, out, block_m=cfg.block_m, num_warps=cfg.num_warps,
+                                       stages=cfg.num_stages, group_m=cfg.group_m)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)
@@ -259,59 +269,21 @@ def w4a4_gemm(
 
 if triton is not None:
 
+    _UNPACK_INT8 = tl.constexpr(UNPACK_INT8_ASM)
+    _UNPACK_FP8 = tl.constexpr(UNPACK_FP8_ASM)
+
     @triton.jit
     def _unpack(wp, USE_ASM: tl.constexpr, OP_FP8: tl.constexpr):
         """Packed bytes int8 [BN, S] -> (low nibbles, high nibbles), each int8 or fp8 e4m3 [BN, S] in -8..7."""
         if USE_ASM:
             if OP_FP8:
                 lo, hi = tl.inline_asm_elementwise(
-                    asm="""
-                    {
-                    .reg .b32 x, t, u, v, c, k;
-                    .reg .b16 a0, a1;
-                    mov.b32 c, 0x64086408;
-                    mov.b32 k, 0x64646464;
-                    xor.b32 x, $2, 0x88888888;
-                    and.b32 t, x, 0x0f0f0f0f;
-                    prmt.b32 u, t, k, 0x4140;
-                    prmt.b32 v, t, k, 0x4342;
-                    sub.f16x2 u, u, c;
-                    sub.f16x2 v, v, c;
-                    cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
-                    cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
-                    mov.b32 $0, {a0, a1};
-                    shr.u32 t, x, 4;
-                    and.b32 t, t, 0x0f0f0f0f;
-                    prmt.b32 u, t, k, 0x4140;
-                    prmt.b32 v, t, k, 0x4342;
-                    sub.f16x2 u, u, c;
-                    sub.f16x2 v, v, c;
-                    cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
-                    cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
-                    mov.b32 $1, {a0, a1};
-                    }
-                    """,
+                    asm=_UNPACK_FP8,
                     constraints="=r,=r,r", args=[wp], dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True,
                     pack=4)
             else:
-                # per byte: n ^ 8 = v + 8 in 0..15; + 0x78 then ^ 0x80 gives v as a signed byte, no carries
                 lo, hi = tl.inline_asm_elementwise(
-                    asm="""
-                    {
-                    .reg .b32 t, m, e, a, f;
-                    mov.b32 m, 0x0f0f0f0f;
-                    mov.b32 e, 0x08080808;
-                    mov.b32 a, 0x78787878;
-                    mov.b32 f, 0x80808080;
-                    lop3.b32 t, $2, m, e, 0x6a;
-                    add.u32 t, t, a;
-                    xor.b32 $0, t, f;
-                    shr.u32 t, $2, 4;
-                    lop3.b32 t, t, m, e, 0x6a;
-                    add.u32 t, t, a;
-                    xor.b32 $1, t, f;
-                    }
-                    """,
+                    asm=_UNPACK_INT8,
                     constraints="=r,=r,r", args=[wp], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             lo = (wp << 4) >> 4

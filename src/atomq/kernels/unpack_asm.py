@@ -1,0 +1,50 @@
+"""PTX for unpacking 4-bit weights in registers, shared by the Triton and Gluon GEMM kernels.
+
+Each takes one 32-bit register of 4 packed bytes ($2) and writes two registers ($0: the 4 low nibbles,
+$1: the 4 high nibbles), every nibble a two's-complement INT4 value.
+"""
+
+# int8 out. Per byte: n ^ 8 = v + 8 in 0..15; + 0x78 then ^ 0x80 gives v as a signed byte, no carries.
+UNPACK_INT8_ASM = """{
+.reg .b32 t, m, e, a, f;
+mov.b32 m, 0x0f0f0f0f;
+mov.b32 e, 0x08080808;
+mov.b32 a, 0x78787878;
+mov.b32 f, 0x80808080;
+lop3.b32 t, $2, m, e, 0x6a;
+add.u32 t, t, a;
+xor.b32 $0, t, f;
+shr.u32 t, $2, 4;
+lop3.b32 t, t, m, e, 0x6a;
+add.u32 t, t, a;
+xor.b32 $1, t, f;
+}
+"""
+
+# float8_e4m3fn out: the nibble (offset by 8) goes into the mantissa of fp16 1024 (prmt), minus 1032
+# gives v exactly in fp16, then a saturating convert to e4m3 (exact for -8..7).
+UNPACK_FP8_ASM = """{
+.reg .b32 x, t, u, v, c, k;
+.reg .b16 a0, a1;
+mov.b32 c, 0x64086408;
+mov.b32 k, 0x64646464;
+xor.b32 x, $2, 0x88888888;
+and.b32 t, x, 0x0f0f0f0f;
+prmt.b32 u, t, k, 0x4140;
+prmt.b32 v, t, k, 0x4342;
+sub.f16x2 u, u, c;
+sub.f16x2 v, v, c;
+cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
+cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
+mov.b32 $0, {a0, a1};
+shr.u32 t, x, 4;
+and.b32 t, t, 0x0f0f0f0f;
+prmt.b32 u, t, k, 0x4140;
+prmt.b32 v, t, k, 0x4342;
+sub.f16x2 u, u, c;
+sub.f16x2 v, v, c;
+cvt.rn.satfinite.e4m3x2.f16x2 a0, u;
+cvt.rn.satfinite.e4m3x2.f16x2 a1, v;
+mov.b32 $1, {a0, a1};
+}
+"""

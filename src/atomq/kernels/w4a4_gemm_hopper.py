@@ -1,0 +1,236 @@
+"""W4A4 GEMM for Hopper written in Gluon: the prefill path (M > 64) of ``w4a4_gemm`` for groups of 128.
+
+Same operands and math as the Triton kernel in ``w4a4_gemm.py`` (read its module docstring first):
+swap-AB, so each program computes an out^T tile [BLOCK_N weight rows, BLOCK_M tokens]; the weights
+stay 4-bit in memory (``PreparedWeight``, span S = 64, groups of 2S = 128) and are unpacked in
+registers into the left wgmma operand; the activations are the quantize kernel's int8 operand, read
+by wgmma from shared memory. What differs is the schedule, which Triton's compiler does not produce:
+
+- Deferred promotion. A group's two wgmmas (low and high nibbles) are issued asynchronously into a
+  fresh int32 accumulator; while they run, the previous group's finished int32 result is promoted
+  (acc += float(d) * sw[n] * sa[m]). The promotion's ALU work overlaps the tensor cores instead of
+  following them (Triton waits for every dot before the next instruction that reads its result).
+- One cp.async ring of STAGES slots carries everything a group needs: the packed weight tile, the two
+  activation tiles and both scale vectors, so no global load waits on the critical path.
+
+Activation scales are read transposed and in fp32 (``sa_t`` [G, M]); the wrapper builds that copy.
+Importable without Gluon (``AVAILABLE`` says whether the kernel exists); runs on sm_90 only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .unpack_asm import UNPACK_INT8_ASM
+
+try:  # guarded: Gluon is experimental and absent from older Triton releases
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    )
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    AVAILABLE = False
+
+SPAN = 64  # channels per nibble half; a K block of 2 * SPAN = 128 is one group
+
+
+def unsupported_reason(a, w) -> str | None:
+    """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` here (None: it can)."""
+    if not AVAILABLE:
+        return "this Triton has no Gluon"
+    if not a.qa.is_cuda or torch.cuda.get_device_capability(a.qa.device) != (9, 0):
+        return "the Gluon kernel runs on sm_90 (H100/H200) only"
+    if a.qa.dtype != torch.int8:
+        return "the Gluon kernel takes the int8 activation operand"
+    if w.group_size != 2 * SPAN or w.span != SPAN:
+        return f"the Gluon kernel takes groups of {2 * SPAN}, got {w.group_size}"
+    return None
+
+
+def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,
+                     num_warps: int = 4, stages: int = 4, group_m: int = 8) -> torch.Tensor:
+    """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
+
+    The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
+    Tiles: BLOCK_N = 16 * num_warps weight rows (one 64-row warpgroup per 4 warps) x block_m tokens.
+    """
+    m = a.qa.shape[0]
+    n = w.n
+    block_n = 16 * num_warps
+    # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
+    sa_t = a.s4.t().float().contiguous()
+    has_out = w.n_out > 0
+    dummy = w.sw
+    n_blocks = w.kp // (2 * SPAN)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
+    _w4a4_hopper_kernel[grid](
+        w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
+        a.qa, sa_t, a.q8 if has_out else a.qa, a.s8 if has_out else a.s4,
+        bias if bias is not None else dummy, out,
+        m, n, w.kn, w.n_out, n_blocks, n_blocks + n_blocks % 2,  # K blocks, and that count made even
+        w.sw.stride(0), w.w8.stride(0) if has_out else 0, a.qa.stride(0), sa_t.stride(0),
+        a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
+        BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
+        HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
+    )
+    return out
+
+
+if AVAILABLE:
+
+    _UNPACK_INT8 = gl.constexpr(UNPACK_INT8_ASM)
+
+    @gluon.jit
+    def _unpack(wp):
+        """Packed bytes int8 [BN, S] -> (low nibbles, high nibbles) int8 [BN, S] in -8..7, same layout."""
+        return gl.inline_asm_elementwise(
+            asm=_UNPACK_INT8, constraints="=r,=r,r", args=[wp], dtype=(gl.int8, gl.int8),
+            is_pure=True, pack=4)
+
+    @gluon.jit
+    def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s, sa_s,
+                     offs_k, offs_n, offs_m, N_BLOCKS, KN, N, M, stride_swg, stride_sag, mask_wn, mask_am,
+                     S: gl.constexpr, RT: gl.constexpr):
+        """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
+        (masked off, so zero-filled, at and past N_BLOCKS)."""
+        live = it < N_BLOCKS
+        cp.async_copy_global_to_shared(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :],
+                                       mask=mask_wn & live)
+        k_lo = it * (2 * S) + offs_k
+        cp.async_copy_global_to_shared(al_s.index(slot), a_rows + k_lo[None, :],
+                                       mask=mask_am & (k_lo[None, :] < KN) & live)
+        cp.async_copy_global_to_shared(ah_s.index(slot), a_rows + (k_lo + S)[None, :],
+                                       mask=mask_am & ((k_lo + S)[None, :] < KN) & live)
+        cp.async_copy_global_to_shared(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n,
+                                       mask=(offs_n < N) & live)
+        cp.async_copy_global_to_shared(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m,
+                                       mask=(offs_m < M) & live)
+        cp.commit_group()
+
+    @gluon.jit
+    def _block_mma(it, w_s, al_s, ah_s, d, w_op: gl.constexpr, STAGES: gl.constexpr):
+        """Issue K block ``it``'s two wgmmas (low, high nibbles) into a fresh int32 accumulator, async
+        (``d`` only lends its registers: the first wgmma ignores its value)."""
+        slot = it % STAGES
+        cp.wait_group(STAGES - 1)  # block `it` has landed (blocks up to it + STAGES - 1 are issued)
+        wl, wh = _unpack(w_s.index(slot).load(w_op))
+        fence_async_shared()
+        d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, use_acc=False, is_async=True)
+        return warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
+
+    @gluon.jit
+    def _promote(acc, d, slot, sw_s, sa_s, mma: gl.constexpr):
+        """acc + float(d) * sw[n] * sa[m], with the scale vectors of ring slot ``slot``."""
+        swv = sw_s.index(slot).load(gl.SliceLayout(1, mma))
+        sav = sa_s.index(slot).load(gl.SliceLayout(0, mma))
+        return acc + d.to(gl.float32) * (swv[:, None] * sav[None, :])
+
+    @gluon.jit
+    def _w4a4_hopper_kernel(
+        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+        M, N, KN, NO, N_BLOCKS, N_ITERS,
+        stride_swg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
+        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+    ):
+        """One [BLOCK_N, BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each).
+
+        w: int8 packed tiles (module docstring of w4a4_gemm); sw: fp32 [G, N]; w8: int8 [N, NO];
+        s8w: fp32 [N]; a: int8 [M, KN]; sa: fp32 [G, M]; a8: int8 [M, NO]; s8a: fp16 [M, 1];
+        bias: [N]; out: fp16/bf16 [M, N].
+        """
+        num_warps: gl.constexpr = gl.num_warps()
+        pid = gl.program_id(0)
+        num_n = gl.cdiv(N, BLOCK_N)
+        num_m = gl.cdiv(M, BLOCK_M)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        gm = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gm
+        pid_n = (pid % width) // gm
+
+        # register layouts: the wgmma accumulator, its left operand, 16-byte copies, 1-D scale copies
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 32])
+        w_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        cp16: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
+        cp1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        # shared layouts: packed weights read back in the operand layout; activations as wgmma's B
+        w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=2, max_phase=4, order=[1, 0])
+        a_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+        v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+        w_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, S], w_sl)
+        al_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_sl)
+        ah_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_sl)
+        sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], v_sl)
+        sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], v_sl)
+
+        # copy addressing: weight row r of block it at (r // RT) * N_BLOCKS * RT * S + it * RT * S + (r % RT) * S
+        rows_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cp16))
+        rows_a = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, cp16))
+        offs_k = gl.arange(0, S, gl.SliceLayout(0, cp16))
+        w_rows = w_ptr + ((rows_w // RT).to(gl.int64) * N_BLOCKS * (RT * S) + (rows_w % RT) * S)[:, None]
+        a_rows = a_ptr + rows_a.to(gl.int64)[:, None] * stride_am
+        mask_wn = (rows_w < N)[:, None]
+        mask_am = (rows_a < M)[:, None]
+        offs_n1 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, cp1)
+        offs_m1 = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, cp1)
+
+        for i in gl.static_range(STAGES):
+            _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s, sa_s,
+                         offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
+                         mask_wn, mask_am, S, RT)
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+        # int32 result of one K block; fed back as the (ignored, use_acc=False) input of the next block's
+        # first wgmma so that no second set of 64 registers holds a zero tile
+        d = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
+        for it in range(N_BLOCKS):
+            slot = it % STAGES
+            d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES)
+            d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
+            acc = _promote(acc, d, slot, sw_s, sa_s, mma)
+            _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s,
+                         sa_s, offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
+                         mask_wn, mask_am, S, RT)
+        cp.wait_group(0)
+
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma))
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        if HAS_OUT:  # INT8 outlier channels: one synchronous wgmma per 64 of them
+            o_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+            w8_s = gl.allocate_shared_memory(gl.int8, [BLOCK_N, 64], o_sl)
+            a8_s = gl.allocate_shared_memory(gl.int8, [BLOCK_M, 64], o_sl)
+            offs_o = gl.arange(0, 64, gl.SliceLayout(0, cp16))
+            d8 = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
+            for o0 in range(0, NO, 64):
+                oo = o0 + offs_o
+                w8 = gl.load(w8_ptr + rows_w.to(gl.int64)[:, None] * stride_w8n + oo[None, :],
+                             mask=mask_wn & (oo[None, :] < NO), other=0)
+                a8 = gl.load(a8_ptr + rows_a.to(gl.int64)[:, None] * stride_a8m + oo[None, :],
+                             mask=mask_am & (oo[None, :] < NO), other=0)
+                w8_s.store(w8)
+                a8_s.store(a8)
+                fence_async_shared()
+                d8 = warpgroup_mma(w8_s, a8_s.permute((1, 0)), d8)
+            s8w = gl.load(s8w_ptr + offs_n, mask=mask_n, other=0.0)
+            s8a = gl.load(s8a_ptr + offs_m * stride_s8am, mask=mask_m, other=0.0).to(gl.float32)
+            acc += d8.to(gl.float32) * (s8w[:, None] * s8a[None, :])
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
+
+        # store out[m, n]: a layout with 8 consecutive n per thread gives 16-byte stores along out's rows
+        st: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+        res = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st)
+        sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st))
+        sm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st))
+        ptrs = out_ptr + sm.to(gl.int64)[None, :] * stride_om + sn[:, None]
+        gl.store(ptrs, res, mask=(sn < N)[:, None] & (sm < M)[None, :])

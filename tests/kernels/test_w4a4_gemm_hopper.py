@@ -1,0 +1,93 @@
+"""The Gluon W4A4 prefill kernel (sm_90 only).
+
+On any machine: it compiles for sm_90 (Triton ships ptxas), and ptxas reports no spills and no
+serialized wgmma. On an H100 (``-m gpu``): equal to ref.w4a4_gemm within the tolerances of
+test_w4a4_gemm.py, ragged M and N, bias, fp16 and bf16 out.
+"""
+
+import inspect
+import os
+import subprocess
+
+import pytest
+import torch
+
+from atomq.kernels import ref
+
+triton = pytest.importorskip("triton")
+hopper = pytest.importorskip("atomq.kernels.w4a4_gemm_hopper")
+if not hopper.AVAILABLE:
+    pytest.skip("this Triton has no Gluon", allow_module_level=True)
+
+from atomq.kernels import quantize as Q  # noqa: E402
+from atomq.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_gemm  # noqa: E402
+from atomq.quant import plan_split, quantize_weight_rtn  # noqa: E402
+
+TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+PTR_TYPES = {"w_ptr": "*i8", "sw_ptr": "*fp32", "w8_ptr": "*i8", "s8w_ptr": "*fp32", "a_ptr": "*i8",
+             "sa_ptr": "*fp32", "a8_ptr": "*i8", "s8a_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
+
+
+def _compile_sm90(block_m: int, num_warps: int, stages: int):
+    """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = hopper._w4a4_hopper_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
+                 HAS_OUT=True, HAS_BIAS=True)
+    sig = {n: PTR_TYPES.get(n) or ("constexpr" if n in const else "i32") for n in names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("Triton's ptxas is not installed")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atomq_w4a4_hopper_{os.getpid()}.ptx")
+    with open(path, "w") as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.remove(path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return kernel.asm["ptx"], run.stderr
+
+
+@pytest.mark.parametrize("block_m,num_warps,stages", [(128, 4, 4), (64, 8, 4)])
+def test_compiles_for_sm90_without_spills(block_m, num_warps, stages):
+    ptx, report = _compile_sm90(block_m, num_warps, stages)
+    assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
+    assert "0 bytes spill stores" in report, report
+    assert "serialized" not in report, report
+
+
+def test_unsupported_inputs_have_a_reason():
+    split = plan_split(256, 0, 128)
+    pw = quantize_weight_rtn(torch.randn(32, 256), split, 4, 0.85)
+    a = Q.ActOp(torch.zeros(4, 256, dtype=torch.int8), torch.ones(4, 2, dtype=torch.float16), None, None)
+    reason = hopper.unsupported_reason(a, prepare_weight(pw))
+    assert reason is not None and "sm_90" in reason
+    with pytest.raises(ValueError, match="sm_90"):
+        w4a4_gemm(a, prepare_weight(pw), config=GemmConfig(kernel="gluon"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (4096, 12288, 4096)])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_m,num_warps", [(128, 4), (64, 8)])
+def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs sm_90")
+    g = torch.Generator(device="cpu").manual_seed(m + n)
+    split = plan_split(k, 128, 128)
+    pw = quantize_weight_rtn(torch.randn(n, k, generator=g).cuda(), split, 4, 0.85)
+    x = (torch.randn(m, k, generator=g) * 2).to(torch.float16).cuda()
+    bias = torch.randn(n, generator=g).to(out_dtype).cuda()
+    a = Q.quantize_act(x, None, split, out="int8")
+    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps)
+    y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype=out_dtype, config=cfg)
+    yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    rel = ((y.double() - yr).norm() / yr.norm()).item()
+    assert torch.isfinite(y).all() and rel <= TOL[out_dtype], rel
