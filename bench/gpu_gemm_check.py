@@ -121,26 +121,37 @@ def check_gemm() -> None:
         report(f"w4a4_gemm group={gs} K={k} {split}", rel <= 1e-3, f"rel err {rel:.2e}")
 
 
-GLUON_VARIANTS = {
-    "g_bm128_w4_s4": GemmConfig(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
-    "g_bm128_w4_s3": GemmConfig(kernel="gluon", block_m=128, num_warps=4, num_stages=3),
-    "g_bm64_w4_s4": GemmConfig(kernel="gluon", block_m=64, num_warps=4, num_stages=4),
-    "g_bm128_w8_s4": GemmConfig(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
-    "g_bm64_w8_s4": GemmConfig(kernel="gluon", block_m=64, num_warps=8, num_stages=4),
+G = GemmConfig
+GLUON_VARIANTS = {  # groups of 128
+    "g_bm128_w4_s4": G(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
+    "g_bm64_w4_s4": G(kernel="gluon", block_m=64, num_warps=4, num_stages=4),
+    "g_bm128_w8_s4": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
+    "tma_bm128_w4_s4": G(kernel="gluon", tma=True, block_m=128, num_warps=4, num_stages=4),
+    "tma_bm128_w8_s4": G(kernel="gluon", tma=True, block_m=128, num_warps=8, num_stages=4),
+}
+ROW_VARIANTS = {  # one scale per row and per token (no groups)
+    "r_bm128_w4_s4": G(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
+    "r_bm128_w8_s4": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
+    "r_bm128_w8_s6": G(kernel="gluon", block_m=128, num_warps=8, num_stages=6),
+    "r_bm64_w4_s6": G(kernel="gluon", block_m=64, num_warps=4, num_stages=6),
 }
 
 
-def prefill_sweep() -> list[dict]:
-    """Time the Triton kernel and the Gluon variants against FP16 and FP8 at M >= 256."""
-    cfgs = {"triton": (None, "int8"), **{k: (v, "int8") for k, v in GLUON_VARIANTS.items()}}
+def prefill_sweep(gs: int | None = 128) -> list[dict]:
+    """Time the Triton kernel and the Gluon variants against FP16 and FP8 at M >= 256 (gs: the weight
+    and activation group size; None = one scale per row / token)."""
+    variants = GLUON_VARIANTS if gs else ROW_VARIANTS
+    cfgs = {"triton": (None, "int8"), **{k: (v, "int8") for k, v in variants.items()}}
     rows, table = [], []
     shapes = [(n, k) for _, _, n, k in B.LLAMA2_SHAPES[:4]] + [(57344, 8192), (8192, 28672)]
+    ms = (256, 1024, 4096, 16384) if gs else (256, 2048, 8192)
     for n, k in shapes:
-        for m in (256, 1024, 4096, 16384):
+        for m in ms:
             if n * m > 57344 * 4096:  # keep the run short: the largest products only at M <= 4096
                 continue
             t = time.time()
-            row = B.bench_gemm_shape(n, k, m, cfgs, which=("fp8",))
+            row = B.bench_gemm_shape(n, k, m, cfgs, which=("fp8",), gs=gs)
+            row["group_size"] = gs
             rows.append(row)
             best = min((nm for nm in cfgs if nm != "triton" and nm + "_ms" in row), key=lambda nm: row[nm + "_ms"],
                        default=None)
@@ -155,7 +166,7 @@ def prefill_sweep() -> list[dict]:
                     print(f"   {nm}: {row[nm + '_error']}", flush=True)
             print(f"{line} ({time.time() - t:.0f}s)", flush=True)
             table.append(line)
-    print("\nprefill sweep table (us):", flush=True)
+    print(f"\nprefill sweep table, groups {gs} (us):", flush=True)
     for line in table:
         print(line, flush=True)
     return rows
@@ -163,14 +174,15 @@ def prefill_sweep() -> list[dict]:
 
 def check_gluon() -> None:
     """The Gluon prefill kernel (sm_90): ragged M and N, bias, both output dtypes, each tile variant."""
-    for n, k, m in ((4096, 4096, 333), (22016, 4096, 4096), (4096 + 80, 11008, 1000), (8192, 28672, 65)):
-        x, w, pw, split = B.make_problem(n, k, m)
+    cases = ((4096, 4096, 333), (22016, 4096, 4096), (4096 + 80, 11008, 1000), (8192, 28672, 65))
+    for (n, k, m), gs in [(c, g) for g in (128, None) for c in cases]:
+        x, w, pw, split = B.make_problem(n, k, m, gs=gs)
         a = Q.quantize_act(x, None, split, out="int8")
         bias = torch.randn(n, device="cuda", dtype=torch.float16)
         cols = torch.randperm(n, device="cuda")[:256]
         sub = _sub_weight(pw, cols)
         pwp = prepare_weight(pw)
-        for name, cfg in GLUON_VARIANTS.items():
+        for name, cfg in (GLUON_VARIANTS if gs else ROW_VARIANTS).items():
             for dt in (torch.float16, torch.bfloat16):
                 try:
                     y = w4a4_gemm(a, pwp, bias.to(dt), out_dtype=dt, config=cfg)
@@ -282,7 +294,7 @@ def main() -> int:
         check_gemm()
         check_gluon()
     if args.prefill_sweep:
-        rows = prefill_sweep()
+        rows = prefill_sweep(128) + prefill_sweep(None)
         with open(args.out.replace(".json", "_prefill.json"), "w") as f:
             json.dump(rows, f, indent=1)
     if args.sweep:

@@ -2,7 +2,7 @@
 
 On any machine: it compiles for sm_90 (Triton ships ptxas), and ptxas reports no spills and no
 serialized wgmma. On an H100 (``-m gpu``): equal to ref.w4a4_gemm within the tolerances of
-test_w4a4_gemm.py, ragged M and N, bias, fp16 and bf16 out.
+test_w4a4_gemm.py, groups of 128 and one scale per row, ragged M and N, bias, fp16 and bf16 out.
 """
 
 import inspect
@@ -28,7 +28,7 @@ PTR_TYPES = {"w_ptr": "*i8", "sw_ptr": "*fp32", "w8_ptr": "*i8", "s8w_ptr": "*fp
              "sa_ptr": "*fp32", "a8_ptr": "*i8", "s8a_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
 
 
-def _compile_sm90(block_m: int, num_warps: int, stages: int):
+def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
     """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +36,7 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int):
     fn = hopper._w4a4_hopper_kernel
     names = list(inspect.signature(fn.fn).parameters)
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
-                 HAS_OUT=True, HAS_BIAS=True)
+                 GROUPED=grouped, HAS_OUT=True, HAS_BIAS=True)
     sig = {n: PTR_TYPES.get(n) or ("constexpr" if n in const else "i32") for n in names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
@@ -55,9 +55,9 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int):
     return kernel.asm["ptx"], run.stderr
 
 
-@pytest.mark.parametrize("block_m,num_warps,stages", [(128, 4, 4), (64, 8, 4)])
-def test_compiles_for_sm90_without_spills(block_m, num_warps, stages):
-    ptx, report = _compile_sm90(block_m, num_warps, stages)
+@pytest.mark.parametrize("block_m,num_warps,stages,grouped", [(128, 4, 4, True), (64, 8, 4, True), (128, 4, 6, False)])
+def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped):
+    ptx, report = _compile_sm90(block_m, num_warps, stages, grouped)
     assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
     assert "0 bytes spill stores" in report, report
     assert "serialized" not in report, report
@@ -77,11 +77,12 @@ def test_unsupported_inputs_have_a_reason():
 @pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (4096, 12288, 4096)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block_m,num_warps", [(128, 4), (64, 8)])
-def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps):
+@pytest.mark.parametrize("group_size", [128, None])
+def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, group_size):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs sm_90")
     g = torch.Generator(device="cpu").manual_seed(m + n)
-    split = plan_split(k, 128, 128)
+    split = plan_split(k, 128, group_size)
     pw = quantize_weight_rtn(torch.randn(n, k, generator=g).cuda(), split, 4, 0.85)
     x = (torch.randn(m, k, generator=g) * 2).to(torch.float16).cuda()
     bias = torch.randn(n, generator=g).to(out_dtype).cuda()

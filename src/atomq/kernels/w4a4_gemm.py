@@ -118,6 +118,7 @@ class GemmConfig:
     block_n: int = 64
     block_m: int = 128
     kernel: str = "triton"  # "triton" (any GPU, the interpreter) or "gluon" (sm_90, M > 64, groups of 128)
+    tma: bool = False  # gluon, grouped: fill the ring with TMA instead of cp.async
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
@@ -228,7 +229,7 @@ def w4a4_gemm(
         if reason:
             raise ValueError(reason)
         return hopper.w4a4_gemm_hopper(a, w, bias, out, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                                       stages=cfg.num_stages, group_m=cfg.group_m)
+                                       stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.tma)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)
