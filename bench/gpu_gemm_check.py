@@ -126,8 +126,6 @@ GLUON_VARIANTS = {  # groups of 128
     "g_bm128_w4_s4": G(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
     "g_bm64_w4_s4": G(kernel="gluon", block_m=64, num_warps=4, num_stages=4),
     "g_bm128_w8_s4": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
-    "tma_bm128_w4_s4": G(kernel="gluon", tma=True, block_m=128, num_warps=4, num_stages=4),
-    "tma_bm128_w8_s4": G(kernel="gluon", tma=True, block_m=128, num_warps=8, num_stages=4),
 }
 ROW_VARIANTS = {  # one scale per row and per token (no groups)
     "r_bm128_w4_s4": G(kernel="gluon", block_m=128, num_warps=4, num_stages=4),
@@ -194,6 +192,24 @@ def check_gluon() -> None:
                 tol = 1e-3 if dt == torch.float16 else 8e-3
                 report(f"gluon {name} M={m} N={n} K={k} ->{str(dt)[6:]}", rel <= tol and bool(torch.isfinite(y).all()),
                        f"rel err {rel:.2e} (tol {tol})")
+
+
+def row_bench() -> list[dict]:
+    """Group-free W4A4 (one scale per row and per token, 128 INT8 outliers) with the default kernels
+    against cuBLAS FP16 and FP8 at M in {16, 256, 2048, 8192}."""
+    rows = []
+    print("\ngroup-free W4A4, default kernels (us):", flush=True)
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        for m in (16, 256, 2048, 8192):
+            if n * m > 57344 * 2048:
+                continue
+            row = B.bench_gemm_shape(n, k, m, {"ours": (None, "int8")}, which=("fp8",), gs=None)
+            row.update(model=model, layer=layer, group_size=None)
+            rows.append(row)
+            print(f"{model:10s} {layer:7s} M={m:5d} ours {row['ours_ms'] * 1e3:8.1f} fp16 {row['fp16_ms'] * 1e3:8.1f} "
+                  f"fp8 {row['fp8_ms'] * 1e3:8.1f} | {row['fp16_ms'] / row['ours_ms']:.2f}x fp16 "
+                  f"{row['fp8_ms'] / row['ours_ms']:.2f}x fp8", flush=True)
+    return rows
 
 
 def sweep() -> list[dict]:
@@ -281,6 +297,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--prefill-sweep", action="store_true")
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
+    ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -297,6 +314,9 @@ def main() -> int:
         rows = prefill_sweep(128) + prefill_sweep(None)
         with open(args.out.replace(".json", "_prefill.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    if args.row_bench:
+        with open(args.out.replace(".json", "_rows.json"), "w") as f:
+            json.dump(row_bench(), f, indent=1)
     if args.sweep:
         rows = sweep()
         with open(args.out.replace(".json", "_sweep.json"), "w") as f:

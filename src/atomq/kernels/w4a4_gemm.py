@@ -9,7 +9,8 @@ and are unpacked in registers; the activations come from the quantize kernel as 
 byte (``quantize.ActOp``, int8 or float8_e4m3fn). The kernel computes the transposed product
 (out^T tile = W tile @ A tile^T, "swap-AB"), so the unpacked weights are the left operand, which
 Hopper's wgmma can read from registers, and small M fills the MMA's N side (decode). Small M also
-splits K over several programs (fp32 partials, then a reduce kernel).
+splits K over several programs (fp32 partials, then a reduce kernel). At M > 64 on sm_90 the Gluon
+kernel of ``w4a4_gemm_hopper.py`` takes over (same operands; ``pick_config``).
 
 Prepared weight layout (``prepare_weight``, once at load time), S = min(group_size, 64) ("span"):
     w4:  int8 [NP // RT, KP * RT // 2], KP = Kn rounded up to 2S, RT = row_tile (16 by default),
@@ -118,7 +119,6 @@ class GemmConfig:
     block_n: int = 64
     block_m: int = 128
     kernel: str = "triton"  # "triton" (any GPU, the interpreter) or "gluon" (sm_90, M > 64, groups of 128)
-    tma: bool = False  # gluon, grouped: fill the ring with TMA instead of cp.async
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
@@ -132,8 +132,9 @@ class GemmConfig:
     min_iters: int = 2  # automatic split K: at least this many K blocks per split
 
 
-def pick_config(m: int, n: int, kp: int) -> GemmConfig:
-    """Default tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill the GPU."""
+def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True) -> GemmConfig:
+    """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
+    the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64."""
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
     if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
@@ -143,7 +144,18 @@ def pick_config(m: int, n: int, kp: int) -> GemmConfig:
     if m <= 64:  # the prefetch costs registers with BLOCK_M 64 (measured slower)
         bm = 32 if m <= 32 else 64
         return GemmConfig(block_n=64, block_m=bm, num_warps=4, num_stages=4, prefetch=False)
+    if gluon:  # measured 2026-11-24 (KERNELS.md, Gluon notes): 8 warps except small products at M <= 256
+        small = m <= 256 and (n * kp < 100 * 2**20 if grouped else n <= 4096)
+        if grouped and small:
+            return GemmConfig(kernel="gluon", block_m=64, num_warps=4, num_stages=4)
+        return GemmConfig(kernel="gluon", block_m=128, num_warps=4 if small else 8, num_stages=4)
     return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, prefetch=False)
+
+
+def _hopper():
+    from . import w4a4_gemm_hopper
+
+    return w4a4_gemm_hopper
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,15 +233,17 @@ def w4a4_gemm(
     out = torch.empty(m, n, dtype=out_dtype, device=a.qa.device)
     if m == 0:
         return out
-    cfg = config or pick_config(m, n, w.kp)
+    if config is None:
+        gluon = m > 64 and a.qa.is_cuda and not interpreting() and _hopper().unsupported_reason(a, w) is None
+        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None)
+    cfg = config
     if cfg.kernel == "gluon":
-        from . import w4a4_gemm_hopper as hopper
-
+        hopper = _hopper()
         reason = hopper.unsupported_reason(a, w)
         if reason:
             raise ValueError(reason)
         return hopper.w4a4_gemm_hopper(a, w, bias, out, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                                       stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.tma)
+                                       stages=cfg.num_stages, group_m=cfg.group_m)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)

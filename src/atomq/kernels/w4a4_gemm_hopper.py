@@ -1,19 +1,23 @@
-"""W4A4 GEMM for Hopper written in Gluon: the prefill path (M > 64) of ``w4a4_gemm`` for groups of 128.
+"""W4A4 GEMM for Hopper written in Gluon: the path of ``w4a4_gemm`` for M > 64 on sm_90.
 
 Same operands and math as the Triton kernel in ``w4a4_gemm.py`` (read its module docstring first):
 swap-AB, so each program computes an out^T tile [BLOCK_N weight rows, BLOCK_M tokens]; the weights
 stay 4-bit in memory (``PreparedWeight``, span S = 64, groups of 2S = 128) and are unpacked in
 registers into the left wgmma operand; the activations are the quantize kernel's int8 operand, read
-by wgmma from shared memory. What differs is the schedule, which Triton's compiler does not produce:
+by wgmma from shared memory. What differs is the schedule, written out by hand:
 
-- Deferred promotion. A group's two wgmmas (low and high nibbles) are issued asynchronously into a
-  fresh int32 accumulator; while they run, the previous group's finished int32 result is promoted
-  (acc += float(d) * sw[n] * sa[m]). The promotion's ALU work overlaps the tensor cores instead of
-  following them (Triton waits for every dot before the next instruction that reads its result).
-- One cp.async ring of STAGES slots carries everything a group needs: the packed weight tile, the two
-  activation tiles and both scale vectors, so no global load waits on the critical path.
+- One cp.async ring of STAGES slots carries everything a K block needs: the packed weight tile, the
+  two activation tiles and, with groups, both scale vectors, so no global load waits in the loop.
+- Groups of 128 (Atom): per block, two wgmmas into a fresh int32 tile, one wait, then the promotion
+  acc += float(d) * sw[n] * sa[m] with the scales read from the ring. (Promoting block k while block
+  k + 1's wgmmas run would overlap the two, but ptxas then serializes every wgmma: the accumulator
+  copies that LLVM inserts read registers of an in-flight wgmma. Overlap comes from two CTAs per SM.)
+- One scale per row and per token (group-free recipes): a single int32 sum over all of K with one
+  block's wgmmas kept in flight while the next block is unpacked, scaled once at the end; this is the
+  plain INT8 GEMM's pipeline plus the 4-bit unpack.
 
 Activation scales are read transposed and in fp32 (``sa_t`` [G, M]); the wrapper builds that copy.
+Measured against cuBLAS FP16 and FP8 in docs/KERNELS.md.
 Importable without Gluon (``AVAILABLE`` says whether the kernel exists); runs on sm_90 only.
 """
 
@@ -28,10 +32,7 @@ try:  # guarded: Gluon is experimental and absent from older Triton releases
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover
@@ -56,7 +57,7 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,
-                     num_warps: int = 4, stages: int = 4, group_m: int = 8, use_tma: bool = False) -> torch.Tensor:
+                     num_warps: int = 4, stages: int = 4, group_m: int = 8) -> torch.Tensor:
     """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
 
     The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
@@ -66,10 +67,6 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     n = w.n
     block_n = 16 * num_warps
     grouped = w.group_size is not None
-    if use_tma:
-        if not grouped:
-            raise ValueError("the TMA variant takes grouped weights only")
-        return _launch_tma(a, w, bias, out, block_m, block_n, num_warps, stages, group_m)
     # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
     sa_t = a.s4.t().float().contiguous()
     has_out = w.n_out > 0
@@ -85,38 +82,6 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
         GROUPED=grouped, HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
-    )
-    return out
-
-
-def _launch_tma(a, w, bias, out, block_m, block_n, num_warps, stages, group_m):
-    """The TMA variant: one elected thread moves each ring slot with five bulk copies."""
-    m, n, rt = a.qa.shape[0], w.n, w.row_tile
-    n_blocks = w.kp // (2 * SPAN)
-    if block_n % rt:
-        raise ValueError(f"BLOCK_N {block_n} must be a multiple of the weight row tile {rt}")
-    # fp32 [G, M rounded up to 4] activation scales (TMA wants 16-byte row strides)
-    mp = -(-m // 4) * 4
-    sa_t = torch.zeros(a.s4.shape[1], mp, dtype=torch.float32, device=a.s4.device)
-    sa_t[:, :m] = a.s4.t()
-    lay8 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
-    lay8w = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4)
-    lay32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    w4 = w.w4.view(-1, n_blocks, rt, SPAN)  # [NP / RT, blocks, RT, S]: one block of RT rows per box row
-    w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [block_n // rt, 1, rt, SPAN], lay8w)
-    a_desc = TensorDescriptor(a.qa, list(a.qa.shape), list(a.qa.stride()), [block_m, SPAN], lay8)
-    sw_desc = TensorDescriptor(w.sw, list(w.sw.shape), list(w.sw.stride()), [1, block_n], lay32)
-    sa_desc = TensorDescriptor(sa_t, [sa_t.shape[0], m], list(sa_t.stride()), [1, block_m], lay32)
-    has_out = w.n_out > 0
-    dummy = w.sw
-    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
-    _w4a4_hopper_tma_kernel[grid](
-        w_desc, a_desc, sw_desc, sa_desc, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
-        a.q8 if has_out else a.qa, a.s8 if has_out else a.s4, bias if bias is not None else dummy, out,
-        m, n, w.n_out, n_blocks, w.w8.stride(0) if has_out else 0, a.q8.stride(0) if has_out else 0,
-        a.s8.stride(0) if has_out else 0, out.stride(0),
-        BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=rt, STAGES=stages, GROUP_M=group_m,
-        HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
     )
     return out
 
@@ -312,85 +277,3 @@ if AVAILABLE:
         sm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st))
         ptrs = out_ptr + sm.to(gl.int64)[None, :] * stride_om + sn[:, None]
         gl.store(ptrs, res, mask=(sn < N)[:, None] & (sm < M)[None, :])
-
-    @gluon.jit
-    def _tma_stage(it, slot, ready, w_desc, a_desc, sw_desc, sa_desc, w_s, al_s, ah_s, sw_s, sa_s,
-                   n0, m0, N_BLOCKS, RT: gl.constexpr, S: gl.constexpr):
-        """Start the five bulk copies of K block ``it`` into ring slot ``slot`` (none past N_BLOCKS);
-        ready[slot] completes when their bytes have landed. Out-of-range rows and columns read as 0."""
-        live = it < N_BLOCKS
-        nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * a_desc.block_type.nbytes
-                                + sw_desc.block_type.nbytes + sa_desc.block_type.nbytes)
-        bar = ready.index(slot)
-        mbarrier.expect(bar, nbytes, pred=live)
-        tma.async_copy_global_to_shared(w_desc, [n0 // RT, it, 0, 0], bar, w_s.index(slot), pred=live)
-        tma.async_copy_global_to_shared(a_desc, [m0, it * (2 * S)], bar, al_s.index(slot), pred=live)
-        tma.async_copy_global_to_shared(a_desc, [m0, it * (2 * S) + S], bar, ah_s.index(slot), pred=live)
-        tma.async_copy_global_to_shared(sw_desc, [it, n0], bar, sw_s.index(slot), pred=live)
-        tma.async_copy_global_to_shared(sa_desc, [it, m0], bar, sa_s.index(slot), pred=live)
-
-    @gluon.jit
-    def _w4a4_hopper_tma_kernel(
-        w_desc, a_desc, sw_desc, sa_desc, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
-        M, N, NO, N_BLOCKS, stride_w8n, stride_a8m, stride_s8am, stride_om,
-        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
-        STAGES: gl.constexpr, GROUP_M: gl.constexpr, HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
-    ):
-        """As _w4a4_hopper_kernel, with the ring filled by TMA: w_desc over the packed weights viewed
-        [NP / RT, N_BLOCKS, RT, S] (box [BLOCK_N / RT, 1, RT, S]), a_desc over the activation operand
-        [M, KN] (box [BLOCK_M, S]), sw_desc over sw fp32 [G, N] and sa_desc over sa fp32 [G, M]
-        (boxes of one row)."""
-        num_warps: gl.constexpr = gl.num_warps()
-        pid = gl.program_id(0)
-        num_n = gl.cdiv(N, BLOCK_N)
-        num_m = gl.cdiv(M, BLOCK_M)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        gm = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % gm
-        pid_n = (pid % width) // gm
-        n0 = pid_n * BLOCK_N
-        m0 = pid_m * BLOCK_M
-
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_M, 32])
-        w_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        cp16: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
-        v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-
-        w_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N // RT, 1, RT, S], w_desc.layout)
-        al_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_desc.layout)
-        ah_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_desc.layout)
-        sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], sw_desc.layout)
-        sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], sa_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            _tma_stage(i, i, ready, w_desc, a_desc, sw_desc, sa_desc, w_s, al_s, ah_s, sw_s, sa_s,
-                       n0, m0, N_BLOCKS, RT, S)
-
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-        d = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)  # lends its registers to each block's result
-        for it in range(N_BLOCKS):
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            wp = w_s.index(slot).reshape([BLOCK_N, S]).load(w_op)
-            wl, wh = _unpack(wp)
-            d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, use_acc=False, is_async=True)
-            d = warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
-            d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
-            swv = sw_s.index(slot)._reinterpret(gl.float32, [BLOCK_N], v_sl).load(gl.SliceLayout(1, mma))
-            sav = sa_s.index(slot)._reinterpret(gl.float32, [BLOCK_M], v_sl).load(gl.SliceLayout(0, mma))
-            acc += d.to(gl.float32) * (swv[:, None] * sav[None, :])
-            gl.thread_barrier()  # every warp is done with the slot (wgmma and loads) before it is refilled
-            _tma_stage(it + STAGES, slot, ready, w_desc, a_desc, sw_desc, sa_desc, w_s, al_s, ah_s, sw_s, sa_s,
-                       n0, m0, N_BLOCKS, RT, S)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-
-        rows_w = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cp16))
-        rows_a = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, cp16))
-        _epilogue(acc, rows_w, rows_a, pid_n, pid_m, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
-                  M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
-                  BLOCK_N, BLOCK_M, HAS_OUT, HAS_BIAS, mma, cp16)
