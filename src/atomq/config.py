@@ -42,6 +42,8 @@ class QuantConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
     calib_quantized_inputs: bool = False  # GPTQ calibrates each layer on fully quantized (W, A, KV) inputs
+    rotate: bool = False  # randomized Hadamard rotations before calibration (calib/rotation.py)
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)
@@ -64,6 +66,8 @@ class QuantConfig:
             raise ValueError("kv_rotate applies after RoPE; it cannot be combined with kv_pre_rope")
         if self.gptq and self.w_bits is None:
             raise ValueError("gptq needs quantized weights (w_bits is None)")
+        if self.rotate and self.smooth_alpha is not None:
+            raise ValueError("rotate and smooth_alpha both rescale the norm-produced inputs; choose one")
 
     @property
     def quantizes_linears(self) -> bool:
@@ -103,6 +107,13 @@ PRESETS: dict[str, QuantConfig] = {
     "atomq": QuantConfig(kv_rotate=True),
     "atom-w-only": QuantConfig(a_bits=None, kv_bits=None),
     "atom-a-only": QuantConfig(w_bits=None, gptq=False, kv_bits=None),
+    # rotation recipes (calib/rotation.py): rotated weights and activations, INT4 KV with rotated keys;
+    # "rot-w4a4" and "rot-outliers" need no groups, the fast GEMM path on Hopper (docs/KERNELS.md)
+    "rot-w4a4": QuantConfig(rotate=True, group_size=None, n_outliers=0, w_clip=1.0, w_clip_search=True,
+                            kv_rotate=True),
+    "rot-outliers": QuantConfig(rotate=True, group_size=None, w_clip=1.0, w_clip_search=True, kv_rotate=True),
+    "rot-groups": QuantConfig(rotate=True, n_outliers=0, kv_rotate=True),
+    "rot-atom": QuantConfig(rotate=True, kv_rotate=True),
     "w8a8": QuantConfig(w_bits=8, a_bits=8, group_size=None, n_outliers=0, w_clip=1.0, a_clip=1.0,
                         gptq=False, kv_bits=None, smooth_alpha=0.5),
     "w4a16": QuantConfig(w_bits=4, a_bits=None, group_size=128, n_outliers=0, w_clip=1.0, w_sym=False,

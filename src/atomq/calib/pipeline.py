@@ -1,13 +1,15 @@
 """Calibrate a Hugging Face model with Atom's recipe, one decoder layer at a time, and write a checkpoint.
 
-For each layer: run the float layer on the calibration activations while hooks collect input
-statistics; smooth (optional) and reorder the float tensors; quantize every linear (GPTQ or RTN); then
-run the weight-quantized layer to produce the next layer's inputs (GPTQ's convention: activations stay
-unquantized while calibrating). Memory stays near one layer plus the activations of the windows.
+For each layer: rotate the float tensors (optional, ``rotation.py``); run the float layer on the
+calibration activations while hooks collect input statistics; smooth (optional) and reorder the float
+tensors; quantize every linear (GPTQ or RTN); then run the weight-quantized layer to produce the next
+layer's inputs (GPTQ's convention: activations stay unquantized while calibrating). Memory stays near
+one layer plus the activations of the windows.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import platform
 import resource
@@ -28,6 +30,7 @@ from ..model.specs import input_groups, layer_specs, plan_splits
 from ..quant import quantize_weight_rtn
 from .data import calibration_windows
 from .gptq import gptq_quantize
+from .rotation import down_rotation_factors, residual_rotation, rotate_globals, rotate_layer
 from .stats import observe_inputs, hessian_key
 from .transforms import reorder_group, smooth_group
 
@@ -35,7 +38,8 @@ BATCH_TOKENS = 8192  # tokens per forward chunk during calibration
 
 
 def _layer_names(model: CausalLM) -> list[str]:
-    return list(model.model.layers[0].state_dict().keys())
+    """Tensor names of one layer in the source model (the rotation factors are made, not read)."""
+    return [n for n in model.model.layers[0].state_dict() if ".down_rotation." not in n]
 
 
 def _materialize(layer: DecoderLayer, tensors: dict[str, torch.Tensor]) -> DecoderLayer:
@@ -56,7 +60,7 @@ def quantize_layer_tensors(
 ) -> dict[str, torch.Tensor]:
     """Float layer tensors (relative names) + input statistics -> the quantized layer's tensors."""
     tensors = {k: v.float() for k, v in tensors.items()}
-    groups = input_groups(args)
+    groups = input_groups(args, qcfg.rotate)
     if qcfg.smooth_alpha is not None:
         for g in groups:
             smooth_group(tensors, g, stats, qcfg.smooth_alpha)
@@ -87,26 +91,35 @@ def quantize_model(
     """
     t0 = time.time()
     src = WeightSource(model_path)
-    args = ModelArgs.from_hf(src.config)
+    config = src.config
+    if qcfg.rotate and getattr(config, "tie_word_embeddings", False):
+        config = copy.deepcopy(config)  # lm_head absorbs the final norm: it is no longer the embedding
+        config.tie_word_embeddings = False
+    args = ModelArgs.from_hf(config)
     tokenizer = src.load_tokenizer()
     dtype = DTYPES[ccfg.dtype]
-    float_model = build_model(src.config, FP16, dtype)
+    float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate), dtype)
     # GPTQ's convention: the next layer sees weight-quantized outputs; optionally fully quantized ones
     prop_cfg = qcfg if qcfg.calib_quantized_inputs else dataclasses.replace(qcfg, a_bits=None, kv_bits=None)
-    prop_model = build_model(src.config, prop_cfg, dtype)
+    prop_model = build_model(config, prop_cfg, dtype)
     # 16-bit storage for float tensors: bf16 where the source is bf16, fp16 otherwise
     store = torch.bfloat16 if src.get("model.embed_tokens.weight").dtype == torch.bfloat16 else torch.float16
-    out: dict[str, torch.Tensor] = {}
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        if name == "lm_head.weight" and args.tie_embeddings:
-            continue
-        out[name] = src.get(name).to(store)
+    tied = bool(getattr(src.config, "tie_word_embeddings", False))
+    glob = {name: src.get(name) for name in ("model.embed_tokens.weight", "model.norm.weight")}
+    glob["lm_head.weight"] = src.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+    if qcfg.rotate:
+        q = residual_rotation(args, qcfg.rotate_seed)
+        down = down_rotation_factors(args, qcfg.rotate_seed)
+        glob = rotate_globals(glob["model.embed_tokens.weight"], glob["model.norm.weight"], glob["lm_head.weight"], q)
+    elif tied:
+        del glob["lm_head.weight"]
+    out: dict[str, torch.Tensor] = {name: t.to(store) for name, t in glob.items()}
 
     calibrate = qcfg.quantizes_linears and (qcfg.gptq or qcfg.reorder or qcfg.smooth_alpha is not None)
     x = None
     if calibrate:
         windows = calibration_windows(tokenizer, ccfg.dataset, ccfg.n_samples, ccfg.seq_len, ccfg.seed, data_dir)
-        x = torch.nn.functional.embedding(windows, src.get("model.embed_tokens.weight").to(dtype))  # [n, T, hidden]
+        x = torch.nn.functional.embedding(windows, glob["model.embed_tokens.weight"].to(dtype))  # [n, T, hidden]
     cos, sin = rope_cos_sin(float_model.inv_freq, float_model.rope_scaling, torch.arange(ccfg.seq_len))
     batch = max(1, BATCH_TOKENS // ccfg.seq_len)
     names = _layer_names(float_model)
@@ -115,6 +128,8 @@ def quantize_model(
     for i in tqdm(range(args.n_layers), desc="calibrating layers", disable=not progress):
         prefix = f"model.layers.{i}."
         raw = {n: src.get(prefix + n) for n in names}
+        if qcfg.rotate:
+            raw = rotate_layer(raw, args, q, down)
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)
@@ -127,8 +142,8 @@ def quantize_model(
         if calibrate and qcfg.gptq and i + 1 < args.n_layers:  # GPTQ sees the quantized model's inputs
             x = _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
             prop_model.model.layers[i].to("meta")
-        for k, v in qt.items():
-            out[prefix + k] = v.to(store) if v.dtype == torch.float32 else v
+        for k, v in qt.items():  # the online rotation's factors stay fp32 (they must match the folded R)
+            out[prefix + k] = v.to(store) if v.dtype == torch.float32 and ".down_rotation." not in k else v
         del raw, stats
 
     meta = {
@@ -144,5 +159,5 @@ def quantize_model(
             "python": platform.python_version(),
         },
     }
-    write_checkpoint(out_dir, out, src.config, meta, tokenizer, overwrite=overwrite)
+    write_checkpoint(out_dir, out, config, meta, tokenizer, overwrite=overwrite)
     return meta

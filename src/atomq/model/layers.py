@@ -135,6 +135,22 @@ def shared_forward(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
     return [y.reshape(*lead, y.shape[-1]) for y in outs]
 
 
+class OnlineRotation(nn.Module):
+    """x [..., n] -> x @ R at run time, R orthogonal [n, n] given by its factors (``ref.rotate_online``):
+    signs fp32 [n] and small fp32 [m, m]. The matching R is folded into the next linear offline."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        m, _ = ref.hadamard_split(n)
+        self.register_buffer("signs", torch.empty(n, dtype=torch.float32, device="meta"))
+        self.register_buffer("small", torch.empty(m, m, dtype=torch.float32, device="meta"))
+
+    def forward(self, x: torch.Tensor, backend: str = "ref") -> torch.Tensor:
+        from ..kernels import get_op
+
+        return get_op("rotate_online", backend)(x, self.signs, self.small)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm (fp32 math); when ``reorder`` is set its output is gathered by ``reorder_index`` [K]."""
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..kernels import ref
 from .args import ModelArgs, apply_rope, rope_cos_sin, rope_inv_freq
-from .layers import Linear, LinearSpec, RMSNorm, shared_forward
+from .layers import Linear, LinearSpec, OnlineRotation, RMSNorm, shared_forward
 
 Specs = dict[str, LinearSpec]  # linear name inside a layer ("self_attn.q_proj", ...) -> spec
 
@@ -68,30 +68,35 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, specs: Specs, prefix: str, dtype):
+    def __init__(self, specs: Specs, prefix: str, dtype, rotate: bool = False):
         super().__init__()
         names = ("w1", "w3", "w2") if prefix.startswith("block_sparse_moe") else ("gate_proj", "up_proj", "down_proj")
         self.names = names
         for name in names:
             setattr(self, name, Linear(specs[f"{prefix}.{name}"], dtype))
+        # rotated models: SiLU(gate) * up is rotated before down_proj, which holds the inverse
+        self.down_rotation = OnlineRotation(specs[f"{prefix}.{names[2]}"].in_features) if rotate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., hidden] -> [..., hidden]; the down input order is folded into gate/up rows offline."""
+        """x [..., hidden] -> [..., hidden]; the down input order is folded into gate/up rows offline
+        (rotated models: down gathers it itself after the rotation)."""
         gate, up, down = (getattr(self, n) for n in self.names)
         g, u = shared_forward(x, gate, up)
         h = (F.silu(g.float()) * u.float()).to(x.dtype)
+        if self.down_rotation is not None:
+            h = self.down_rotation(h)
         return down(h)
 
 
 class MoE(nn.Module):
     """Mixtral sparse MoE: softmax router (kept 16-bit) -> top-k experts, weights renormalized."""
 
-    def __init__(self, args: ModelArgs, specs: Specs, dtype):
+    def __init__(self, args: ModelArgs, specs: Specs, dtype, rotate: bool = False):
         super().__init__()
         self.top_k = args.top_k
         self.gate = Linear(specs["block_sparse_moe.gate"], dtype)
         self.experts = nn.ModuleList(
-            MLP(specs, f"block_sparse_moe.experts.{e}", dtype) for e in range(args.n_experts)
+            MLP(specs, f"block_sparse_moe.experts.{e}", dtype, rotate) for e in range(args.n_experts)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,15 +114,15 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, specs: Specs, kv: KVSpec, reorder: bool, dtype):
+    def __init__(self, args: ModelArgs, specs: Specs, kv: KVSpec, reorder: bool, dtype, rotate: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
         self.self_attn = Attention(args, specs, kv, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps, reorder, dtype)
         if args.is_moe:
-            self.block_sparse_moe = MoE(args, specs, dtype)
+            self.block_sparse_moe = MoE(args, specs, dtype, rotate)
         else:
-            self.mlp = MLP(specs, "mlp", dtype)
+            self.mlp = MLP(specs, "mlp", dtype, rotate)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden] residual stream -> [B, T, hidden]."""
@@ -127,11 +132,11 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerModel(nn.Module):
-    def __init__(self, args: ModelArgs, layer_specs: list[Specs], kv: KVSpec, reorder, dtype):
+    def __init__(self, args: ModelArgs, layer_specs: list[Specs], kv: KVSpec, reorder, dtype, rotate: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta", dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, layer_specs[i], kv, reorder, dtype) for i in range(args.n_layers)
+            DecoderLayer(args, layer_specs[i], kv, reorder, dtype, rotate) for i in range(args.n_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_eps, False, dtype)
 
@@ -140,10 +145,10 @@ class CausalLM(nn.Module):
     """The whole model. Build with ``model/loader.py``; parameters start on the meta device."""
 
     def __init__(self, args: ModelArgs, hf_config: Any, layer_specs: list[Specs], kv: KVSpec = KVSpec(),
-                 reorder: bool = False, dtype: torch.dtype = torch.float32):
+                 reorder: bool = False, dtype: torch.dtype = torch.float32, rotate: bool = False):
         super().__init__()
         self.args, self.hf_config = args, hf_config
-        self.model = TransformerModel(args, layer_specs, kv, reorder, dtype)
+        self.model = TransformerModel(args, layer_specs, kv, reorder, dtype, rotate)
         self.lm_head = Linear(LinearSpec(args.hidden_size, args.vocab_size), dtype)
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, args.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -32,14 +32,15 @@ def build_model(hf_config: Any, qcfg: QuantConfig, dtype: torch.dtype = torch.fl
     args = ModelArgs.from_hf(hf_config)
     specs = layer_specs(args, qcfg)
     kv = KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate)
-    return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype)
+    return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype, qcfg.rotate)
 
 
 def expected_tensors(model: CausalLM) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """name -> (shape, dtype) the model needs; None dtype = any float dtype (cast on load)."""
     out = {}
     for name, t in model.state_dict().items():
-        exact = not t.dtype.is_floating_point or name.endswith(("scales", "scales_outlier"))
+        exact = not t.dtype.is_floating_point or name.endswith(("scales", "scales_outlier", "rotation.signs",
+                                                                  "rotation.small"))
         out[name] = (tuple(t.shape), t.dtype if exact else None)
     if model.args.tie_embeddings:
         out.pop("lm_head.weight")
@@ -69,9 +70,10 @@ def splits_from_meta(meta: dict[str, Any]) -> dict[str, Split]:
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
-                    kv_rotate: bool | None = None) -> LoadedModel:
+                    kv_rotate: bool | None = None, weights_only: bool = False) -> LoadedModel:
     """An atomq checkpoint. ``kv_bits`` (4, 8 or "none") and ``kv_rotate`` override the KV-cache numerics,
-    which are run-time choices (nothing stored depends on them)."""
+    and ``weights_only`` switches the activation quantizers off: run-time choices (nothing stored depends
+    on them)."""
     from transformers import AutoConfig, AutoTokenizer
 
     meta = ckpt.read_meta(path)
@@ -83,6 +85,8 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
         qcfg = dataclasses.replace(qcfg, kv_bits=None if kv_bits == "none" else kv_bits)
     if kv_rotate is not None:
         qcfg = dataclasses.replace(qcfg, kv_rotate=kv_rotate)
+    if weights_only:
+        qcfg = dataclasses.replace(qcfg, a_bits=None)
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model(hf_config, qcfg, dtype)
     planned = plan_splits(model.args, qcfg)
@@ -106,13 +110,14 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
-               kv_rotate: bool | None = None) -> LoadedModel:
+               kv_rotate: bool | None = None, weights_only: bool = False) -> LoadedModel:
     """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'.
 
     ``kv_bits``: "checkpoint" keeps the stored choice; 4, 8 or "none" (16-bit) override it.
     ``kv_rotate``: None keeps the stored choice; True / False override it.
+    ``weights_only``: a checkpoint's activations stay 16-bit (its weights-only accuracy).
     """
     path = resolve_model_path(path)
     if ckpt.is_checkpoint(path):
-        return load_checkpoint(path, dtype, device, kv_bits, kv_rotate)
+        return load_checkpoint(path, dtype, device, kv_bits, kv_rotate, weights_only)
     return load_hf(path, dtype, device, kv_bits, kv_rotate)

@@ -121,6 +121,9 @@ def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
         gate_up = gate.matmul(operand)  # [T, 2I] = gate | up, one GEMM
     else:
         gate_up = torch.cat([gate.matmul(operand), up.matmul(operand)], dim=-1)
+    if mlp.down_rotation is not None:  # rotated model: SiLU * up, then the online rotation, then quantize
+        h = mlp.down_rotation(ops.silu_mul(gate_up), backend=ops.backend)
+        return down.matmul(down.prepare_input(h))
     if isinstance(down.kernel, AtomKernel):
         from ..kernels.quantize import silu_mul_quantize
 

@@ -25,8 +25,9 @@ class InputGroup:
     in_features: int
 
 
-def input_groups(args: ModelArgs) -> list[InputGroup]:
-    """The input groups of one decoder layer, in execution order."""
+def input_groups(args: ModelArgs, rotate: bool = False) -> list[InputGroup]:
+    """The input groups of one decoder layer, in execution order. With ``rotate`` the down_proj input is
+    rotated online after SiLU(gate) * up, so its reorder cannot fold into gate/up: down gathers itself."""
     h, i = args.hidden_size, args.intermediate_size
     groups = [
         InputGroup("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", h),
@@ -37,10 +38,11 @@ def input_groups(args: ModelArgs) -> list[InputGroup]:
         ups = tuple(f"{p}.{n}" for p in experts for n in ("w1", "w3"))
         groups.append(InputGroup("moe_in", ("block_sparse_moe.gate",) + ups, "post_attention_layernorm", h))
         for p in experts:  # each expert's w2 input order folds into its own w1/w3 rows
-            groups.append(InputGroup(f"{p}.down", (f"{p}.w2",), f"fold:{p}.w1,{p}.w3", i))
+            groups.append(InputGroup(f"{p}.down", (f"{p}.w2",), f"{p}.w2" if rotate else f"fold:{p}.w1,{p}.w3", i))
     else:
         groups.append(InputGroup("gate_up", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", h))
-        groups.append(InputGroup("down", ("mlp.down_proj",), "fold:mlp.gate_proj,mlp.up_proj", i))
+        groups.append(InputGroup("down", ("mlp.down_proj",), "mlp.down_proj" if rotate else
+                                 "fold:mlp.gate_proj,mlp.up_proj", i))
     return groups
 
 
@@ -90,6 +92,7 @@ def layer_specs(args: ModelArgs, qcfg: QuantConfig) -> dict[str, LinearSpec]:
         specs[name] = LinearSpec(
             k, n, bias, split=split, w_bits=qcfg.w_bits, w_sym=qcfg.w_sym,
             a_bits=qcfg.a_bits, a_clip=qcfg.a_clip,
-            own_index=qcfg.reorder and name == "self_attn.o_proj",
+            own_index=qcfg.reorder and (name == "self_attn.o_proj"
+                                        or (qcfg.rotate and name.endswith(("down_proj", ".w2")))),
         )
     return specs

@@ -1,0 +1,100 @@
+"""Rotation recipes: the rotated float model computes the same function; rotated checkpoints load and run.
+
+Tiny random models (hidden 96 = 3 x 32, intermediate 160 = 5 x 32: sizes that are not powers of two).
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from atomq.calib.pipeline import _layer_names, quantize_model
+from atomq.calib.rotation import down_rotation_factors, residual_rotation, rotate_globals, rotate_layer
+from atomq.config import FP16, CalibConfig, preset
+from atomq.model.args import ModelArgs
+from atomq.model.loader import build_model, load_model, load_tensors
+from atomq.model.source import WeightSource
+
+CALIB = dict(n_samples=4, seq_len=32, dtype="float32")
+
+
+def _logits(path, ids, **kw):
+    return load_model(str(path), torch.float32, **kw).model(ids)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False), ("mixtral", False)])
+def test_rotated_float_model_gives_the_same_logits(tiny_model, tmp_path, arch, tied):
+    path = tiny_model(arch, tie_word_embeddings=tied)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(path, ids)
+    # in fp32: the rotated tensors give the same function
+    src = WeightSource(str(path))
+    args = ModelArgs.from_hf(src.config)
+    q, down = residual_rotation(args, 3), down_rotation_factors(args, 3)
+    embed = src.get("model.embed_tokens.weight")
+    tensors = rotate_globals(embed, src.get("model.norm.weight"), embed if tied else src.get("lm_head.weight"), q)
+    config = src.config
+    config.tie_word_embeddings = False
+    model = build_model(config, dataclasses.replace(FP16, rotate=True))
+    for i in range(args.n_layers):
+        raw = {n: src.get(f"model.layers.{i}.{n}") for n in _layer_names(model)}
+        tensors.update({f"model.layers.{i}.{k}": v for k, v in rotate_layer(raw, args, q, down).items()})
+    got = load_tensors(model, tensors, torch.float32)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # through the pipeline and a checkpoint (16-bit storage of the rotated weights)
+    out = tmp_path / "rotated"
+    quantize_model(str(path), str(out), dataclasses.replace(FP16, rotate=True, rotate_seed=3), CalibConfig(**CALIB),
+                   progress=False)
+    stored = _logits(out, ids)
+    assert ((stored - want).norm() / want.norm()).item() < 2e-3
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False  # lm_head holds the folded final norm
+    loaded = load_model(str(out), torch.bfloat16).model
+    rot = loaded.model.layers[0].mlp.down_rotation if arch != "mixtral" else \
+        loaded.model.layers[0].block_sparse_moe.experts[0].down_rotation
+    assert rot.signs.dtype == torch.float32 and rot.small.dtype == torch.float32  # never cast to the model dtype
+
+
+def test_rotation_spreads_outlier_channels(tiny_model):
+    """The point of rotating: the embedding's largest channel energy shrinks towards the mean."""
+    src = WeightSource(str(tiny_model("llama")))
+    args = ModelArgs.from_hf(src.config)
+    e = src.get("model.embed_tokens.weight").float()
+    e[:, 7] *= 20  # one outlier channel
+    q = residual_rotation(args, 0)
+    ratio = lambda t: (t.pow(2).mean(0).max() / t.pow(2).mean()).item()  # noqa: E731
+    assert ratio(e @ q) < 0.25 * ratio(e)
+    torch.testing.assert_close(q @ q.t(), torch.eye(args.hidden_size), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rot-w4a4", "rot-outliers", "rot-atom"])
+def test_rotation_presets_quantize_load_and_run(tiny_model, calib_file, tmp_path, name):
+    """Each rotation recipe quantizes, loads and runs. Without INT8 outlier channels (rot-w4a4) the
+    rotation is what keeps per-channel / per-token W4A4 usable on a model with outlier channels: its
+    logits are closer to the float model's than without it. With outliers the INT8 channels already
+    absorb this toy model's outliers (measured: the rotation then loses a little here), so there the
+    test only asks for a sane result; real-model accuracy is in BENCHMARKS.md."""
+    src = tiny_model("llama", tie_word_embeddings=True)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = _logits(src, ids)
+    err = {}
+    for rotate in (True, False):
+        out = tmp_path / f"{name}-{rotate}"
+        quantize_model(str(src), str(out), preset(name, rotate=rotate), CalibConfig(dataset=str(calib_file), **CALIB),
+                       progress=False)
+        loaded = load_model(str(out), torch.float32)
+        assert loaded.qcfg.rotate == rotate
+        logits = loaded.model(ids)
+        assert torch.isfinite(logits).all()
+        err[rotate] = ((logits - want).norm() / want.norm()).item()
+        mlp = loaded.model.model.layers[0].mlp
+        assert mlp.down_proj.spec.own_index == (rotate and loaded.qcfg.reorder)  # gathers after the rotation
+    assert err[True] < 0.8, err
+    if name == "rot-w4a4":
+        assert err[True] < 0.85 * err[False], err
+
+
+def test_rotate_and_smooth_are_exclusive():
+    with pytest.raises(ValueError, match="rotate and smooth_alpha"):
+        preset("rot-w4a4", smooth_alpha=0.5)
