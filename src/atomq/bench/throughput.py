@@ -66,6 +66,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("fp8", "FP8 W8A8, FP8 KV", "float", "fp8", "fp8"),
     Config("w4a16", "W4A16, FP16 KV", "w4a16", "auto", "fp16"),
     Config("atom", "Atom W4A4, INT4 KV", "atom", "auto", "int4"),
+    Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
 )}
 
 

@@ -48,6 +48,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 RANDOM_FORMATS: dict[str, QuantConfig] = {
     "float": PRESETS["fp16"],
     "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),
+    # group-free W4A4 (one scale per row and per token) + 128 INT8 outliers, rotated: the online
+    # down_proj rotation runs, the offline ones are invisible in random weights
+    "rot-outliers": dataclasses.replace(PRESETS["rot-outliers"], kv_bits=4),
     "int8": PRESETS["w8a8"],
     "w4a16": PRESETS["w4a16"],
 }
@@ -87,7 +90,7 @@ def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.floa
     if fmt not in RANDOM_FORMATS:
         raise ValueError(f"unknown random-weight format {fmt!r}; choose one of {sorted(RANDOM_FORMATS)}")
     qcfg = RANDOM_FORMATS[fmt]
-    if kv_bits is not None or fmt != "atom":
+    if kv_bits is not None or fmt not in ("atom", "rot-outliers"):
         qcfg = dataclasses.replace(qcfg, kv_bits=kv_bits)
     config = shape_config(shape)
     from .args import ModelArgs
@@ -95,7 +98,7 @@ def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.floa
     args = ModelArgs.from_hf(config)
     specs = layer_specs(args, qcfg)
     model = CausalLM(args, config, [specs] * args.n_layers, KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate),
-                     qcfg.reorder, dtype)
+                     qcfg.reorder, dtype, qcfg.rotate)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type == "cuda" else gen
     int8_rows = {f"model.layers.{i}.{n}": spec.w_bits == 8 for i in range(args.n_layers) for n, spec in specs.items()}
@@ -115,6 +118,10 @@ def _random_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, device,
     """Values of the right kind and magnitude for tensor ``name`` (linear weights ~ N(0, 0.02) dequantized)."""
     owner, leaf = name.rsplit(".", 1)
     empty = lambda dt: torch.empty(shape, dtype=dt, device=device)  # noqa: E731
+    if leaf == "signs":  # online rotation: random signs, the small factor the identity
+        return (torch.randint(0, 2, shape, generator=cpu_gen) * 2 - 1).to(dtype).to(device)
+    if leaf == "small":
+        return torch.eye(shape[0], dtype=dtype, device=device)
     if leaf == "reorder_index":
         return torch.randperm(shape[0], generator=cpu_gen).to(torch.int32).to(device)
     if leaf == "zeros":  # asymmetric 4-bit zero points
