@@ -32,9 +32,12 @@ def test_triton_backend_equals_reference_backend(load, prompts, arch, kv):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file, tmp_path, prompts, monkeypatch):
-    """A calibrated Atom checkpoint served with the linear kernels (quantize + merged W4A4 GEMMs) gives the
-    same greedy tokens as with the reference linears, and the same logits up to float rounding.
+@pytest.mark.parametrize("recipe", ["atom", "rot-outliers"])
+def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file, tmp_path, prompts, monkeypatch,
+                                                          recipe):
+    """A calibrated Atom checkpoint (or a rotated group-free one) served with the linear kernels (quantize +
+    merged W4A4 GEMMs) gives the same greedy tokens as with the reference linears, and the same logits up
+    to float rounding.
 
     The W4A4 GEMM writes fp16; the fp32 reference linears are rounded the same way here. Without that the
     ~1e-4 rounding differences move some later INT4 activation / KV levels by one step and grow through the
@@ -48,7 +51,8 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
 
     interpreter_compat()
     out = tmp_path / "ckpt"
-    quantize_model(str(tiny_model("llama")), str(out), preset("atom", group_size=32, gptq=False),
+    quantize_model(str(tiny_model("llama")), str(out),
+                   preset(recipe, gptq=False, **({"group_size": 32} if recipe == "atom" else {})),
                    CalibConfig(dataset=str(calib_file), n_samples=2, seq_len=32, dtype="float32"), progress=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
