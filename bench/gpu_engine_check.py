@@ -29,7 +29,7 @@ from atomq.model.random_weights import random_model
 FAILS: list[str] = []
 # name -> (random format, linear method, kv cache dtype)
 CONFIGS = {"fp16": ("float", "auto", "fp16"), "fp8": ("float", "fp8", "fp8"), "w4a16": ("w4a16", "auto", "fp16"),
-           "atom": ("atom", "auto", "int4")}
+           "atom": ("atom", "auto", "int4"), "rot-outliers": ("rot-outliers", "auto", "int4")}
 
 
 def report(name: str, ok: bool, detail: str) -> None:
