@@ -13,6 +13,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "quantize_act": ("quantize", "quantize_act"),
     "silu_mul_quantize": ("quantize", "silu_mul_quantize"),
     "w4a4_gemm": ("w4a4_gemm", "w4a4_gemm"),
+    "rotate_online": ("hadamard", "rotate_online"),
 }
 
 

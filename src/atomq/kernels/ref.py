@@ -283,3 +283,80 @@ def paged_prefill_attention_ref(
         k, v = paged_kv_gather(cache, block_table[b], c + e - s)
         out[s:e] = _attend(q[s:e], k, v, sm_scale, c).to(out.dtype)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Online rotation (randomized Hadamard-based orthogonal transform of any size)
+# --------------------------------------------------------------------------------------------------
+# Twin of kernels/hadamard.py. A size n = m * p (p the largest power of two dividing n, m odd) is
+# rotated by R = diag(signs) @ kron(small, H_p / sqrt(p)): random signs, a Walsh-Hadamard transform
+# over each of the m blocks of p channels, then an m x m orthogonal mix across the blocks.
+
+
+def hadamard_split(n: int) -> tuple[int, int]:
+    """n -> (m, p) with p the largest power of two dividing n and m = n // p (odd)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"a rotation size must be a positive integer, got {n!r}")
+    p = n & -n
+    return n // p, p
+
+
+_HADAMARD_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _hadamard_on(p: int, device: torch.device) -> torch.Tensor:
+    """hadamard_matrix(p) in fp32 on ``device``, built once per (size, device) (read-only use)."""
+    key = (p, torch.device(device))
+    if key not in _HADAMARD_CACHE:
+        _HADAMARD_CACHE[key] = hadamard_matrix(p).to(device)
+    return _HADAMARD_CACHE[key]
+
+
+def _check_rotation_factors(n: int, signs: torch.Tensor, small: torch.Tensor) -> tuple[int, int]:
+    m, p = hadamard_split(n)
+    if signs.shape != (n,):
+        raise ValueError(f"signs must be [{n}] for an input of {n} channels, got {tuple(signs.shape)}")
+    if small.shape != (m, m):
+        raise ValueError(f"small must be [{m}, {m}] for n = {n} = {m} * {p}, got {tuple(small.shape)}")
+    return m, p
+
+
+def rotate_online(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """x [..., n] (any float dtype) -> x @ R in x's dtype, fp32 math (R = rotation_matrix(signs, small)).
+
+    signs: fp32 [n], entries +-1; small: fp32 [m, m] orthogonal, (m, p) = hadamard_split(n).
+    u = x * signs viewed as [..., m, p]; v = u @ H_p / sqrt(p) on the last dim; w[..., i, j] =
+    sum_l small[l, i] * v[..., l, j]; returns w as [..., n].
+    """
+    n = x.shape[-1]
+    m, p = _check_rotation_factors(n, signs, small)
+    u = (x.float() * signs.float().to(x.device)).reshape(*x.shape[:-1], m, p)
+    v = u @ _hadamard_on(p, u.device)
+    w = small.float().to(x.device).t() @ v
+    return w.reshape(x.shape).to(x.dtype)
+
+
+def rotation_matrix(signs: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """R fp32 [n, n], orthogonal, with rotate_online(x, signs, small) == x @ R (signs fp32 [n],
+    small fp32 [m, m]); on signs' device. R = diag(signs) @ kron(small, H_p / sqrt(p))."""
+    n = signs.shape[0]
+    m, p = _check_rotation_factors(n, signs, small)
+    r = torch.kron(small.float().to(signs.device).contiguous(), _hadamard_on(p, signs.device))
+    return r.mul_(signs.float()[:, None])
+
+
+def random_rotation_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs fp32 [n] of +-1, small fp32 [m, m] orthogonal) on the CPU, a function of (n, seed) only.
+
+    small = Q of a Gaussian matrix's QR with R's diagonal made positive (which makes Q unique);
+    [[1.0]] when m == 1.
+    """
+    m, _ = hadamard_split(n)
+    g = torch.Generator().manual_seed(seed)
+    signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float()
+    if m == 1:
+        return signs, torch.ones(1, 1)
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    d = torch.sign(torch.diagonal(r))
+    d[d == 0] = 1.0
+    return signs, (q * d[None, :]).float().contiguous()

@@ -1,0 +1,182 @@
+"""Online rotation (randomized Hadamard) and its ref.py twin (CPU: interpreter; full sizes with -m gpu)."""
+
+import pytest
+import torch
+
+from atomq.kernels import get_op, ref
+
+pytest.importorskip("triton")
+from atomq.kernels import hadamard as Hd  # noqa: E402
+
+SPLITS = {1: (1, 1), 12: (3, 4), 576: (9, 64), 1536: (3, 512), 4096: (1, 4096), 11008: (43, 256),
+          14336: (7, 2048), 28672: (7, 4096)}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # fp32 rounding / one output ulp
+GPU_NS = [1536, 4096, 11008, 14336, 28672]
+
+
+def _factors(n, seed=0, device="cpu"):
+    signs, small = ref.random_rotation_factors(n, seed)
+    return signs.to(device), small.to(device)
+
+
+def _input(m, n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * m + n)
+    return torch.randn(m, n, generator=g).to(dtype).to(device)
+
+
+def _close(got, want, dtype):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hadamard_split():
+    for n, mp in SPLITS.items():
+        assert ref.hadamard_split(n) == mp
+    for bad in (0, -8, 2.0, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            ref.hadamard_split(bad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 96, 576, 1536])
+def test_rotation_matrix_is_orthogonal(n):
+    r = ref.rotation_matrix(*_factors(n, seed=n))
+    assert r.dtype == torch.float32 and r.shape == (n, n)
+    torch.testing.assert_close(r @ r.t(), torch.eye(n), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 12, 96, 576])
+def test_rotate_online_is_x_times_r(n):
+    signs, small = _factors(n, seed=1)
+    x = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(ref.rotate_online(x, signs, small), x @ ref.rotation_matrix(signs, small),
+                               rtol=1e-5, atol=1e-5)
+    y = ref.rotate_online(x.to(torch.bfloat16), signs, small)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+
+
+def test_rotate_online_definition():
+    """Step by step: signs, H_p / sqrt(p) per block of p, then small^T across the m blocks."""
+    n, (m, p) = 48, ref.hadamard_split(48)
+    signs, small = _factors(n, seed=2)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(3))
+    v = (x * signs).reshape(5, m, p) @ ref.hadamard_matrix(p)
+    w = torch.stack([sum(small[lb, i] * v[:, lb] for lb in range(m)) for i in range(m)], 1).reshape(5, n)
+    torch.testing.assert_close(ref.rotate_online(x, signs, small), w, rtol=1e-5, atol=1e-5)
+    # power of two: R = diag(signs) @ H_n
+    s64, one = _factors(64, seed=2)
+    assert torch.equal(one, torch.ones(1, 1))
+    torch.testing.assert_close(ref.rotation_matrix(s64, one), s64[:, None] * ref.hadamard_matrix(64))
+
+
+def test_random_rotation_factors():
+    signs, small = ref.random_rotation_factors(96, 5)
+    assert signs.dtype == small.dtype == torch.float32 and signs.shape == (96,) and small.shape == (3, 3)
+    assert set(signs.tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(small @ small.t(), torch.eye(3), rtol=0, atol=1e-6)
+    again = ref.random_rotation_factors(96, 5)
+    assert torch.equal(signs, again[0]) and torch.equal(small, again[1])
+    other = ref.random_rotation_factors(96, 6)
+    assert not torch.equal(signs, other[0]) and not torch.equal(small, other[1])
+    assert torch.equal(ref.random_rotation_factors(4096, 1)[1], torch.ones(1, 1))
+
+
+def test_ref_bad_factors():
+    signs, small = _factors(96)
+    with pytest.raises(ValueError, match="signs must be"):
+        ref.rotate_online(torch.zeros(2, 96), signs[:48], small)
+    with pytest.raises(ValueError, match="small must be"):
+        ref.rotation_matrix(signs, torch.eye(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel vs ref
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registered():
+    assert get_op("rotate_online") is Hd.rotate_online and get_op("rotate_online", "ref") is ref.rotate_online
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 96, 160, 576])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_ref(device, n, m, dtype):
+    signs, small = _factors(n, seed=n, device=device)
+    x = _input(m, n, dtype, device)
+    _close(Hd.rotate_online(x, signs, small), ref.rotate_online(x, signs, small), dtype)
+
+
+def test_kernel_shapes_and_strides(device):
+    n = 96
+    signs, small = _factors(n, device=device)
+    x = _input(12, n, torch.float16, device).view(2, 6, n)  # [..., n]
+    _close(Hd.rotate_online(x, signs, small), ref.rotate_online(x, signs, small), torch.float16)
+    wide = _input(5, 2 * n, torch.float32, device)[:, n:]  # row stride 2n
+    _close(Hd.rotate_online(wide, signs, small), ref.rotate_online(wide, signs, small), torch.float32)
+    small_t = small.t().contiguous().t()  # column-major small
+    _close(Hd.rotate_online(wide, signs, small_t), ref.rotate_online(wide, signs, small), torch.float32)
+    assert Hd.rotate_online(torch.zeros(0, n, device=device), signs, small).shape == (0, n)
+    one = _factors(1, device=device)
+    _close(Hd.rotate_online(_input(3, 1, torch.float32, device), *one),
+           ref.rotate_online(_input(3, 1, torch.float32, device), *one), torch.float32)
+
+
+def test_kernel_bad_inputs(device):
+    signs, small = _factors(96, device=device)
+    x = torch.zeros(4, 96, device=device)
+    with pytest.raises(TypeError, match="x must be float16"):
+        Hd.rotate_online(x.to(torch.int32), signs, small)
+    with pytest.raises(TypeError, match="must be float32"):
+        Hd.rotate_online(x, signs.half(), small)
+    with pytest.raises(TypeError, match="expects tensors"):
+        Hd.rotate_online(x, signs.tolist(), small)
+    with pytest.raises(ValueError, match=r"signs must be \[96\]"):
+        Hd.rotate_online(x, signs[:48], small)
+    with pytest.raises(ValueError, match=r"small must be \[3, 3\]"):
+        Hd.rotate_online(x, signs, torch.eye(2, device=device))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        Hd.rotate_online(torch.zeros(96, 4, device=device).t(), signs, small)
+    with pytest.raises(ValueError, match="flatten without a copy"):
+        Hd.rotate_online(torch.zeros(8, 2, 96, device=device).transpose(0, 1), signs, small)
+    with pytest.raises(ValueError, match="one device"):
+        Hd.rotate_online(torch.zeros(4, 96, device="meta"), signs, small)
+    with pytest.raises(ValueError, match="not supported"):
+        Hd.rotate_online(torch.zeros(1, 8192, device=device), *_factors(8192, device=device))
+    with pytest.raises(ValueError, match="not supported"):
+        Hd.rotate_online(torch.zeros(1, 65 * 2, device=device), *_factors(130, device=device))
+
+
+# --------------------------------------------------------------------------------------------------
+# full size on a GPU
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", GPU_NS)
+@pytest.mark.parametrize("m", [1, 64, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_size_gpu(n, m, dtype):
+    signs, small = _factors(n, seed=n, device="cuda")
+    x = _input(m, n, dtype, "cuda")
+    _close(Hd.rotate_online(x, signs, small), ref.rotate_online(x, signs, small), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1536, 28672])
+def test_cuda_graph_gpu(n):
+    signs, small = _factors(n, seed=3, device="cuda")
+    x = _input(64, n, torch.bfloat16, "cuda")
+    Hd.rotate_online(x, signs, small)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = Hd.rotate_online(x, signs, small)
+    x.copy_(_input(64, n, torch.bfloat16, "cuda", seed=1))
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(y, ref.rotate_online(x, signs, small), torch.bfloat16)
