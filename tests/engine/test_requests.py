@@ -115,6 +115,23 @@ def test_incremental_detokenizer_matches_full_decode(load):
     assert "".join(deltas) == d.text or d.text.startswith("".join(deltas))
     assert d.text == tok.decode(prompt + gen, skip_special_tokens=True)[len(tok.decode(prompt)):]
     assert find_stop("hello world", ("wor",), 3) == 6 and find_stop("hello world", ("hel",), 3) is None
+    # lazy: push decodes nothing; reading .text catches up to the same text, mid-way and at the end
+    calls = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            calls.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    lazy = IncrementalDetokenizer(Counting(), prompt)
+    for t in gen[:4]:
+        lazy.push(t)
+    assert calls == []
+    mid = lazy.text
+    for t in gen[4:]:
+        lazy.push(t)
+    lazy.flush()
+    assert lazy.text == d.text and d.text.startswith(mid) and len(calls) <= 4
 
 
 def test_cli_generate(tiny_model, capsys):

@@ -173,12 +173,14 @@ class LLMEngine:
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
             seq.detok.flush()  # the stop token's own text is not added
             return "stop"
-        delta = seq.detok.step(token)
-        if p.stop and delta:
-            cut = find_stop(seq.detok.text, p.stop, len(delta))
+        if p.stop:  # stop strings need the text now; otherwise it is decoded when read
+            delta = seq.detok.step(token)
+            cut = find_stop(seq.detok.text, p.stop, len(delta)) if delta else None
             if cut is not None:
                 seq.detok.text = seq.detok.text[:cut]
                 return "stop"
+        else:
+            seq.detok.push(token)
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.detok.flush()
             return "length"
