@@ -77,7 +77,7 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa, sa_t, a.q8 if has_out else a.qa, a.s8 if has_out else a.s4,
         bias if bias is not None else dummy, out,
-        m, n, w.kn, w.n_out, n_blocks, n_blocks + n_blocks % 2,  # K blocks, and that count made even
+        m, n, w.kn, w.n_out, n_blocks,
         w.sw.stride(0), w.w8.stride(0) if has_out else 0, a.qa.stride(0), sa_t.stride(0),
         a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
@@ -141,7 +141,7 @@ if AVAILABLE:
     @gluon.jit
     def _w4a4_hopper_kernel(
         w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
-        M, N, KN, NO, N_BLOCKS, N_ITERS,
+        M, N, KN, NO, N_BLOCKS,
         stride_swg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, HAS_OUT: gl.constexpr,
