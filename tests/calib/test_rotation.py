@@ -95,6 +95,14 @@ def test_rotation_presets_quantize_load_and_run(tiny_model, calib_file, tmp_path
         assert err[True] < 0.85 * err[False], err
 
 
+def test_unrotatable_shapes_fail_before_anything_is_written(tiny_model, tmp_path):
+    src = tiny_model("llama", hidden_size=72, num_attention_heads=6)  # head_dim 12: no Hadamard of that size
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        quantize_model(str(src), str(out), preset("rot-w4a4", gptq=False), CalibConfig(**CALIB), progress=False)
+    assert not out.exists()
+
+
 def test_rotate_and_smooth_are_exclusive():
     with pytest.raises(ValueError, match="rotate and smooth_alpha"):
         preset("rot-w4a4", smooth_alpha=0.5)

@@ -30,7 +30,7 @@ from ..model.specs import input_groups, layer_specs, plan_splits
 from ..quant import quantize_weight_rtn
 from .data import calibration_windows
 from .gptq import gptq_quantize
-from .rotation import down_rotation_factors, residual_rotation, rotate_globals, rotate_layer
+from .rotation import check_rotatable, down_rotation_factors, residual_rotation, rotate_globals, rotate_layer
 from .stats import observe_inputs, hessian_key
 from .transforms import reorder_group, smooth_group
 
@@ -96,6 +96,8 @@ def quantize_model(
         config = copy.deepcopy(config)  # lm_head absorbs the final norm: it is no longer the embedding
         config.tie_word_embeddings = False
     args = ModelArgs.from_hf(config)
+    if qcfg.rotate:
+        check_rotatable(args)
     tokenizer = src.load_tokenizer()
     dtype = DTYPES[ccfg.dtype]
     float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate), dtype)

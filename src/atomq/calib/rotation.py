@@ -29,6 +29,13 @@ from ..model.args import ModelArgs
 _RESIDUAL, _DOWN = 0, 1
 
 
+def check_rotatable(args: ModelArgs) -> None:
+    """Raise ValueError before any work when the model's shapes cannot be rotated (per-head Hadamard)."""
+    d = args.head_dim
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"rotation needs a power-of-two head_dim for the per-head value rotation, got {d}")
+
+
 def residual_rotation(args: ModelArgs, seed: int) -> torch.Tensor:
     """Q fp32 [hidden, hidden], orthogonal."""
     return ref.rotation_matrix(*ref.random_rotation_factors(args.hidden_size, 2 * seed + _RESIDUAL))

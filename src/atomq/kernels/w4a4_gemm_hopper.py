@@ -23,6 +23,8 @@ Importable without Gluon (``AVAILABLE`` says whether the kernel exists); runs on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .unpack_asm import UNPACK_INT8_ASM
@@ -45,7 +47,7 @@ def unsupported_reason(a, w) -> str | None:
     """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` here (None: it can)."""
     if not AVAILABLE:
         return "this Triton has no Gluon"
-    if not a.qa.is_cuda or torch.cuda.get_device_capability(a.qa.device) != (9, 0):
+    if not a.qa.is_cuda or _capability(a.qa.device.index or 0) != (9, 0):
         return "the Gluon kernel runs on sm_90 (H100/H200) only"
     if a.qa.dtype != torch.int8:
         return "the Gluon kernel takes the int8 activation operand"
@@ -54,6 +56,11 @@ def unsupported_reason(a, w) -> str | None:
     if w.kn % 16:
         return f"the Gluon kernel needs Kn (normal channels) a multiple of 16, got {w.kn}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,

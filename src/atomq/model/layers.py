@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ref
+from ..kernels import get_op, ref
 from ..quant import PackedWeight, Split, fake_quant_mixed
 
 
@@ -146,8 +146,6 @@ class OnlineRotation(nn.Module):
         self.register_buffer("small", torch.empty(m, m, dtype=torch.float32, device="meta"))
 
     def forward(self, x: torch.Tensor, backend: str = "ref") -> torch.Tensor:
-        from ..kernels import get_op
-
         return get_op("rotate_online", backend)(x, self.signs, self.small)
 
 
