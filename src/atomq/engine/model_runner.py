@@ -112,8 +112,8 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
 
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        """Replay the bucket's graph on ``batch`` (a decode StepBatch); logits [B, vocab]."""
+    def load(self, batch: StepBatch) -> int:
+        """Copy ``batch`` (a decode StepBatch) into the static buffers of its bucket; returns the bucket."""
         bsz = batch.num_seqs
         b = self.bucket(bsz)
         if b not in self.graphs:
@@ -125,9 +125,17 @@ class DecodeGraphs:
         self.block_tables[:bsz, :batch.block_tables.shape[1]].copy_(batch.block_tables)
         self.context_lens[:bsz].copy_(batch.context_lens)
         self.context_lens[bsz:b] = 0
-        graph, out = self.graphs[b]
+        return b
+
+    def replay(self, bucket: int, bsz: int) -> torch.Tensor:
+        """Replay the graph of ``bucket`` on the loaded buffers; logits [bsz, vocab]."""
+        graph, out = self.graphs[bucket]
         graph.replay()
         return out[:bsz]
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Replay the bucket's graph on ``batch`` (a decode StepBatch); logits [B, vocab]."""
+        return self.replay(self.load(batch), batch.num_seqs)
 
 
 class ModelRunner:
@@ -140,12 +148,22 @@ class ModelRunner:
                and not model.args.is_moe)
         self.graphs = DecodeGraphs(model, kv_pool, max_num_seqs, max_model_len) if use else None
 
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[StepBatch, int | None]:
+        """The host half of a step: the StepBatch on the device and, for a CUDA-graph decode step, the
+        bucket whose static buffers now hold it (None = run eagerly)."""
+        batch = build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device)
+        if self.graphs is not None and batch.is_decode and self.graphs.bucket(batch.num_seqs) is not None:
+            return batch, self.graphs.load(batch)
+        return batch, None
+
+    def execute(self, batch: StepBatch, bucket: int | None) -> torch.Tensor:
+        """The model half: logits [L, vocab] in the model dtype (graph replay or eager forward)."""
+        if bucket is not None:
+            return self.graphs.replay(bucket, batch.num_seqs)
+        return forward_paged(self.model, batch, self.kv_pool)
+
     def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute one step. Returns (sequences that get a next token, their logits [L, vocab], model dtype)."""
-        batch = build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device)
+        batch, bucket = self.prepare(seqs, num_new_tokens)
         wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        if self.graphs is not None and batch.is_decode and self.graphs.bucket(batch.num_seqs) is not None:
-            logits = self.graphs.run(batch)
-        else:
-            logits = forward_paged(self.model, batch, self.kv_pool)
-        return wanting, logits
+        return wanting, self.execute(batch, bucket)
