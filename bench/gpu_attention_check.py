@@ -88,7 +88,8 @@ def check_decode(variants: list[dict]) -> None:
             cache, bt, sl = batch_cache(lens, hkv, d, mode)
             q = torch.randn(len(lens), hq, d, device="cuda").half()
             want = ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5)
-            for kw in variants if mode == "int4" else [{}]:
+            mha = [{"dot": 4}, {"dot": 4, "prefetch": False, "block_n": 32}] if hq == hkv else []
+            for kw in variants + mha if mode == "int4" else [{}]:
                 out = torch.full_like(q, float("nan"))
                 paged_decode_attention(q, cache, bt, sl, d**-0.5, out=out,
                                        plan=plan_decode(len(lens), hq, hkv, d, 32768, "cuda", **kw))
@@ -147,7 +148,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="checks and a small sweep only")
+    ap.add_argument("--shapes", default=",".join(B.SHAPES), help="comma-separated, from " + ",".join(B.SHAPES))
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--contexts", default="512,2048,4096,8192")
     args = ap.parse_args()
+    shapes = args.shapes.split(",")
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     print(json.dumps(B.device_info()), flush=True)
     torch.manual_seed(0)
     dec_variants = [{}, {"num_splits": 1}] + grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64])
@@ -158,11 +164,13 @@ def main() -> int:
             report(f"{fn.__name__} crashed: {type(e).__name__}: {str(e)[:300]}", False)
     best = {}
     all_sweeps = []
-    for shape in B.SHAPES:
+    for shape in shapes:
         # earlier sweeps (dot 0-3, deq 0-1, block_n 32-128, warps 4/8, stages 1-3): 4 warps, tensor-core
         # dots, deq 1, block_n 64 won (docs/KERNELS.md); this one adds deq 2 (PTX unpack)
         if B.SHAPES[shape][0] == B.SHAPES[shape][1]:  # one q head per kv head
-            v4 = grid(dot=[1, 2, 3], deq=[1, 2], block_n=[64, 128], num_stages=[3])
+            # the tensor-core default of the last sweep against the CUDA-core words kernel (dot 4)
+            v4 = [dict(dot=2, deq=1, block_n=64, num_stages=3)] + grid(
+                dot=[4], block_n=[32, 64, 128], num_warps=[4, 8], prefetch=[True, False])
             vf = grid(dot=[1], block_n=[64, 128], num_stages=[2, 3])
         else:
             v4 = grid(dot=[2, 3], deq=[1, 2], block_n=[64], num_stages=[2, 3])
@@ -175,18 +183,19 @@ def main() -> int:
             good = [r for r in rows if r["ok"]]
             if good:
                 r = min(good, key=lambda r: r["ms"])
-                best[(shape, mode)] = {k: r[k] for k in ("dot", "deq", "block_n", "num_stages") if k in r}
+                best[(shape, mode)] = {k: r[k] for k in ("dot", "deq", "block_n", "num_stages", "num_warps",
+                                                         "prefetch") if k in r}
         b4 = best.get((shape, "int4"), {})
-        all_sweeps += sweep(shape, "int4", [{**b4, "num_warps": 8}, {**b4, "layout": "NHD"}])
+        all_sweeps += sweep(shape, "int4", [{**b4, "layout": "NHD"}])
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(all_sweeps, f, indent=1)
     print("best:", best, flush=True)
     rows = []
-    for shape in B.SHAPES:
+    for shape in shapes:
         try:
             rows += B.run_attention_bench(
-                None, batches=(1, 16, 64, 256) if not args.quick else (64,),
-                contexts=(512, 2048, 4096, 8192) if not args.quick else (4096,), shapes=(shape,),
+                None, batches=ints(args.batches) if not args.quick else (64,),
+                contexts=ints(args.contexts) if not args.quick else (4096,), shapes=(shape,),
                 int4_plan=best.get((shape, "int4")), fp16_plan=best.get((shape, "fp16")), progress=False,
                 store_tokens=(64, 256, 16384) if shape == "llama2-7b" else ())
         except Exception as e:  # report and keep the other shape's numbers

@@ -52,6 +52,8 @@ DECODE_CASES = [  # (mode, hq, hkv, d, dot, deq, splits)
     ("int4", 6, 2, 64, 2, 1, 4),
     ("int4", 4, 4, 128, 3, 1, 2),
     ("int4", 8, 2, 64, 3, 0, 1),
+    ("int4", 4, 4, 64, 4, 1, 1),  # dot 4: CUDA-core words kernel, one q head per kv head
+    ("int4", 4, 4, 128, 4, 1, 3),
     ("fp16", 4, 4, 128, 0, 1, 2),
     ("fp16", 8, 2, 64, 1, 1, 1),
     ("fp8", 8, 2, 128, 2, 1, 3),
@@ -70,6 +72,33 @@ def test_decode_matches_ref(mode, hq, hkv, d, dot, deq, splits, device):
     assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_decode_words_kernel_nhd_and_rescaled_max(prefetch, device):
+    """dot 4 on NHD pages, with scores that grow along the sequence so the running max is rescaled."""
+    lens = [70, 3, 0]
+    cache, bt, sl, gen = make_batch(lens, 2, 128, "int4", device, layout="NHD")
+    q = torch.randn(3, 2, 128, generator=gen).to(device, torch.float16) * 6  # sharp softmax
+    plan = dec.plan_decode(3, 2, 2, 128, 70, device, num_splits=1, block_n=16, dot=4, prefetch=prefetch)
+    out = dec.paged_decode_attention(q, cache, bt, sl, 128**-0.5, plan=plan)
+    assert torch.all(out[2] == 0)
+    assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, 128**-0.5))
+
+
+def test_decode_words_kernel_large_and_tiny_queries(device):
+    """q near the fp16 limit (its planes are scaled by up to 2**111 inside) and tiny q (products near
+    the denormal range) stay finite and match the reference."""
+    lens = [37, 21]
+    cache, bt, sl, gen = make_batch(lens, 2, 64, "int4", device)
+    q = torch.randn(2, 2, 64, generator=gen)
+    q[0] *= 60000.0 / q[0].abs().max()
+    q[1] *= 1e-4
+    q = q.to(device, torch.float16)
+    plan = dec.plan_decode(2, 2, 2, 64, 37, device, num_splits=2, block_n=16, dot=4)
+    out = dec.paged_decode_attention(q, cache, bt, sl, 64**-0.5, plan=plan)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, 64**-0.5))
+
+
 def test_decode_nhd_layout_empty_sequence_and_default_plan(device):
     lens = [0, 33, 5]
     cache, bt, sl, gen = make_batch(lens, 2, 64, "int4", device, layout="NHD")
@@ -86,6 +115,8 @@ def test_decode_rejects_bad_inputs(device):
     with pytest.raises(ValueError, match="multiple"):
         dec.paged_decode_attention(q, cache, bt, sl, 1.0)
     q = torch.zeros(1, 4, 64, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="one query head per kv head"):
+        dec.paged_decode_attention(q, cache, bt, sl, 1.0, plan=dec.plan_decode(1, 4, 2, 64, 3, device, dot=4))
     with pytest.raises(ValueError, match="seq_lens"):
         dec.paged_decode_attention(q, cache, bt, sl.long(), 1.0)
 

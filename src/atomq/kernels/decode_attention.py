@@ -11,6 +11,9 @@ INT4 arithmetic (exact integers, scales applied once per token):
     out[g, :]   = sum_t p[g, t] * s_v[t] * (qv[t, :] - z_v[t]) / sum_t p[g, t]
 ``q - z`` is an integer in [-15, 15] (exact in fp16); the low and high nibbles of each byte are kept
 as two half-width tiles (even and odd head_dim elements), so no interleave is needed in registers.
+Without GQA (one query row) the tensor cores have nothing to share, and the default is a CUDA-core
+kernel (``dot=4``, _decode_int4_words_kernel): pages read as int32 words, nibbles turned into exact
+floats by one AND each (denormals), products accumulated per token slot and reduced once.
 FP8: the per-head scales multiply the scores and the output once.
 
 Layouts: kv_cache.py. Twin: ref.paged_decode_attention_ref.
@@ -248,6 +251,160 @@ def _decode_int4_kernel(
               stride_ph, stride_ps, stride_lb, stride_lh, SPLIT)
 
 
+# Nibble I of an int32 word of int4 pages is head_dim element 8c + I (word c). _nibble_planes turns a
+# word into 8 floats with one AND each (planes 5-7 after one shift): the nibble n stays in the
+# mantissa with a zero exponent field, i.e. the denormal n * 2**(4P - 149) with P its nibble position
+# below: exact, no int-to-float conversion, and FMA takes denormal inputs at full rate (Triton's fp32
+# mul/fma are not flush-to-zero). The powers of two are folded into q and into the final output.
+NIBBLE_POS = (0, 1, 2, 3, 4, 2, 3, 4)
+
+
+@triton.jit
+def _nibble_planes(w):
+    """int32 words [..] -> tuple of 8 fp32 [..]: plane I = n_I * 2**(4 * NIBBLE_POS[I] - 149)."""
+    u = w >> 12  # nibbles 5, 6, 7 at positions 2, 3, 4 (bits above 19 are masked off)
+    return ((w & 0xF).to(tl.float32, bitcast=True), (w & 0xF0).to(tl.float32, bitcast=True),
+            (w & 0xF00).to(tl.float32, bitcast=True), (w & 0xF000).to(tl.float32, bitcast=True),
+            (w & 0xF0000).to(tl.float32, bitcast=True), (u & 0xF00).to(tl.float32, bitcast=True),
+            (u & 0xF000).to(tl.float32, bitcast=True), (u & 0xF0000).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _words_load(n0, end, K, V, KS, KZ, VS, VZ, bt, h, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh,
+                stride_ms, W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens [n0, n0 + BLOCK_N) ∩ [.., end) of one kv head: K and V words int32 [BLOCK_N, W], their zero
+    points and scales fp32 [BLOCK_N], and the token mask [BLOCK_N] (nothing is read past ``end``)."""
+    c = tl.arange(0, W)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nm = n < end
+    page = tl.load(bt + n // PAGE, mask=nm, other=0).to(tl.int64)
+    slot = n % PAGE
+    kvo = page * stride_kb + h * stride_kh + slot * stride_ks  # [BLOCK_N], in int32 words
+    mo = page * stride_mb + h * stride_mh + slot * stride_ms
+    kw = tl.load(K + kvo[:, None] + c[None, :], mask=nm[:, None], other=0)
+    vw = tl.load(V + kvo[:, None] + c[None, :], mask=nm[:, None], other=0)
+    kz = tl.load(KZ + mo, mask=nm, other=0).to(tl.float32)
+    ks = tl.load(KS + mo, mask=nm, other=0.0).to(tl.float32)
+    vz = tl.load(VZ + mo, mask=nm, other=0).to(tl.float32)
+    vs = tl.load(VS + mo, mask=nm, other=0.0).to(tl.float32)
+    return kw, vw, kz, ks, vz, vs, nm
+
+
+@triton.jit
+def _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale):
+    """Online-softmax update with one tile from _words_load, for one query head on CUDA cores.
+
+    q: 8 fp32 planes [1, W], plane I pre-scaled by 2**(111 - 4 NIBBLE_POS[I]) so that q'_I * plane_I =
+    q_d * k_d * 2**-38 for every plane; q_sum: sum_d q_d. acc: 8 fp32 planes [BLOCK_N, W] of
+    sum_t w_t * 2**100 * plane_I(v_t) per token slot; l_acc, wz_acc: fp32 [BLOCK_N] per-slot sums of
+    p_t and of w_t z_t (w_t = p_t s_t); m_i: fp32 scalar, the reference maximum (log2 units).
+    """
+    kw, vw, kz, ks, vz, vs, nm = tile
+    f = _nibble_planes(kw)
+    qk = (f[0] * q[0] + f[1] * q[1] + f[2] * q[2] + f[3] * q[3]
+          + f[4] * q[4] + f[5] * q[5] + f[6] * q[6] + f[7] * q[7])
+    # s_k * sum_d q_d (k_d - z): the integer part exact up to fp32 sums
+    sc = (tl.sum(qk, 1) * 274877906944.0 - kz * q_sum) * (ks * qk_scale)  # [BLOCK_N], log2 units; 2**38
+    sc = tl.where(nm, sc, float("-inf"))
+    m_tile = tl.max(sc, 0)
+    if m_tile > m_i + 8.0:  # rescale only when the max grows by 2**8: p <= 256 in between
+        alpha = tl.exp2(m_i - m_tile)
+        acc = (acc[0] * alpha, acc[1] * alpha, acc[2] * alpha, acc[3] * alpha,
+               acc[4] * alpha, acc[5] * alpha, acc[6] * alpha, acc[7] * alpha)
+        l_acc = l_acc * alpha
+        wz_acc = wz_acc * alpha
+        m_i = m_tile
+    p = tl.exp2(sc - m_i)
+    l_acc += p
+    pw = p * vs
+    wz_acc += pw * vz
+    g = _nibble_planes(vw)
+    pc = (pw * 1.2676506002282294e30)[:, None]  # 2**100: products stay normal floats
+    acc = (acc[0] + pc * g[0], acc[1] + pc * g[1], acc[2] + pc * g[2], acc[3] + pc * g[3],
+           acc[4] + pc * g[4], acc[5] + pc * g[5], acc[6] + pc * g[6], acc[7] + pc * g[7])
+    return m_i, l_acc, wz_acc, acc
+
+
+@triton.jit
+def _slot_sum(a, scale):
+    """Per-slot accumulator [BLOCK_N, W] -> sum over slots times a power of two, [W]."""
+    return tl.sum(a, 0) * scale
+
+
+@triton.jit
+def _decode_int4_words_kernel(
+    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms, stride_bt,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
+
+    K and V pages are read as int32 words (8 nibbles); each nibble becomes an exact float with one AND
+    (_nibble_planes), q . k is an FMA chain per token, and p * v is accumulated per token slot
+    ([BLOCK_N, D] fp32 in 8 planes) and summed over slots once at the end, so the loop's only
+    cross-thread step is the tile's score max. The accumulators are rescaled only when the running max
+    grows by 2**8.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    c = tl.arange(0, W)
+    qp = Q + b * stride_qb + h * stride_qh + 8 * c[None, :]  # plane I holds elements 8c + I
+    q0 = tl.load(qp).to(tl.float32)
+    q1 = tl.load(qp + 1).to(tl.float32)
+    q2 = tl.load(qp + 2).to(tl.float32)
+    q3 = tl.load(qp + 3).to(tl.float32)
+    q4 = tl.load(qp + 4).to(tl.float32)
+    q5 = tl.load(qp + 5).to(tl.float32)
+    q6 = tl.load(qp + 6).to(tl.float32)
+    q7 = tl.load(qp + 7).to(tl.float32)
+    q_sum = tl.sum(tl.sum(q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7, 1), 0)
+    # 2**(111 - 4P) for P = NIBBLE_POS: |q| < 2**16 (fp16/bf16 range of a real q) keeps q' finite
+    q = (q0 * 2.596148429267414e33, q1 * 1.6225927682921336e32, q2 * 1.0141204801825835e31,
+         q3 * 6.338253001141147e29, q4 * 3.961408125713217e28, q5 * 1.0141204801825835e31,
+         q6 * 6.338253001141147e29, q7 * 3.961408125713217e28)
+    m_i = float("-inf")
+    l_acc = tl.zeros([BLOCK_N], tl.float32)
+    wz_acc = tl.zeros([BLOCK_N], tl.float32)
+    z = tl.zeros([BLOCK_N, W], tl.float32)
+    acc = (z, z, z, z, z, z, z, z)
+    bt = BT + b * stride_bt
+    args = (K, V, KS, KZ, VS, VZ, bt, h, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms)
+    if INTERPRET:  # the interpreter cannot run a for loop with tensor bounds
+        n0 = start
+        while n0 < end:
+            tile = _words_load(n0, end, *args, W, PAGE, BLOCK_N)
+            m_i, l_acc, wz_acc, acc = _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale)
+            n0 += BLOCK_N
+    elif PREFETCH:  # registers hold the next tile while this one is computed
+        tile = _words_load(start, end, *args, W, PAGE, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            nxt = _words_load(n0 + BLOCK_N, end, *args, W, PAGE, BLOCK_N)
+            m_i, l_acc, wz_acc, acc = _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale)
+            tile = nxt
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            tile = _words_load(n0, end, *args, W, PAGE, BLOCK_N)
+            m_i, l_acc, wz_acc, acc = _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale)
+    # out_d = (sum_t w_t v_td - sum_t w_t z_t) / sum_t p_t; plane I carries 2**(4P - 49)
+    wz = tl.sum(wz_acc, 0)
+    o = (_slot_sum(acc[0], 562949953421312.0) - wz, _slot_sum(acc[1], 35184372088832.0) - wz,
+         _slot_sum(acc[2], 2199023255552.0) - wz, _slot_sum(acc[3], 137438953472.0) - wz,
+         _slot_sum(acc[4], 8589934592.0) - wz, _slot_sum(acc[5], 2199023255552.0) - wz,
+         _slot_sum(acc[6], 137438953472.0) - wz, _slot_sum(acc[7], 8589934592.0) - wz)
+    # join appends a minor axis, so the first join picks bit 2 of I: [W, 2, 2, 2] row-major = element 8c + I
+    o = tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])),
+                tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
+    o = tl.reshape(o, [1, 8 * W])
+    one = tl.arange(0, 1)
+    _epilogue(O, PO, PL, b, s, h + one, one == 0, tl.arange(0, 8 * W), o, tl.zeros([1], tl.float32) + m_i,
+              tl.zeros([1], tl.float32) + tl.sum(l_acc, 0), stride_ob, stride_oh, stride_pb, stride_ph,
+              stride_ps, stride_lb, stride_lh, SPLIT)
+
+
 @triton.jit
 def _decode_fp_kernel(
     Q, K, V, KS, VS, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
@@ -322,7 +479,9 @@ class DecodePlan:
 
     partial_out: fp32 [B, Hq, num_splits, D] and partial_lse: fp32 [B, Hq, num_splits] (None when
     num_splits == 1). dot: 0 FMA reduction, 1 / 2 tensor-core tl.dot forms (q or K as the A operand),
-    3 (int4 only): K and a transposed-loaded V as A operands; deq: int4 unpack variant (unpack_int4_tile).
+    3 (int4 only): K and a transposed-loaded V as A operands, 4 (int4, one q head per kv head): the
+    CUDA-core words kernel; deq: int4 unpack variant (unpack_int4_tile, dots 0-3); prefetch (dot 4):
+    load the next tile into registers while computing this one.
     """
 
     batch: int
@@ -336,6 +495,7 @@ class DecodePlan:
     num_stages: int
     dot: int
     deq: int
+    prefetch: bool
     partial_out: torch.Tensor | None
     partial_lse: torch.Tensor | None
 
@@ -344,22 +504,23 @@ def plan_decode(
     batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, device="cuda",
     *, kv_mode: str = "int4", num_sms: int | None = None, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    dot: int | None = None, deq: int = 1, min_tokens_per_split: int = 256,
+    dot: int | None = None, deq: int = 1, prefetch: bool = True, min_tokens_per_split: int = 256,
 ) -> DecodePlan:
     """Choose the split count and tile sizes; allocate the split workspace.
 
     max_seq_len only balances the work: a longer sequence is still handled (its last split takes the
     remainder). Splits are added until batch * kv_heads * splits fills about two waves of the GPU.
     Defaults are the fastest variants of the H100 sweep at batch 64 x 4096 (docs/KERNELS.md):
-    int4: K as the A operand of the dot (dot 2), exponent-trick unpack (deq 1), 64-token tiles,
-    3 pipeline stages (2 with GQA); fp16 / fp8: dot 1, 64-token tiles, 3 stages; 4 warps.
+    int4 with GQA: K as the A operand of the dot (dot 2), exponent-trick unpack (deq 1), 64-token tiles,
+    2 pipeline stages; int4 with one q head per kv head: the words kernel (dot 4) with prefetch, 64-token
+    tiles; fp16 / fp8: dot 1, 64-token tiles, 3 stages; 4 warps.
     """
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     group = num_qo_heads // num_kv_heads
     int4 = kv_mode == "int4"
     if dot is None:
-        dot = 2 if int4 else 1
+        dot = (4 if group == 1 else 2) if int4 else 1
     if num_stages is None:
         num_stages = 2 if int4 and group > 1 else 3
     if block_n is None:
@@ -378,7 +539,7 @@ def plan_decode(
         po = torch.empty(batch, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         pl = torch.empty(batch, num_qo_heads, num_splits, dtype=torch.float32, device=device)
     return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
-                      num_warps or 4, num_stages, dot, deq, po, pl)
+                      num_warps or 4, num_stages, dot, deq, prefetch, po, pl)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -417,6 +578,8 @@ def paged_decode_attention(
         plan = plan_decode(bsz, hq, hkv, d, block_table.shape[1] * cache.block_size, q.device, kv_mode=cache.mode)
     if (plan.batch, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim) != (bsz, hq, hkv, d):
         raise ValueError("plan was made for another batch shape")
+    if plan.dot == 4 and (cache.mode != "int4" or hq != hkv):
+        raise ValueError("dot=4 (CUDA-core INT4 path) needs int4 pages and one query head per kv head")
     if plan.deq == 2 and interpreting():
         raise ValueError("deq=2 (PTX unpack) needs a GPU; use deq=1 under TRITON_INTERPRET=1")
     out = torch.empty_like(q) if out is None else out
@@ -432,7 +595,18 @@ def paged_decode_attention(
     sb, sh, ss = cache.data_strides()
     common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
                   DOT=plan.dot, INTERPRET=interpreting(), num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if cache.mode == "int4":
+    if cache.mode == "int4" and plan.dot == 4:
+        mb, mh, ms = cache.meta_strides()
+        _decode_int4_words_kernel[grid](
+            q, cache.k.view(torch.int32), cache.v.view(torch.int32), cache.k_scale, cache.k_zero,
+            cache.v_scale, cache.v_zero, block_table, seq_lens, out, po, pl, qk_scale, plan.tokens_per_split,
+            q.stride(0), q.stride(1), sb // 4, sh // 4, ss // 4, mb, mh, ms, block_table.stride(0),
+            out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
+            W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
+            INTERPRET=interpreting(),
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
+        )
+    elif cache.mode == "int4":
         mb, mh, ms = cache.meta_strides()
         _decode_int4_kernel[grid](
             q, cache.k, cache.v, cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero, block_table, seq_lens,
