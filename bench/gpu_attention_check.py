@@ -92,7 +92,7 @@ def check_decode(variants: list[dict]) -> None:
             for kw in variants + mha if mode == "int4" else [{}]:
                 out = torch.full_like(q, float("nan"))
                 paged_decode_attention(q, cache, bt, sl, d**-0.5, out=out,
-                                       plan=plan_decode(len(lens), hq, hkv, d, 32768, "cuda", **kw))
+                                       plan=plan_decode(len(lens), hq, hkv, d, 32768, "cuda", kv_mode=mode, **kw))
                 report(f"decode {mode} hq={hq} hkv={hkv} d={d} {kw}", *close(out, want))
             del cache
 

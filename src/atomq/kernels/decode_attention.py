@@ -512,7 +512,7 @@ def plan_decode(
     remainder). Splits are added until batch * kv_heads * splits fills about two waves of the GPU.
     Defaults are the fastest variants of the H100 sweep at batch 64 x 4096 (docs/KERNELS.md):
     int4 with GQA: K as the A operand of the dot (dot 2), exponent-trick unpack (deq 1), 64-token tiles,
-    2 pipeline stages; int4 with one q head per kv head: the words kernel (dot 4) with prefetch, 64-token
+    2 pipeline stages; int4 with one q head per kv head: the words kernel (dot 4) with prefetch, 128-token
     tiles; fp16 / fp8: dot 1, 64-token tiles, 3 stages; 4 warps.
     """
     if num_qo_heads % num_kv_heads:
@@ -524,7 +524,7 @@ def plan_decode(
     if num_stages is None:
         num_stages = 2 if int4 and group > 1 else 3
     if block_n is None:
-        block_n = 64 if dot else 32
+        block_n = 128 if dot == 4 else 64 if dot else 32
     if num_sms is None:
         dev = torch.device(device)
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
