@@ -169,8 +169,11 @@ def main() -> int:
         # dots, deq 1, block_n 64 won (docs/KERNELS.md); this one adds deq 2 (PTX unpack)
         if B.SHAPES[shape][0] == B.SHAPES[shape][1]:  # one q head per kv head
             # the tensor-core default of the last sweep against the CUDA-core words kernel (dot 4)
-            v4 = [dict(dot=2, deq=1, block_n=64, num_stages=3)] + grid(
-                dot=[4], block_n=[32, 64, 128], num_warps=[4, 8], prefetch=[True, False])
+            # (dot 2: the tensor-core default before it; acc_rows = block_n: no row folding)
+            v4 = [dict(dot=2, deq=1, block_n=64, num_stages=3), dict(dot=4, block_n=128, acc_rows=128)] + [
+                dict(dot=4, block_n=bn, num_warps=w, prefetch=pf)
+                for bn, w, pf in ((64, 4, True), (128, 4, True), (128, 4, False), (128, 8, True), (256, 8, True),
+                                  (256, 4, True))]
             vf = grid(dot=[1], block_n=[64, 128], num_stages=[2, 3])
         else:
             v4 = grid(dot=[2, 3], deq=[1, 2], block_n=[64], num_stages=[2, 3])
@@ -184,7 +187,7 @@ def main() -> int:
             if good:
                 r = min(good, key=lambda r: r["ms"])
                 best[(shape, mode)] = {k: r[k] for k in ("dot", "deq", "block_n", "num_stages", "num_warps",
-                                                         "prefetch") if k in r}
+                                                         "prefetch", "acc_rows") if k in r}
         b4 = best.get((shape, "int4"), {})
         all_sweeps += sweep(shape, "int4", [{**b4, "layout": "NHD"}])
     with open(os.path.join(args.out, "sweep.json"), "w") as f:

@@ -72,13 +72,15 @@ def test_decode_matches_ref(mode, hq, hkv, d, dot, deq, splits, device):
     assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_decode_words_kernel_nhd_and_rescaled_max(prefetch, device):
-    """dot 4 on NHD pages, with scores that grow along the sequence so the running max is rescaled."""
+@pytest.mark.parametrize("prefetch,block_n,acc_rows", [(True, 16, 16), (False, 64, 16), (True, 32, 8)])
+def test_decode_words_kernel_nhd_sharp_softmax_folded_rows(prefetch, block_n, acc_rows, device):
+    """dot 4 on NHD pages with a sharp softmax (the running max moves), with and without prefetch, and
+    with token rows folded into fewer accumulator rows."""
     lens = [70, 3, 0]
     cache, bt, sl, gen = make_batch(lens, 2, 128, "int4", device, layout="NHD")
-    q = torch.randn(3, 2, 128, generator=gen).to(device, torch.float16) * 6  # sharp softmax
-    plan = dec.plan_decode(3, 2, 2, 128, 70, device, num_splits=1, block_n=16, dot=4, prefetch=prefetch)
+    q = torch.randn(3, 2, 128, generator=gen).to(device, torch.float16) * 6
+    plan = dec.plan_decode(3, 2, 2, 128, 70, device, num_splits=1, block_n=block_n, dot=4, prefetch=prefetch,
+                           acc_rows=acc_rows)
     out = dec.paged_decode_attention(q, cache, bt, sl, 128**-0.5, plan=plan)
     assert torch.all(out[2] == 0)
     assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, 128**-0.5))

@@ -320,9 +320,22 @@ def _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale):
     wz_acc += pw * vz
     g = _nibble_planes(vw)
     pc = (pw * 1.2676506002282294e30)[:, None]  # 2**100: products stay normal floats
-    acc = (acc[0] + pc * g[0], acc[1] + pc * g[1], acc[2] + pc * g[2], acc[3] + pc * g[3],
-           acc[4] + pc * g[4], acc[5] + pc * g[5], acc[6] + pc * g[6], acc[7] + pc * g[7])
+    acc = (acc[0] + _fold(pc * g[0], acc[0]), acc[1] + _fold(pc * g[1], acc[1]),
+           acc[2] + _fold(pc * g[2], acc[2]), acc[3] + _fold(pc * g[3], acc[3]),
+           acc[4] + _fold(pc * g[4], acc[4]), acc[5] + _fold(pc * g[5], acc[5]),
+           acc[6] + _fold(pc * g[6], acc[6]), acc[7] + _fold(pc * g[7], acc[7]))
     return m_i, l_acc, wz_acc, acc
+
+
+@triton.jit
+def _fold(x, like):
+    """[BLOCK_N, W] -> [R, W] (R = like's rows): row r sums rows r, r + R, ... (in one thread for the
+    blocked layout of the page loads, which wraps rows every R = 8 * num_warps)."""
+    R: tl.constexpr = like.shape[0]
+    if R == x.shape[0]:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, [x.shape[0] // R, R, x.shape[1]]), 0)
 
 
 @triton.jit
@@ -337,7 +350,7 @@ def _decode_int4_words_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms, stride_bt,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    ACC_ROWS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
@@ -369,7 +382,7 @@ def _decode_int4_words_kernel(
     m_i = float("-inf")
     l_acc = tl.zeros([BLOCK_N], tl.float32)
     wz_acc = tl.zeros([BLOCK_N], tl.float32)
-    z = tl.zeros([BLOCK_N, W], tl.float32)
+    z = tl.zeros([ACC_ROWS, W], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
     bt = BT + b * stride_bt
     args = (K, V, KS, KZ, VS, VZ, bt, h, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms)
@@ -481,7 +494,9 @@ class DecodePlan:
     num_splits == 1). dot: 0 FMA reduction, 1 / 2 tensor-core tl.dot forms (q or K as the A operand),
     3 (int4 only): K and a transposed-loaded V as A operands, 4 (int4, one q head per kv head): the
     CUDA-core words kernel; deq: int4 unpack variant (unpack_int4_tile, dots 0-3); prefetch (dot 4):
-    load the next tile into registers while computing this one.
+    load the next tile into registers while computing this one; acc_rows (dot 4): rows of the per-slot
+    accumulators (token rows r, r + acc_rows, ... are summed into row r; the default, 8 * num_warps, is
+    where the page loads' layout wraps, so the fold stays within a thread).
     """
 
     batch: int
@@ -496,6 +511,7 @@ class DecodePlan:
     dot: int
     deq: int
     prefetch: bool
+    acc_rows: int
     partial_out: torch.Tensor | None
     partial_lse: torch.Tensor | None
 
@@ -504,7 +520,8 @@ def plan_decode(
     batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, device="cuda",
     *, kv_mode: str = "int4", num_sms: int | None = None, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    dot: int | None = None, deq: int = 1, prefetch: bool = True, min_tokens_per_split: int = 256,
+    dot: int | None = None, deq: int = 1, prefetch: bool = True, acc_rows: int | None = None,
+    min_tokens_per_split: int = 256,
 ) -> DecodePlan:
     """Choose the split count and tile sizes; allocate the split workspace.
 
@@ -538,8 +555,13 @@ def plan_decode(
     if num_splits > 1:
         po = torch.empty(batch, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         pl = torch.empty(batch, num_qo_heads, num_splits, dtype=torch.float32, device=device)
+    num_warps = num_warps or 4
+    if acc_rows is None:
+        acc_rows = min(block_n, 8 * num_warps)
+    if block_n % acc_rows:
+        raise ValueError(f"acc_rows {acc_rows} must divide block_n {block_n}")
     return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
-                      num_warps or 4, num_stages, dot, deq, prefetch, po, pl)
+                      num_warps, num_stages, dot, deq, prefetch, acc_rows, po, pl)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -603,7 +625,7 @@ def paged_decode_attention(
             q.stride(0), q.stride(1), sb // 4, sh // 4, ss // 4, mb, mh, ms, block_table.stride(0),
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
-            INTERPRET=interpreting(),
+            ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(),
             num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
     elif cache.mode == "int4":
