@@ -148,6 +148,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="checks and a small sweep only")
+    ap.add_argument("--defaults", action="store_true", help="no sweep: time the default plans (what the engine runs)")
     ap.add_argument("--shapes", default=",".join(B.SHAPES), help="comma-separated, from " + ",".join(B.SHAPES))
     ap.add_argument("--batches", default="1,16,64,256")
     ap.add_argument("--contexts", default="512,2048,4096,8192")
@@ -164,12 +165,11 @@ def main() -> int:
             report(f"{fn.__name__} crashed: {type(e).__name__}: {str(e)[:300]}", False)
     best = {}
     all_sweeps = []
-    for shape in shapes:
-        # earlier sweeps (dot 0-3, deq 0-1, block_n 32-128, warps 4/8, stages 1-3): 4 warps, tensor-core
-        # dots, deq 1, block_n 64 won (docs/KERNELS.md); this one adds deq 2 (PTX unpack)
+    for shape in shapes if not args.defaults else ():
+        # earlier sweeps (dot 0-3, deq 0-2, block_n 32-128, warps 4/8, stages 1-3; docs/KERNELS.md): with GQA
+        # tensor-core dots, deq 1, block_n 64 won. Without GQA: the tensor-core variant that won then
+        # (dot 2) against the CUDA-core words kernel (dot 4; acc_rows = block_n: no row folding)
         if B.SHAPES[shape][0] == B.SHAPES[shape][1]:  # one q head per kv head
-            # the tensor-core default of the last sweep against the CUDA-core words kernel (dot 4)
-            # (dot 2: the tensor-core default before it; acc_rows = block_n: no row folding)
             v4 = [dict(dot=2, deq=1, block_n=64, num_stages=3), dict(dot=4, block_n=128, acc_rows=128)] + [
                 dict(dot=4, block_n=bn, num_warps=w, prefetch=pf)
                 for bn, w, pf in ((64, 4, True), (128, 4, True), (128, 4, False), (128, 8, True), (256, 8, True),
