@@ -212,6 +212,48 @@ def row_bench() -> list[dict]:
     return rows
 
 
+def check_gemv() -> None:
+    """The CUDA-core M <= 2 kernel against the reference: groups of 128, 64 and none, bias, bf16 out."""
+    for n, k, m, gs in ((22016, 4096, 1, 128), (4096, 11008, 2, 128), (12288, 4096, 1, 64), (4096, 11008, 1, None)):
+        x, w, pw, split = B.make_problem(n, k, m, gs=gs)
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        a = Q.quantize_act(x, None, split, out="int8")
+        yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+        for dt in (torch.float16, torch.bfloat16):
+            y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype=dt, config=GemmConfig(kernel="gemv"))
+            rel = ((y.double() - yr).norm() / yr.norm()).item()
+            tol = 1e-3 if dt == torch.float16 else 8e-3
+            report(f"gemv M={m} N={n} K={k} groups {gs} ->{str(dt)[6:]}", rel <= tol and bool(torch.isfinite(y).all()),
+                   f"rel err {rel:.2e} (tol {tol})")
+
+
+def gemv_bench() -> list[dict]:
+    """M = 1, 2, 4: the CUDA-core GEMV (K blocks per step 2 / 4 / 8) against the tensor-core decode
+    kernel, cuBLAS FP16 and torch's W4A16; us, medians of CUDA-graph replays."""
+    C = GemmConfig
+    tc = C(block_n=64, block_m=16, num_warps=4, num_stages=4, waves=4.0)
+    cfgs = {"gemv2": (C(kernel="gemv", k_blocks=2), "int8"), "gemv4": (C(kernel="gemv", k_blocks=4), "int8"),
+            "gemv8": (C(kernel="gemv", k_blocks=8), "int8"), "tc": (tc, "int8"),
+            "tc_pf": (dataclasses.replace(tc, prefetch=True), "int8")}
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        for m in (1, 2, 4):
+            row = B.bench_gemm_shape(n, k, m, cfgs, which=("w4a16",))
+            row.update(model=model, layer=layer)
+            rows.append(row)
+            line = f"{model:10s} {layer:7s} M={m} fp16 {row['fp16_ms'] * 1e3:6.1f} w4a16 {row.get('w4a16_ms', 0) * 1e3:6.1f} |"
+            for name in cfgs:
+                v = row.get(name + "_ms")
+                line += f" {name} {v * 1e3:6.1f}" if v else f" {name} ERR"
+            print(line, flush=True)
+            lines.append(line)
+    print("
+GEMV table (us):")
+    for line in lines:
+        print(line)
+    return rows
+
+
 def rotation_bench() -> list[dict]:
     """The online rotation kernel (kernels/hadamard.py) against a plain copy of the same bytes, bf16."""
     from atomq.kernels import ref
@@ -318,6 +360,7 @@ def main() -> int:
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--rotation-bench", action="store_true", help="also time the online rotation kernel")
+    ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -329,6 +372,7 @@ def main() -> int:
     elif not args.no_check:
         check_quantize()
         check_gemm()
+        check_gemv()
         check_gluon()
     if args.prefill_sweep:
         rows = prefill_sweep(128) + prefill_sweep(None)
@@ -337,6 +381,11 @@ def main() -> int:
     if args.rotation_bench:
         with open(args.out.replace(".json", "_rotation.json"), "w") as f:
             json.dump(rotation_bench(), f, indent=1)
+    if args.gemv_bench:
+        if args.no_check:  # checks come before timings
+            check_gemv()
+        with open(args.out.replace(".json", "_gemv.json"), "w") as f:
+            json.dump(gemv_bench(), f, indent=1)
     if args.row_bench:
         with open(args.out.replace(".json", "_rows.json"), "w") as f:
             json.dump(row_bench(), f, indent=1)

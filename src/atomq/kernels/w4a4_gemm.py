@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import PackedWeight, unpack_int4
-from . import interpreter_compat
+from . import interpreter_compat, w4a4_gemv
 from .quantize import ActOp, interpreting
 from .ref import ActQ
 from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM
@@ -118,7 +118,8 @@ class GemmConfig:
 
     block_n: int = 64
     block_m: int = 128
-    kernel: str = "triton"  # "triton" (any GPU, the interpreter) or "gluon" (sm_90, M > 64, groups of 128)
+    kernel: str = "triton"  # "triton" (any GPU, the interpreter), "gluon" (sm_90, M > 64, groups of 128),
+    # or "gemv" (CUDA cores, M <= w4a4_gemv.MAX_M)
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0  # 0: choose from the grid size
@@ -130,11 +131,15 @@ class GemmConfig:
     fused_reduce: bool = True  # split K: the last program of a tile sums the partials (no 2nd kernel)
     waves: float = 2.0  # automatic split K: aim at waves * SMs programs
     min_iters: int = 2  # automatic split K: at least this many K blocks per split
+    k_blocks: int = 4  # gemv: K blocks of 128 channels per step
 
 
-def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True) -> GemmConfig:
+def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
-    the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64."""
+    the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
+    kernel can take it; it does for M <= w4a4_gemv.MAX_M."""
+    if gemv:
+        return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
     if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
@@ -234,9 +239,16 @@ def w4a4_gemm(
     if m == 0:
         return out
     if config is None:
-        gluon = m > 64 and a.qa.is_cuda and not interpreting() and _hopper().unsupported_reason(a, w) is None
-        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None)
+        gpu = a.qa.is_cuda and not interpreting()
+        gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w) is None
+        gemv = m <= w4a4_gemv.MAX_M and gpu and w4a4_gemv.unsupported_reason(a, w) is None
+        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv)
     cfg = config
+    if cfg.kernel == "gemv":
+        reason = w4a4_gemv.unsupported_reason(a, w)
+        if reason:
+            raise ValueError(reason)
+        return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps)
     if cfg.kernel == "gluon":
         hopper = _hopper()
         reason = hopper.unsupported_reason(a, w)

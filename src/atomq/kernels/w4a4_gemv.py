@@ -1,0 +1,172 @@
+"""W4A4 matrix-vector product on CUDA cores: the decode path of ``w4a4_gemm`` for one or two tokens.
+
+At M = 1 a tensor-core tile is almost all padding and the product is a stream over the 4-bit weights,
+so this kernel reads them as int32 words and multiplies bytes with ``dp4a``. Operands and math are those
+of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm``):
+
+- One program per (RT-row weight tile, token); it streams the tile's K blocks of 128 channels, KB
+  blocks at a time (a contiguous KB KiB run of the prepared weights), the next KB blocks loaded while
+  the current ones are computed.
+- The prepared layout puts channel j of a block in the low and channel 64 + j in the high nibble of
+  byte j, so the low nibbles of a weight word (4 bytes) pair with the activation word holding channels
+  4c..4c+3 and the high nibbles with the word of channels 64 + 4c..: the int8 activation operand is used
+  as loaded. Weights are two's complement; XOR with 0x8 per nibble gives u = v + 8 in 0..15, masking
+  gives the low / high nibbles as bytes, and ``dp4a`` (4 byte products summed into int32) does the
+  rest: 6 instructions per 8 weights. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
+  group's sum is scaled by s_w * s_a in fp32.
+- The INT8 outlier part and the bias are added in the same program.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantize import interpreting
+
+try:  # guarded: atomq imports without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_M = 2  # tokens this path takes (w4a4_gemm's pick_config); beyond that the tensor cores win
+
+
+def unsupported_reason(a, w) -> str | None:
+    """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` (None: it can)."""
+    if a.qa.dtype != torch.int8:
+        return "the GEMV takes the int8 activation operand"
+    if w.span != 64 or w.group_size not in (None, 64, 128):
+        return f"the GEMV takes blocks of 128 channels (span 64) with groups of 64, 128 or none, got {w.group_size}"
+    if w.kn % 4 or a.qa.stride(0) % 4 or a.qa.storage_offset() % 4:
+        return "the GEMV reads activations as 4-byte words: Kn and the row stride must be multiples of 4"
+    return None
+
+
+def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """out [M, N] = a @ w^T (+ bias) for a small M; a: ActOp (int8 operand), w: PreparedWeight.
+
+    blocks: K blocks of 128 channels per step (KB). Validated by ``w4a4_gemm``; no allocation, no sync.
+    """
+    m, n = a.qa.shape[0], w.n
+    rt = w.row_tile
+    has_out = w.n_out > 0
+    dummy = w.sw
+    q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
+    grid = (triton.cdiv(n, rt), m)
+    _gemv_kernel[grid](
+        w.w4.view(torch.int32), w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
+        a.qa.view(torch.int32), a.s4, q8, s8, bias if bias is not None else dummy, out,
+        n, w.kn, w.n_groups, w.n_out, w.kp // 128, w.w4.stride(0) // 4, w.sw.stride(0),
+        w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0), out.stride(0),
+        RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None,
+        BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
+        num_warps=num_warps, num_stages=1,
+    )
+    return out
+
+
+if triton is not None:
+
+    _DP4A = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")
+
+    @triton.jit
+    def _dp4a(u, a, c, USE_ASM: tl.constexpr):
+        """int32 c + sum over the 4 bytes of u (unsigned) times the 4 bytes of a (signed); same shapes."""
+        if USE_ASM:
+            return tl.inline_asm_elementwise(_DP4A, "=r,r,r,r", [u, a, c], dtype=tl.int32, is_pure=True, pack=1)
+        else:  # the interpreter runs no PTX
+            return (c + ((u & 0xFF) * ((a << 24) >> 24)) + (((u >> 8) & 0xFF) * ((a << 16) >> 24))
+                    + (((u >> 16) & 0xFF) * ((a << 8) >> 24)) + (((u >> 24) & 0xFF) * (a >> 24)))
+
+    @triton.jit
+    def _load_step(b0, W4T, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw,
+                   KB: tl.constexpr, RT: tl.constexpr, GS: tl.constexpr):
+        """KB blocks from b0: weight words int32 [KB, RT, 16]; activation words of the low / high halves
+        int32 [KB, 1, 16]; per half, the activation scale fp32 [KB, 1] and weight scales fp32 [KB, RT]
+        (the same group twice unless GS == 64)."""
+        kb = b0 + tl.arange(0, KB)
+        k3 = kb[:, None, None]
+        r = tl.arange(0, RT)[None, :, None]
+        c = tl.arange(0, 16)[None, None, :]
+        w = tl.load(W4T + k3 * (RT * 16) + r * 16 + c, mask=k3 < n_blocks, other=0)
+        ch = k3 * 128 + 4 * c  # first channel of each low-half word
+        a_lo = tl.load(QA_M + k3 * 32 + c, mask=ch < kn, other=0)
+        a_hi = tl.load(QA_M + k3 * 32 + 16 + c, mask=ch + 64 < kn, other=0)
+        if GS == 64:
+            g_lo = 2 * kb
+            g_hi = 2 * kb + 1
+        elif GS == 128:
+            g_lo = kb
+            g_hi = kb
+        else:  # one scale per row and per token
+            g_lo = kb * 0
+            g_hi = kb * 0
+        ok_lo = (kb < n_blocks) & (g_lo < G)
+        ok_hi = (kb < n_blocks) & (g_hi < G)
+        sa_lo = tl.load(S4_M + g_lo, mask=ok_lo, other=0.0).to(tl.float32)[:, None]
+        sa_hi = tl.load(S4_M + g_hi, mask=ok_hi, other=0.0).to(tl.float32)[:, None]
+        sw_lo = tl.load(SW + g_lo[:, None] * stride_sw + rows[None, :], mask=ok_lo[:, None], other=0.0)
+        sw_hi = tl.load(SW + g_hi[:, None] * stride_sw + rows[None, :], mask=ok_hi[:, None], other=0.0)
+        return w, a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi
+
+    @triton.jit
+    def _compute_step(step, acc, USE_ASM: tl.constexpr, GS: tl.constexpr):
+        """acc fp32 [KB, RT] += each block's exact group dot products times s_w * s_a."""
+        w, a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi = step
+        u = w ^ -2004318072  # 0x88888888: u = v + 8 per nibble
+        z1 = tl.zeros(a_lo.shape, tl.int32)
+        ones = tl.full(a_lo.shape, 0x01010101, tl.int32)
+        n_lo = tl.sum(_dp4a(ones, a_lo, z1, USE_ASM), 2)  # [KB, 1] sum(a) of each half (same for all rows)
+        n_hi = tl.sum(_dp4a(ones, a_hi, z1, USE_ASM), 2)
+        a_lo = tl.broadcast_to(a_lo, w.shape)
+        a_hi = tl.broadcast_to(a_hi, w.shape)
+        d = _dp4a(u & 0x0F0F0F0F, a_lo, tl.zeros(w.shape, tl.int32), USE_ASM)  # sum(u a), low half
+        if GS == 64:  # the halves are two groups
+            d_hi = tl.sum(_dp4a((u >> 4) & 0x0F0F0F0F, a_hi, tl.zeros(w.shape, tl.int32), USE_ASM), 2)
+            acc += ((tl.sum(d, 2) - 8 * n_lo).to(tl.float32) * (sw_lo * sa_lo)
+                    + (d_hi - 8 * n_hi).to(tl.float32) * (sw_hi * sa_hi))
+        else:  # one group per block: one int32 sum
+            d = tl.sum(_dp4a((u >> 4) & 0x0F0F0F0F, a_hi, d, USE_ASM), 2)
+            acc += (d - 8 * (n_lo + n_hi)).to(tl.float32) * (sw_lo * sa_lo)
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(
+        W4, SW, W8, S8W, QA, S4, Q8, S8, BIAS, OUT,
+        N, KN, G, N_OUT, n_blocks, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
+        stride_om,
+        RT: tl.constexpr, KB: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
+    ):
+        """out[m, tile rows] for one weight tile of RT rows and one token m (module docstring).
+
+        W4: int32 words of the prepared weights [NP // RT, KP * RT // 8]; SW fp32 [GP, N]; W8 int8
+        [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
+        Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16.
+        """
+        tile = tl.program_id(0)
+        m = tl.program_id(1).to(tl.int64)
+        rows = tile * RT + tl.arange(0, RT)
+        W4T = W4 + tile.to(tl.int64) * stride_w4t
+        QA_M = QA + m * stride_qa
+        S4_M = S4 + m * stride_s4
+        acc = tl.zeros([KB, RT], tl.float32)
+        step = _load_step(0, W4T, QA_M, S4_M, SW, G, n_blocks, KN, rows, stride_sw, KB, RT, GS)
+        for b0 in range(0, n_blocks, KB):  # the next KB blocks load while these are computed
+            nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, n_blocks, KN, rows, stride_sw, KB, RT, GS)
+            acc = _compute_step(step, acc, USE_ASM, GS)
+            step = nxt
+        y = tl.sum(acc, 0)  # [RT]
+        rmask = rows < N
+        if HAS_OUT:
+            j = tl.arange(0, BLOCK_O)
+            jm = j < N_OUT
+            w8 = tl.load(W8 + rows[:, None] * stride_w8 + j[None, :], mask=rmask[:, None] & jm[None, :], other=0)
+            a8 = tl.load(Q8 + m * stride_q8 + j, mask=jm, other=0)
+            d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
+            s8 = tl.load(S8 + m * stride_s8).to(tl.float32)
+            y += d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * s8)
+        if HAS_BIAS:
+            y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(OUT + m * stride_om + rows, y.to(OUT.dtype.element_ty), mask=rmask)

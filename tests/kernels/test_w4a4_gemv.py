@@ -1,0 +1,62 @@
+"""The CUDA-core W4A4 GEMV (M <= 2) against ref.w4a4_gemm, through w4a4_gemm (tolerances of
+test_w4a4_gemm.py). CPU: the Triton interpreter, where dp4a is emulated with integer ops; -m gpu: the
+PTX dp4a at Llama-2 sizes, and the default dispatch picking it."""
+
+import pytest
+import torch
+
+from atomq.kernels import ref
+
+pytest.importorskip("triton")
+from atomq.kernels import quantize as Q  # noqa: E402
+from atomq.kernels import w4a4_gemv as G  # noqa: E402
+from atomq.kernels.w4a4_gemm import GemmConfig, pick_config, prepare_weight, w4a4_gemm  # noqa: E402
+
+from test_w4a4_gemm import TOL, _problem, _rel  # noqa: E402
+
+CASES = [  # (M, N, K, n_outliers, group_size, K blocks per step)
+    (1, 48, 320, 64, 64, 4),  # groups of 64: two groups per 128-channel block; a padded block
+    (2, 40, 576, 128, 128, 2),
+    (1, 32, 256, 32, None, 4),  # one scale per row and per token
+    (2, 33, 704, 0, 128, 1),  # N not a multiple of the 16-row tile, no outliers
+    (1, 16, 448, 0, 64, 8),  # fewer blocks than one step
+]
+
+
+@pytest.mark.parametrize("m,n,k,n_out,gs,kb", CASES)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemv_matches_reference(m, n, k, n_out, gs, kb, out_dtype, device):
+    x, pw, split, bias = _problem(m, n, k, n_out, gs, device, seed=m + n)
+    a = Q.quantize_act(x, None, split, out="int8")
+    y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype, config=GemmConfig(kernel="gemv", k_blocks=kb))
+    want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    assert _rel(y, want) <= TOL[out_dtype]
+
+
+def test_gemv_refuses_what_it_cannot_take(device):
+    x, pw, split, _ = _problem(1, 16, 320, 64, 64, device, seed=0)
+    a8 = Q.quantize_act(x, None, split, out="fp8")
+    assert "int8" in G.unsupported_reason(a8, prepare_weight(pw))
+    with pytest.raises(ValueError, match="int8"):
+        w4a4_gemm(a8, prepare_weight(pw), config=GemmConfig(kernel="gemv"))
+    x, pw, split, _ = _problem(1, 16, 384, 64, 32, device, seed=0)  # groups of 32: span 32
+    a = Q.quantize_act(x, None, split, out="int8")
+    assert "span 64" in G.unsupported_reason(a, prepare_weight(pw))
+
+
+def test_pick_config_sends_one_or_two_tokens_to_the_gemv():
+    assert pick_config(1, 4096, 4096, gemv=True).kernel == "gemv"
+    assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,gs", [(1, 22016, 4096, 128), (2, 4096, 11008, 128), (1, 12288, 4096, 64),
+                                      (2, 8192, 28672, None)])
+def test_gemv_full_size_gpu(m, n, k, gs):
+    x, pw, split, bias = _problem(m, n, k, 128, gs, "cuda", seed=1)
+    a = Q.quantize_act(x, None, split, out="int8")
+    p = prepare_weight(pw)
+    want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    assert G.unsupported_reason(a, p) is None
+    assert _rel(w4a4_gemm(a, p, bias), want) <= TOL[torch.float16]  # the default dispatch: the GEMV
