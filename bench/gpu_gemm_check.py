@@ -247,8 +247,7 @@ def gemv_bench() -> list[dict]:
                 line += f" {name} {v * 1e3:6.1f}" if v else f" {name} ERR"
             print(line, flush=True)
             lines.append(line)
-    print("
-GEMV table (us):")
+    print("\nGEMV table (us):")
     for line in lines:
         print(line)
     return rows
