@@ -1,4 +1,4 @@
-"""The CUDA-core W4A4 GEMV (M <= 2) against ref.w4a4_gemm, through w4a4_gemm (tolerances of
+"""The CUDA-core W4A4 GEMV (the default for one token on small products; any M works) against ref.w4a4_gemm, through w4a4_gemm (tolerances of
 test_w4a4_gemm.py). CPU: the Triton interpreter, where dp4a is emulated with integer ops; -m gpu: the
 PTX dp4a at Llama-2 sizes, and the default dispatch picking it."""
 
@@ -45,9 +45,10 @@ def test_gemv_refuses_what_it_cannot_take(device):
     assert "span 64" in G.unsupported_reason(a, prepare_weight(pw))
 
 
-def test_pick_config_sends_one_or_two_tokens_to_the_gemv():
+def test_pick_config_sends_one_token_on_small_products_to_the_gemv():
     assert pick_config(1, 4096, 4096, gemv=True).kernel == "gemv"
     assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
+    assert pick_config(1, 22016, 4096, gemv=True).kernel == "triton"  # gate_up: the tensor-core kernel ties
 
 
 @pytest.mark.gpu
@@ -59,4 +60,19 @@ def test_gemv_full_size_gpu(m, n, k, gs):
     p = prepare_weight(pw)
     want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
     assert G.unsupported_reason(a, p) is None
-    assert _rel(w4a4_gemm(a, p, bias), want) <= TOL[torch.float16]  # the default dispatch: the GEMV
+    assert _rel(w4a4_gemm(a, p, bias, config=GemmConfig(kernel="gemv")), want) <= TOL[torch.float16]
+
+
+@pytest.mark.gpu
+def test_default_dispatch_uses_the_gemv_for_one_token_gpu():
+    x, pw, split, bias = _problem(1, 4096, 4096, 128, 128, "cuda", seed=2)
+    a = Q.quantize_act(x, None, split, out="int8")
+    calls = []
+    real = G.w4a4_gemv
+    G.w4a4_gemv = lambda *args, **kw: calls.append(1) or real(*args, **kw)
+    try:
+        y = w4a4_gemm(a, prepare_weight(pw), bias)
+    finally:
+        G.w4a4_gemv = real
+    assert calls == [1]
+    assert _rel(y, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]

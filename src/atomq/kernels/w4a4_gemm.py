@@ -137,8 +137,8 @@ class GemmConfig:
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
-    kernel can take it; it does for M <= w4a4_gemv.MAX_M."""
-    if gemv:
+    kernel can take it; it does for one token and products up to 12288 x 8192 (docs/KERNELS.md)."""
+    if gemv and m == 1 and n <= 12288 and kp <= 8192:  # measured 2026-11-24: faster on q/k/v and o only
         return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)

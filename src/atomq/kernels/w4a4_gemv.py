@@ -1,4 +1,4 @@
-"""W4A4 matrix-vector product on CUDA cores: the decode path of ``w4a4_gemm`` for one or two tokens.
+"""W4A4 matrix-vector product on CUDA cores: a decode path of ``w4a4_gemm`` for one token.
 
 At M = 1 a tensor-core tile is almost all padding and the product is a stream over the 4-bit weights,
 so this kernel reads them as int32 words and multiplies bytes with ``dp4a``. Operands and math are those
@@ -29,7 +29,7 @@ try:  # guarded: atomq imports without triton
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_M = 2  # tokens this path takes (w4a4_gemm's pick_config); beyond that the tensor cores win
+MAX_M = 1  # tokens w4a4_gemm sends here (the kernel takes any M; at M = 2 the tensor cores win)
 
 
 def unsupported_reason(a, w) -> str | None:
@@ -44,7 +44,8 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """out [M, N] = a @ w^T (+ bias) for a small M; a: ActOp (int8 operand), w: PreparedWeight.
+    """out [M, N] = a @ w^T (+ bias) (one program per 16-row tile and token); a: ActOp (int8 operand),
+    w: PreparedWeight.
 
     blocks: K blocks of 128 channels per step (KB). Validated by ``w4a4_gemm``; no allocation, no sync.
     """
