@@ -253,6 +253,29 @@ def gemv_bench() -> list[dict]:
     return rows
 
 
+def quant_bench() -> list[dict]:
+    """Fused norm + quantize variants against the measured copy bandwidth (us and fraction of copy)."""
+    QC = Q.QuantizeLaunch
+    cp = B.copy_gbps()
+    variants = {"default": QC(), "gather_res": QC(gather_residual=True), "w_out": QC(weight_in_output_order=True),
+                "both": QC(gather_residual=True, weight_in_output_order=True)}
+    rows, lines = [], []
+    for kind, k in (("rmsnorm", 4096), ("rmsnorm", 8192), ("rmsnorm-noidx", 4096), ("gather", 4096)):
+        for m in (16, 4096, 16384):
+            line = f"{kind:13s} K={k:5d} M={m:5d} |"
+            for name, cfg in (variants if kind == "rmsnorm" else {"default": QC()}).items():
+                r = B.bench_quantize(m, k, kind, config=cfg)
+                r.update(variant=name, vs_copy=r["gbps"] / cp)
+                rows.append(r)
+                line += f" {name} {r['ms'] * 1e3:7.1f}us {r['vs_copy']:.2f}"
+            print(line, flush=True)
+            lines.append(line)
+    print(f"\ncopy {cp:.0f} GB/s; quantize table:")
+    for line in lines:
+        print(line)
+    return rows
+
+
 def rotation_bench() -> list[dict]:
     """The online rotation kernel (kernels/hadamard.py) against a plain copy of the same bytes, bf16."""
     from atomq.kernels import ref
@@ -360,6 +383,7 @@ def main() -> int:
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--rotation-bench", action="store_true", help="also time the online rotation kernel")
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
+    ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -380,6 +404,9 @@ def main() -> int:
     if args.rotation_bench:
         with open(args.out.replace(".json", "_rotation.json"), "w") as f:
             json.dump(rotation_bench(), f, indent=1)
+    if args.quant_bench:
+        with open(args.out.replace(".json", "_quant.json"), "w") as f:
+            json.dump(quant_bench(), f, indent=1)
     if args.gemv_bench:
         if args.no_check:  # checks come before timings
             check_gemv()

@@ -143,7 +143,8 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None) -> dict:
-    """GB/s of one fused quantize kernel (kind 'rmsnorm' with residual, 'silu', 'gather'); bytes counted
+    """GB/s of one fused quantize kernel (kind 'rmsnorm' with residual, 'rmsnorm-noidx' the same without
+    the reorder, 'silu', 'gather'); bytes counted
     once: inputs read, residual written, quantized values and scales written."""
     from ..kernels import quantize as Q
     from ..quant import plan_split
@@ -151,11 +152,13 @@ def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None) ->
     split = plan_split(k, N_OUTLIERS, GROUP_SIZE)
     g = torch.Generator(device="cuda").manual_seed(0)
     qbytes = m * split.k_normal // (2 if out == "packed" else 1) + m * (split.n_outliers + 2 * split.n_groups + 2)
-    if kind == "rmsnorm":
+    if kind in ("rmsnorm", "rmsnorm-noidx"):  # the second without the reorder gather (an upper bound)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
         r = torch.randn_like(x)
         wn = torch.rand(k, device="cuda", dtype=torch.float16, generator=g) + 0.5
-        idx = torch.randperm(k, device="cuda", generator=g).to(torch.int32)
+        idx = torch.randperm(k, device="cuda", generator=g).to(torch.int32) if kind == "rmsnorm" else None
+        if config is not None and config.weight_in_output_order and idx is not None:
+            wn = wn[idx.long()]
         fn = lambda: Q.rmsnorm_quantize(x, r, wn, 1e-5, idx, split, out=out, config=config)  # noqa: E731
         nbytes = 3 * x.numel() * 2 + qbytes
     elif kind == "silu":

@@ -90,6 +90,9 @@ class QuantizeLaunch(NamedTuple):
     kernel: str = "chunk"
     rows: int = 0
     num_warps: int = 0
+    gather_residual: bool = False  # chunk kernel, norm with residual, one program per row: gather the new
+    # residual written in pass 1 (one gathered read) instead of x and residual (two)
+    weight_in_output_order: bool = False  # the norm weight is given gathered (weight[index]): no gather
 
 
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
@@ -176,6 +179,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         if want > 1:
             block = min(block, small)
             chunk = max(block, -(-triton.cdiv(kn, want) // block) * block)
+    gather_res = cfg.gather_residual and mode == 1 and residual is not None and chunk >= kn and index is not None
     _kernels()[(m, triton.cdiv(kn, chunk))](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
         weight if weight is not None else dummy, index if index is not None else dummy,
@@ -186,7 +190,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_O=max(2, _next_pow2(n_out)),
-        EXACT_EXP=not interpreting(), num_warps=4 if block <= 1024 else 8,
+        EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=mode == 1 and cfg.weight_in_output_order,
+        num_warps=4 if block <= 1024 else 8,
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 
@@ -249,7 +254,7 @@ if triton is not None:
     @triton.jit
     def _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, mask, k, rstd,
                     MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr,
-                    EXACT_EXP: tl.constexpr):
+                    EXACT_EXP: tl.constexpr, RES_OUT, row_ro, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr):
         """fp32 [BLOCK] values of output channels ``offs`` of one row, rounded through x's dtype as the
         reference rounds them (after the residual add, after the norm, after SiLU*up)."""
         if HAS_IDX:
@@ -265,13 +270,19 @@ if triton is not None:
                 e = tl.exp(-g)
             v = (tl.math.div_rn(g, 1.0 + e) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
         else:
-            xv = tl.load(x_ptr + row_x + src, mask=mask, other=0.0)
-            if HAS_RES:
-                rv = tl.load(res_ptr + row_r + src, mask=mask, other=0.0)
-                xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if GATHER_RES:  # x + residual as rounded and stored by pass 1 of this program
+                xv = tl.load(RES_OUT + row_ro + src, mask=mask, other=0.0)
+            else:
+                xv = tl.load(x_ptr + row_x + src, mask=mask, other=0.0)
+                if HAS_RES:
+                    rv = tl.load(res_ptr + row_r + src, mask=mask, other=0.0)
+                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
             v = xv.to(tl.float32)
             if MODE == 1:
-                wv = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
+                if W_OUT_ORDER:
+                    wv = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    wv = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
                 v = ((v * rstd) * wv).to(x_ptr.dtype.element_ty).to(tl.float32)
         return v
 
@@ -297,6 +308,7 @@ if triton is not None:
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, EXACT_EXP: tl.constexpr,
+        GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -304,7 +316,8 @@ if triton is not None:
         reads input channel idx[j]); q: see _store_q4; s4: fp16 [M, G]; q8: int8 [M, NO]; s8: fp16 [M, 1].
         GS: group size (0 = one scale per row). Program (row, c) handles normal channels
         [c * CHUNK, (c + 1) * CHUNK) of one row (CHUNK a multiple of BLOCK; the whole row when GS == 0);
-        the first writes the new residual, the last also quantizes the outliers.
+        the first writes the new residual, the last also quantizes the outliers. GATHER_RES (one program
+        per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
         """
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
@@ -312,6 +325,7 @@ if triton is not None:
         c_end = tl.minimum(c_begin + CHUNK, KN)
         row_x = row * stride_xm
         row_r = row * stride_rm
+        row_ro = row * stride_rom
         rstd = 1.0
         if MODE == 1:
             acc = tl.zeros([BLOCK], tl.float32)
@@ -327,26 +341,28 @@ if triton is not None:
                 acc += xf * xf
             ms = tl.math.div_rn(tl.sum(acc, 0), K.to(tl.float32))
             rstd = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
+            if GATHER_RES:
+                tl.debug_barrier()  # the residual row stored above is read back by other threads
 
         if GS == 0:
             amax_v = tl.zeros([BLOCK], tl.float32)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
                 amax_v = tl.maximum(amax_v, tl.abs(v))
             scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 7.0).to(tl.float16)
             tl.store(s4_ptr + row * stride_sm, scale)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), 7), KN, OUT_KIND, BLOCK)
         else:
             for c0 in range(c_begin, c_end, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
                 vg = tl.reshape(v, [BLOCK // GS, GS])
                 amax = tl.max(tl.abs(vg), 1)
                 scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [BLOCK // GS]
@@ -358,7 +374,7 @@ if triton is not None:
         if NO > 0 and chunk == tl.num_programs(1) - 1:
             offs_o = tl.arange(0, BLOCK_O)
             v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN + offs_o, offs_o < NO, K, rstd,
-                            MODE, HAS_RES, HAS_IDX, EXACT_EXP)
+                            MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
             s8 = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-6), 127.0).to(tl.float16)
             tl.store(s8_ptr + row, s8)
             q8 = _sym_q(v, s8.to(tl.float32), 127)
