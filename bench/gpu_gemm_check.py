@@ -257,14 +257,15 @@ def quant_bench() -> list[dict]:
     """Fused norm + quantize variants against the measured copy bandwidth (us and fraction of copy)."""
     QC = Q.QuantizeLaunch
     cp = B.copy_gbps()
-    variants = {"default": QC(), "gather_res": QC(gather_residual=True), "w_out": QC(weight_in_output_order=True),
-                "both": QC(gather_residual=True, weight_in_output_order=True)}
+    # (gather of x and residual or of the new residual) x (norm weight gathered per call or given in output order)
+    variants = {"inputs/w_gather": (QC(gather_residual=False), False), "res/w_gather": (QC(), False),
+                "inputs/w_out": (QC(gather_residual=False), True), "res/w_out (default)": (QC(), True)}
     rows, lines = [], []
     for kind, k in (("rmsnorm", 4096), ("rmsnorm", 8192), ("rmsnorm-noidx", 4096), ("gather", 4096)):
         for m in (16, 4096, 16384):
             line = f"{kind:13s} K={k:5d} M={m:5d} |"
-            for name, cfg in (variants if kind == "rmsnorm" else {"default": QC()}).items():
-                r = B.bench_quantize(m, k, kind, config=cfg)
+            for name, (cfg, wg) in (variants if kind == "rmsnorm" else {"default": (QC(), True)}).items():
+                r = B.bench_quantize(m, k, kind, config=cfg, weight_gathered=wg)
                 r.update(variant=name, vs_copy=r["gbps"] / cp)
                 rows.append(r)
                 line += f" {name} {r['ms'] * 1e3:7.1f}us {r['vs_copy']:.2f}"

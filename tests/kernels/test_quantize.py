@@ -58,10 +58,11 @@ def _check_quantize_act(m, k, n_out, gs, device, cfg=None):
 def _check_rmsnorm(m, k, n_out, gs, device, cfg=None):
     split = plan_split(k, n_out, gs)
     x, res, w, idx = _inputs(m, k, device, seed=2 * m + k)
-    wk = w[idx.long()] if cfg is not None and cfg.weight_in_output_order else w
-    for residual in (res, None):
-        a, new_res = Q.rmsnorm_quantize(x, residual, wk, 1e-5, idx, split, config=cfg)
-        r, ref_res = ref.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)
+    for residual, gathered in ((res, False), (None, False), (res, True)):
+        wk = w[idx.long()] if gathered else w
+        a, new_res = Q.rmsnorm_quantize(x, residual, wk, 1e-5, idx, split, config=cfg, weight_gathered=gathered)
+        r, ref_res = ref.rmsnorm_quantize(x, residual, wk, 1e-5, idx, split, weight_gathered=gathered)
+        assert torch.equal(ref_res, ref.rmsnorm_quantize(x, residual, w, 1e-5, idx, split)[1])
         assert torch.equal(new_res, ref_res)
         total = sum(u.numel() for u in a if u is not None)
         diff = sum((u != v).sum().item() for u, v in zip(a, r) if u is not None)
@@ -85,8 +86,8 @@ def test_quantize_act(m, k, n_out, gs, cfg, device):
     _check_quantize_act(m, k, n_out, gs, device, cfg)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS + [Q.QuantizeLaunch(gather_residual=True, weight_in_output_order=True)],
-                         ids=["rows", "chunk", "chunk-gather-residual"])
+@pytest.mark.parametrize("cfg", CONFIGS + [Q.QuantizeLaunch(gather_residual=False)],
+                         ids=["rows", "chunk", "chunk-gather-inputs"])
 @pytest.mark.parametrize("m,k,n_out,gs", CPU_CASES)
 def test_rmsnorm_quantize(m, k, n_out, gs, cfg, device):
     _check_rmsnorm(m, k, n_out, gs, device, cfg)
@@ -111,8 +112,7 @@ def test_validation(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [None, Q.QuantizeLaunch(gather_residual=True, weight_in_output_order=True)],
-                         ids=["default", "gather-residual"])
+@pytest.mark.parametrize("cfg", [None, Q.QuantizeLaunch(gather_residual=False)], ids=["default", "gather-inputs"])
 @pytest.mark.parametrize("m,k,n_out,gs", GPU_CASES)
 def test_full_size_gpu(m, k, n_out, gs, cfg):
     if not torch.cuda.is_available():

@@ -142,9 +142,9 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None) -> dict:
+def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None, weight_gathered: bool = True) -> dict:
     """GB/s of one fused quantize kernel (kind 'rmsnorm' with residual, 'rmsnorm-noidx' the same without
-    the reorder, 'silu', 'gather'); bytes counted
+    the reorder, 'silu', 'gather'; weight_gathered: the norm weight in output order, as served); bytes counted
     once: inputs read, residual written, quantized values and scales written."""
     from ..kernels import quantize as Q
     from ..quant import plan_split
@@ -157,9 +157,10 @@ def bench_quantize(m: int, k: int, kind: str, out: str = "int8", config=None) ->
         r = torch.randn_like(x)
         wn = torch.rand(k, device="cuda", dtype=torch.float16, generator=g) + 0.5
         idx = torch.randperm(k, device="cuda", generator=g).to(torch.int32) if kind == "rmsnorm" else None
-        if config is not None and config.weight_in_output_order and idx is not None:
-            wn = wn[idx.long()]
-        fn = lambda: Q.rmsnorm_quantize(x, r, wn, 1e-5, idx, split, out=out, config=config)  # noqa: E731
+        gathered = weight_gathered and idx is not None
+        wn = wn[idx.long()] if gathered else wn
+        fn = lambda: Q.rmsnorm_quantize(x, r, wn, 1e-5, idx, split, out=out, config=config,  # noqa: E731
+                                        weight_gathered=gathered)
         nbytes = 3 * x.numel() * 2 + qbytes
     elif kind == "silu":
         x = torch.randn(m, 2 * k, device="cuda", dtype=torch.float16, generator=g)

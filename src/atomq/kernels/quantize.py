@@ -90,9 +90,8 @@ class QuantizeLaunch(NamedTuple):
     kernel: str = "chunk"
     rows: int = 0
     num_warps: int = 0
-    gather_residual: bool = False  # chunk kernel, norm with residual, one program per row: gather the new
-    # residual written in pass 1 (one gathered read) instead of x and residual (two)
-    weight_in_output_order: bool = False  # the norm weight is given gathered (weight[index]): no gather
+    gather_residual: bool = True  # chunk kernel, norm with residual, one program per row: gather the new
+    # residual written in pass 1 (one gathered read) instead of x and residual (two; measured slower)
 
 
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
@@ -109,7 +108,7 @@ def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch) -> tuple[int, int]:
 
 
 def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
-            config: QuantizeLaunch | None = None):
+            config: QuantizeLaunch | None = None, weight_gathered: bool = False):
     if bits != 4:
         raise ValueError("the Triton quantize kernels produce 4-bit activations (bits=4)")
     if out not in _OUT_KINDS:
@@ -156,6 +155,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     bk = _next_pow2(k)
     if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
         rows, warps = _pick_rows(m, bk, cfg)
+        if weight_gathered and index is not None:  # this kernel normalizes before the gather
+            weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)
         _kernels()
         _act_quant_rows_kernel[(triton.cdiv(m, rows),)](
             x, residual if residual is not None else x, res_out if res_out is not None else dummy,
@@ -190,7 +191,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_O=max(2, _next_pow2(n_out)),
-        EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=mode == 1 and cfg.weight_in_output_order,
+        EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
         num_warps=4 if block <= 1024 else 8,
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
@@ -212,14 +213,15 @@ def quantize_act(
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantizeLaunch | None = None,
+    config: QuantizeLaunch | None = None, weight_gathered: bool = False,
 ) -> tuple[ActQ | ActOp, torch.Tensor]:
     """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
 
-    x, residual: [M, K] same float dtype; weight: [K]; index: int32 [K] or None.
+    x, residual: [M, K] same float dtype; weight: [K] (weight_gathered: in output order, weight[index],
+    which saves a gathered read per channel); index: int32 [K] or None.
     Returns (quantized activations, new residual [M, K] = x + residual, or x itself when residual is None).
     """
-    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config)
+    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config, weight_gathered)
     return _pack(out, q, s4, q8, s8), res
 
 

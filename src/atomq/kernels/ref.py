@@ -64,9 +64,13 @@ def quantize_act(
 
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-    index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
+    index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, weight_gathered: bool = False,
 ) -> tuple[ActQ, torch.Tensor]:
-    """Fused (residual add +) RMSNorm + reorder gather + quantization. Returns (ActQ, new residual)."""
+    """Fused (residual add +) RMSNorm + reorder gather + quantization. Returns (ActQ, new residual).
+
+    weight_gathered: ``weight`` is given in output order (weight[index]), as the serving path keeps it."""
+    if weight_gathered and index is not None:
+        weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)  # back to input order
     y, res = rmsnorm(x, weight, eps, residual)
     return quantize_act(y, index, split, bits, clip), res
 

@@ -159,6 +159,14 @@ class RMSNorm(nn.Module):
         if reorder:
             self.register_buffer("reorder_index", torch.empty(dim, dtype=torch.int32, device="meta"))
 
+    def gathered_weight(self) -> torch.Tensor:
+        """weight[reorder_index]: each output channel's norm weight, for kernels that read it in output
+        order. Made on first use and kept (weights do not change while serving)."""
+        g = getattr(self, "_gathered_weight", None)
+        if g is None or g.device != self.weight.device or g.dtype != self.weight.dtype:
+            g = self._gathered_weight = self.weight.index_select(0, self.reorder_index.long())
+        return g
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = ref.rmsnorm(x, self.weight, self.eps)
         if hasattr(self, "reorder_index"):

@@ -83,7 +83,9 @@ def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, res
         from ..kernels.quantize import rmsnorm_quantize
 
         k = first.kernel
-        return rmsnorm_quantize(x, residual, norm.weight, norm.eps, index, k.split, 4, k.a_clip, out="int8")
+        weight = norm.weight if index is None else norm.gathered_weight()
+        return rmsnorm_quantize(x, residual, weight, norm.eps, index, k.split, 4, k.a_clip, out="int8",
+                                weight_gathered=index is not None)
     y, residual = ops.rmsnorm(x, norm.weight, norm.eps, residual)
     if index is not None:
         y = y.index_select(-1, index.long())
