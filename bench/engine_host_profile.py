@@ -94,14 +94,14 @@ class StepProbe:
         return ms
 
 
-def build_engine(ns: argparse.Namespace, bsz: int, max_len: int) -> Any:
+def build_engine(ns: argparse.Namespace, bsz: int, max_len: int, budget: int) -> Any:
     """An LLMEngine over a random model of ``ns.model`` in the format of ``ns.method`` (CONFIGS)."""
     fmt, method, kv = CONFIGS[ns.method]
     cuda = ns.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32  # CPU half matmuls would dominate the forward
     lm = random_model(ns.model, fmt, dtype, ns.device, seed=0)
     kw = dict(linear_method=method, kv_cache_dtype=kv, max_num_seqs=bsz, max_model_len=max_len,
-              max_num_batched_tokens=max(2048, max_len), enforce_eager=ns.eager)
+              max_num_batched_tokens=max(budget, max_len), enforce_eager=ns.eager)
     if cuda:
         kw["gpu_memory_utilization"] = 0.85
     else:
@@ -120,16 +120,32 @@ def fill(eng: Any, bsz: int, prompt_len: int, max_tokens: int, vocab: int) -> No
         eng.step()
 
 
+def stub_forward(eng: Any) -> None:
+    """Replace the model by fixed random logits (after the prefill): what is left of a step is host
+    work, measured with warm caches, as on a GPU host whose forward runs on the device. On the CPU the
+    real forward evicts the host code's data, so its host parts read slower than they would there.
+    One intra-op thread: waking an idle OpenMP worker for a parallel argmax costs milliseconds on
+    small VMs, which is no host cost of the engine (on a GPU the argmax runs on the device)."""
+    torch.set_num_threads(1)
+    vocab = eng.lm.model.args.vocab_size
+    table = torch.randn(eng.config.max_num_seqs, vocab, generator=torch.Generator().manual_seed(1)).to(eng.device)
+    eng.runner.execute = lambda batch, bucket: table[:batch.logits_indices.shape[0]]
+
+
 def profile_batch(ns: argparse.Namespace, bsz: int) -> dict:
     """Warm-up, ``ns.steps`` probed decode steps, ``ns.steps`` plain ones; medians in ms."""
-    max_tokens = ns.warmup + 2 * ns.steps + 2
+    budget = 2048  # max_num_batched_tokens: early requests decode while later ones still prefill
+    prefill_steps = -(-bsz * (ns.prompt_len + 16) // budget) + 2
+    max_tokens = prefill_steps + ns.warmup + 2 * ns.steps + 2  # nobody finishes inside the timed steps
     max_len = ns.prompt_len + 16 + max_tokens
-    eng = build_engine(ns, bsz, max_len)
+    eng = build_engine(ns, bsz, max_len, budget)
     fill(eng, bsz, ns.prompt_len, max_tokens, eng.lm.model.args.vocab_size)
     cuda = ns.device == "cuda"
     for _ in range(ns.warmup):  # CUDA-graph capture, allocator, caches
         eng.step()
     assert len(eng.scheduler.running) == bsz, "every request must be decoding"
+    if ns.stub_forward:
+        stub_forward(eng)
     with StepProbe(eng, sync=cuda) as probe:
         rows = [probe.step() for _ in range(ns.steps)]
     plain = []
@@ -141,9 +157,10 @@ def profile_batch(ns: argparse.Namespace, bsz: int) -> dict:
         else:
             eng.step()
         plain.append((time.perf_counter() - t) * 1e3)
+    assert len(eng.scheduler.running) == bsz, "a request finished inside the timed steps"
     if prof is not None:
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(r"engine[/\\]|sampler|builtins|list", 24)
         print(out.getvalue()[-4000:], flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in (*PARTS, "total")}
     host = med["total"] - med["forward"]
@@ -169,7 +186,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--cprofile", action="store_true", help="print a cProfile of the plain steps")
+    ap.add_argument("--stub-forward", action="store_true",
+                    help="fixed logits instead of the model after the prefill: host parts only, caches warm")
+    ap.add_argument("--cprofile", action="store_true", help="print a cProfile of the plain steps (engine functions)")
     ap.add_argument("--json", default=None, help="write the rows here")
     ns = ap.parse_args()
     if ns.device == "cuda" and not torch.cuda.is_available():
@@ -177,7 +196,8 @@ def main() -> int:
     info = env()
     print(json.dumps(info), flush=True)
     rows = [profile_batch(ns, int(b)) for b in ns.batches.split(",")]
-    print(f"\n{ns.model} / {ns.method} on {ns.device}; medians over {ns.steps} decode steps, ms per step")
+    stub = ", forward stubbed (fixed logits)" if ns.stub_forward else ""
+    print(f"\n{ns.model} / {ns.method} on {ns.device}{stub}; medians over {ns.steps} decode steps, ms per step")
     print("| batch | total | forward | host | host share | schedule | build batch | sample | post-process "
           "| total (no probes) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -21,7 +21,7 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
-from .sampler import sample
+from .sampler import all_greedy, sample
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence
 
@@ -169,6 +169,7 @@ class LLMEngine:
 
     # --------------------------------------------------------------------------------------- step
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        """All stop rules for ``token`` (already appended to seq.token_ids); the finish reason or None."""
         p = seq.params
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
             seq.detok.flush()  # the stop token's own text is not added
@@ -181,47 +182,70 @@ class LLMEngine:
                 return "stop"
         else:
             seq.detok.push(token)
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        return self._check_length(seq)
+
+    def _check_length(self, seq: Sequence) -> str | None:
+        n = len(seq.token_ids)
+        if n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len:
             seq.detok.flush()
             return "length"
         return None
 
+    def _advance(self, seqs: list[Sequence], num_new_tokens: list[int]) -> None:
+        """Count the step's tokens as computed; register blocks that just became full in the prefix cache."""
+        bm = self.block_manager
+        bs, caching = bm.block_size, bm.enable_prefix_caching
+        for seq, n in zip(seqs, num_new_tokens):
+            seq.num_computed_tokens += n
+            if caching and seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # once per block, not per token
+                bm.register_computed(seq)
+
+    def _append_tokens(self, wanting: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        """Sample a token for each sequence of ``wanting`` (logits [len(wanting), V]), append it and apply
+        the stop rules. Returns the sequences that finished."""
+        params = [s.params for s in wanting]
+        tokens = sample(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
+        now = time.perf_counter()
+        eos, finished = self.eos_token_id, []
+        for i, (seq, tok, p) in enumerate(zip(wanting, tokens, params)):
+            seq.token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.logits is not None:
+                seq.logits.append(logits[i].to(torch.float32, copy=True))
+            if p.stop_token_ids or p.stop or tok == eos:
+                reason = self._check_stop(seq, tok)
+            else:  # the common case: only the length limits can stop it
+                seq.detok.push(tok)
+                reason = self._check_length(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                seq.finish_time = now
+                finished.append(seq)
+        return finished
+
     def step(self) -> list[Sequence]:
         """Schedule and run one step; returns the sequences that finished in it."""
         sched = self.scheduler.schedule()
-        if not sched.seqs:
+        seqs, counts = sched.seqs, sched.num_new_tokens
+        if not seqs:
             if self.has_unfinished():
                 raise RuntimeError("nothing could be scheduled although requests are waiting")
             return []
         t0 = time.perf_counter()
-        wanting, logits = self.runner.run(sched.seqs, sched.num_new_tokens)
-        for seq, n in zip(sched.seqs, sched.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_computed(seq)
-        finished = []
-        if wanting:
-            tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
-            now = time.perf_counter()
-            for i, (seq, tok) in enumerate(zip(wanting, tokens)):
-                seq.token_ids.append(tok)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                if seq.logits is not None:
-                    seq.logits.append(logits[i].to(torch.float32, copy=True))
-                reason = self._check_stop(seq, tok)
-                if reason is not None:
-                    self.scheduler.finish(seq, reason)
-                    seq.finish_time = now
-                    finished.append(seq)
+        wanting, logits = self.runner.run(seqs, counts)
+        self._advance(seqs, counts)
+        finished = self._append_tokens(wanting, logits) if wanting else []
         dt = time.perf_counter() - t0
-        decode = all(n == 1 for n in sched.num_new_tokens)
+        num_tokens = sum(counts)
+        decode = num_tokens == len(seqs)  # one token each
         st = self.stats
         st["decode_s" if decode else "prefill_s"] += dt
         st["decode_steps"] += decode
         st["decode_tokens"] += len(wanting) if decode else 0
         st["steps"] += 1
         st["generated_tokens"] += len(wanting)
-        st["max_batch_tokens"] = max(st["max_batch_tokens"], sched.num_tokens)
+        st["max_batch_tokens"] = max(st["max_batch_tokens"], num_tokens)
         return finished
 
     @staticmethod

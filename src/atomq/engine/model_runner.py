@@ -1,10 +1,12 @@
 """Model runner: a scheduled step (sequences + token counts) -> StepBatch tensors -> paged forward -> logits.
 
-The runner owns the model and the KV pool; it knows nothing about queues or sampling. The per-step
-metadata is built on the host in plain Python lists and moved to the device once per step.
+The runner owns the model and the KV pool; it knows nothing about queues or sampling. Prefill and
+chunked steps build their metadata in plain Python lists (``build_step_batch``, two host-to-device
+copies); decode steps, where every sequence computes its last token, write it straight into the
+staging buffers of ``decode_staging.py`` (one copy, no per-token lists).
 
 On CUDA, decode steps replay CUDA graphs: one per batch bucket (1, 2, 4, 8, then multiples of 16 up to
-max_num_seqs), captured on first use over static input buffers. A batch of B sequences runs in the
+max_num_seqs), captured on first use over the staging's device buffers. A batch of B sequences runs in the
 smallest bucket >= B; the padding rows have slot -1 (nothing stored) and context length 0 (attention
 returns zeros), and their logits are dropped. Prefill and chunked steps run eagerly, as do MoE models
 (their expert routing reads token counts on the host).
@@ -16,6 +18,7 @@ import torch
 
 from ..model.llama import CausalLM
 from ..model.paged import StepBatch, forward_paged
+from .decode_staging import DecodeStaging
 from .kv_pool import KVPool
 from .sequence import Sequence
 
@@ -70,37 +73,30 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode forward, one per batch bucket, sharing one memory pool."""
+    """CUDA graphs of the decode forward, one per batch bucket, sharing one memory pool. Their static
+    inputs are the device buffers of the runner's DecodeStaging, which each decode step fills with one
+    copy before the replay."""
 
-    def __init__(self, model: CausalLM, kv_pool: KVPool, max_num_seqs: int, max_model_len: int):
-        self.model, self.kv_pool = model, kv_pool
+    def __init__(self, model: CausalLM, kv_pool: KVPool, staging: DecodeStaging, max_num_seqs: int):
+        self.model, self.kv_pool, self.staging = model, kv_pool, staging
         self.buckets = graph_buckets(max_num_seqs)
-        n, dev = self.buckets[-1], kv_pool.device
-        width = -(-max_model_len // kv_pool.block_size)
-        i32 = lambda *shape: torch.zeros(shape, dtype=torch.int32, device=dev)  # noqa: E731
-        self.token_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = i32(n)
-        self.block_tables = i32(n, width)
-        self.context_lens = i32(n)
-        self.cached_lens = i32(n)  # decode reads none; kept for the StepBatch
-        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(n, dtype=torch.int64, device=dev)
+        if self.buckets[-1] > staging.rows:
+            raise ValueError(f"the staging buffers hold {staging.rows} rows, the largest bucket is {self.buckets[-1]}")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
-    def _static_batch(self, b: int) -> StepBatch:
-        return StepBatch(self.token_ids[:b], self.positions[:b], self.slot_mapping[:b], self.block_tables[:b],
-                         self.cached_lens[:b], self.context_lens[:b], self.cu_seqlens[:b + 1], self.rows[:b],
-                         max_q_len=1, is_decode=True)
-
-    def _capture(self, b: int) -> None:
-        self.slot_mapping[:b] = -1  # capture and warm-up write nothing into the cache
-        self.context_lens[:b] = 0
-        batch = self._static_batch(b)
+    def ensure(self, b: int) -> None:
+        """Capture the graph of bucket ``b`` unless it exists (before the step's inputs are written:
+        capturing overwrites the static buffers)."""
+        if b in self.graphs:
+            return
+        st = self.staging
+        st.slot_mapping[:b] = -1  # capture and warm-up write nothing into the cache
+        st.context_lens[:b] = 0
+        batch = st.batch(b)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles kernels, allocates split-K counters
@@ -112,30 +108,11 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
 
-    def load(self, batch: StepBatch) -> int:
-        """Copy ``batch`` (a decode StepBatch) into the static buffers of its bucket; returns the bucket."""
-        bsz = batch.num_seqs
-        b = self.bucket(bsz)
-        if b not in self.graphs:
-            self._capture(b)
-        self.token_ids[:bsz].copy_(batch.token_ids)
-        self.positions[:bsz].copy_(batch.positions)
-        self.slot_mapping[:bsz].copy_(batch.slot_mapping)
-        self.slot_mapping[bsz:b] = -1
-        self.block_tables[:bsz, :batch.block_tables.shape[1]].copy_(batch.block_tables)
-        self.context_lens[:bsz].copy_(batch.context_lens)
-        self.context_lens[bsz:b] = 0
-        return b
-
     def replay(self, bucket: int, bsz: int) -> torch.Tensor:
-        """Replay the graph of ``bucket`` on the loaded buffers; logits [bsz, vocab]."""
+        """Replay the graph of ``bucket`` on the staged inputs; logits [bsz, vocab]."""
         graph, out = self.graphs[bucket]
         graph.replay()
         return out[:bsz]
-
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        """Replay the bucket's graph on ``batch`` (a decode StepBatch); logits [B, vocab]."""
-        return self.replay(self.load(batch), batch.num_seqs)
 
 
 class ModelRunner:
@@ -144,17 +121,30 @@ class ModelRunner:
         self.model = model
         self.kv_pool = kv_pool
         self.device = kv_pool.device
+        bs = kv_pool.block_size
+        self.staging = DecodeStaging(graph_buckets(max_num_seqs)[-1], -(-max_model_len // bs), bs, self.device)
         use = (cuda_graphs and self.device.type == "cuda" and kv_pool.ops.backend == "triton"
                and not model.args.is_moe)
-        self.graphs = DecodeGraphs(model, kv_pool, max_num_seqs, max_model_len) if use else None
+        self.graphs = DecodeGraphs(model, kv_pool, self.staging, max_num_seqs) if use else None
+
+    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[StepBatch, int | None] | None:
+        """A plain decode step through the staging buffers (padded to the graph bucket when one runs it);
+        None when some sequence is not at its last token."""
+        graphs = self.graphs
+        bucket = graphs.bucket(len(seqs)) if graphs is not None else None
+        if bucket is not None:
+            graphs.ensure(bucket)
+        batch = self.staging.load(seqs, bucket)
+        return None if batch is None else (batch, bucket)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[StepBatch, int | None]:
         """The host half of a step: the StepBatch on the device and, for a CUDA-graph decode step, the
-        bucket whose static buffers now hold it (None = run eagerly)."""
-        batch = build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device)
-        if self.graphs is not None and batch.is_decode and self.graphs.bucket(batch.num_seqs) is not None:
-            return batch, self.graphs.load(batch)
-        return batch, None
+        bucket whose static buffers hold it padded (None = run eagerly)."""
+        if sum(num_new_tokens) == len(seqs) <= self.staging.rows:  # one token each: maybe a decode step
+            out = self._prepare_decode(seqs)
+            if out is not None:
+                return out
+        return build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device), None
 
     def execute(self, batch: StepBatch, bucket: int | None) -> torch.Tensor:
         """The model half: logits [L, vocab] in the model dtype (graph replay or eager forward)."""
@@ -165,5 +155,8 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute one step. Returns (sequences that get a next token, their logits [L, vocab], model dtype)."""
         batch, bucket = self.prepare(seqs, num_new_tokens)
-        wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        if batch.logits_indices.shape[0] == len(seqs):  # every sequence reached its end (decode steps)
+            wanting = seqs
+        else:
+            wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         return wanting, self.execute(batch, bucket)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from .sequence import SamplingParams
+
+_temperature = attrgetter("temperature")
+
+
+def all_greedy(params: list[SamplingParams]) -> bool:
+    """Every request greedy (temperature 0). One C-level pass: a validated temperature is 0.0 (falsy)
+    or > 0, so this is ``not any(temperatures)``."""
+    return not any(map(_temperature, params))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -33,7 +43,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     Greedy rows take the argmax (the first maximal id on ties). Others draw from
     softmax(filtered logits / temperature) with their generator (None = the global RNG).
     """
-    if all(p.greedy for p in params):  # the common serving case: one kernel, one copy to the host
+    if all_greedy(params):  # the common serving case: one kernel, one copy to the host
         return logits.argmax(dim=-1).tolist()
     logits = logits.float()
     out = [0] * logits.shape[0]

@@ -75,10 +75,17 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # 1. running sequences, oldest first
+        bs = self.bm.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * bs:  # fits its blocks (most decode steps)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+                continue
             while not self.bm.can_append(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -1,0 +1,145 @@
+"""Decode-step metadata written straight into one host buffer laid out like its device twin.
+
+In a decode step every sequence computes exactly one token, its last. Instead of building a StepBatch
+from Python lists (and, for CUDA graphs, copying it field by field into the graphs' static buffers),
+the host writes the step into ``host``, an int32 buffer with the layout of ``device``, and one
+host-to-device copy moves it. The device buffer's views are the CUDA graphs' static inputs and the
+StepBatch of an eager decode step alike. On the CPU ``device`` is ``host`` itself: no copy at all.
+
+Layout, in int32 elements, for R rows and W = max blocks per sequence:
+
+  [0, 2R)             token_ids     int64 [R]
+  [2R, 4R)            positions     int64 [R]
+  [4R, 5R)            slot_mapping  int32 [R]   padding rows: -1 (nothing stored)
+  [5R, 6R)            context_lens  int32 [R]   padding rows: 0 (attention returns zeros)
+  [6R, 7R)            cached_lens   int32 [R]
+  [7R, 7R + R * W)    block_tables  int32 [R, W]
+
+A step of ``rows`` rows copies the prefix [0, 7R + rows * W). Block-table rows are rewritten only when
+the sequence in that row, or its number of blocks, changed since the row was last written (a block
+table is only ever extended or replaced by a new list, never edited in place: block_manager.py);
+a rewritten row is zero past its table, as build_step_batch pads it.
+
+Reuse rule for the pinned host buffer: the copy is asynchronous, so the host must not write the
+buffer again until the copy has run. ``load`` waits on an event recorded right after the previous
+copy; the engine's sampling (``.tolist()`` of the step's tokens) has already waited for the whole
+step, so the wait is free today, and it keeps the buffer correct if sampling ever stops syncing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model.paged import StepBatch
+from .sequence import Sequence
+
+
+class DecodeStaging:
+    """Host / device buffers for decode steps of up to ``rows`` sequences of up to ``width`` blocks."""
+
+    def __init__(self, rows: int, width: int, block_size: int, device: torch.device):
+        self.rows, self.width, self.block_size = rows, width, block_size
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        size = 7 * rows + rows * width
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
+        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if cuda else self.host
+        self._copied = torch.cuda.Event() if cuda else None
+        self._pending = False  # a copy from ``host`` was issued and not yet waited for
+        # host numpy views (share memory with ``host``) and device tensor views, same layout
+        h = self.host.numpy()
+        self.h_tokens, self.h_positions = h[:2 * rows].view(np.int64), h[2 * rows:4 * rows].view(np.int64)
+        self.h_slots, self.h_context, self.h_cached = h[4 * rows:5 * rows], h[5 * rows:6 * rows], h[6 * rows:7 * rows]
+        self.h_tables = h[7 * rows:].reshape(rows, width)
+        d = self.dev
+        self.token_ids, self.positions = d[:2 * rows].view(torch.int64), d[2 * rows:4 * rows].view(torch.int64)
+        self.slot_mapping, self.context_lens = d[4 * rows:5 * rows], d[5 * rows:6 * rows]
+        self.cached_lens, self.block_tables = d[6 * rows:7 * rows], d[7 * rows:].view(rows, width)
+        self.cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+        self.row_ids = torch.arange(rows, dtype=torch.int64, device=self.device)
+        # what each block-table row holds: the list it was written from and that list's length then
+        self._row_table: list[list[int] | None] = [None] * rows
+        self._row_len = [0] * rows
+        self._arange = np.arange(rows)
+        self._batches: dict[int, StepBatch] = {}
+
+    # ------------------------------------------------------------------------------------- views
+    def batch(self, rows: int) -> StepBatch:
+        """The decode StepBatch over the first ``rows`` rows of the device buffers (views, cached):
+        block_tables is [rows, W], full width; logits_indices = 0..rows-1."""
+        b = self._batches.get(rows)
+        if b is None:
+            b = StepBatch(self.token_ids[:rows], self.positions[:rows], self.slot_mapping[:rows],
+                          self.block_tables[:rows], self.cached_lens[:rows], self.context_lens[:rows],
+                          self.cu_seqlens[:rows + 1], self.row_ids[:rows], max_q_len=1, is_decode=True)
+            self._batches[rows] = b
+        return b
+
+    # ------------------------------------------------------------------------------------- writes
+    def _wait(self) -> None:
+        """Block until the previous copy out of ``host`` has run (the reuse rule above)."""
+        if self._pending:
+            self._copied.synchronize()
+            self._pending = False
+
+    def _write_table(self, i: int, table: list[int]) -> None:
+        n, old = len(table), self._row_len[i]
+        if n > self.width:
+            raise RuntimeError(f"a block table of {n} blocks does not fit the staging width {self.width}")
+        self.h_tables[i, :n] = table
+        if old > n:
+            self.h_tables[i, n:old] = 0
+        self._row_table[i], self._row_len[i] = table, n
+
+    def write(self, seqs: list[Sequence], rows: int) -> bool:
+        """Write the decode step of ``seqs`` into the host buffer, rows len(seqs)..rows-1 as padding.
+
+        Returns False (nothing usable written) when some sequence is not at its last token, i.e. the
+        step is not a plain decode step; raises RuntimeError when a sequence lacks the block its token
+        goes to."""
+        bsz, bs = len(seqs), self.block_size
+        self._wait()
+        known, known_len = self._row_table, self._row_len
+        tokens, positions = [0] * bsz, [0] * bsz
+        for i, s in enumerate(seqs):
+            ids, table, pos = s.token_ids, s.block_table, s.num_computed_tokens
+            if pos + 1 != len(ids):
+                return False
+            tokens[i], positions[i] = ids[pos], pos
+            if known[i] is not table or known_len[i] != len(table):
+                self._write_table(i, table)
+        pos = self.h_positions[:bsz]
+        pos[:] = positions
+        page = pos // bs
+        lens = np.asarray(known_len[:bsz])
+        if (page >= lens).any():
+            bad = int(np.argmax(page >= lens))
+            raise RuntimeError(f"sequence {seqs[bad].seq_id}: no KV block for position {positions[bad]} "
+                               f"({lens[bad]} blocks)")
+        self.h_tokens[:bsz] = tokens
+        self.h_slots[:bsz] = self.h_tables[self._arange[:bsz], page] * bs + pos % bs
+        self.h_context[:bsz] = pos + 1
+        self.h_cached[:bsz] = pos
+        self.h_slots[bsz:rows] = -1
+        self.h_context[bsz:rows] = 0
+        return True
+
+    def copy(self, rows: int) -> None:
+        """Issue the one host-to-device copy of a ``rows``-row step (nothing to do on the CPU)."""
+        if self.dev is self.host:
+            return
+        end = 7 * self.rows + rows * self.width
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        self._copied.record()
+        self._pending = True
+
+    def load(self, seqs: list[Sequence], rows: int | None = None) -> StepBatch | None:
+        """Write + copy a step padded to ``rows`` rows (default len(seqs): no padding); returns the
+        device StepBatch of the len(seqs) real rows, or None when the step is not a plain decode step
+        (the caller builds it the general way)."""
+        rows = rows or len(seqs)
+        if not self.write(seqs, rows):
+            return None
+        self.copy(rows)
+        return self.batch(len(seqs))
