@@ -295,9 +295,10 @@ def _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale):
     """Online-softmax update with one tile from _words_load, for one query head on CUDA cores.
 
     q: 8 fp32 planes [1, W], plane I pre-scaled by 2**(111 - 4 NIBBLE_POS[I]) so that q'_I * plane_I =
-    q_d * k_d * 2**-38 for every plane; q_sum: sum_d q_d. acc: 8 fp32 planes [BLOCK_N, W] of
-    sum_t w_t * 2**100 * plane_I(v_t) per token slot; l_acc, wz_acc: fp32 [BLOCK_N] per-slot sums of
-    p_t and of w_t z_t (w_t = p_t s_t); m_i: fp32 scalar, the reference maximum (log2 units).
+    q_d * k_d * 2**-38 for every plane; q_sum: sum_d q_d. acc: 8 fp32 planes [ACC_ROWS, W] of
+    sum_t w_t * 2**100 * plane_I(v_t) per accumulator row (token row r of every tile adds into row
+    r % ACC_ROWS); l_acc, wz_acc: fp32 [BLOCK_N] per-row sums of p_t and of w_t z_t (w_t = p_t s_t);
+    m_i: fp32 scalar, the reference maximum (log2 units).
     """
     kw, vw, kz, ks, vz, vs, nm = tile
     f = _nibble_planes(kw)
@@ -340,7 +341,7 @@ def _fold(x, like):
 
 @triton.jit
 def _slot_sum(a, scale):
-    """Per-slot accumulator [BLOCK_N, W] -> sum over slots times a power of two, [W]."""
+    """Accumulator plane [ACC_ROWS, W] -> its column sums times a power of two, [W]."""
     return tl.sum(a, 0) * scale
 
 
@@ -355,10 +356,10 @@ def _decode_int4_words_kernel(
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
     K and V pages are read as int32 words (8 nibbles); each nibble becomes an exact float with one AND
-    (_nibble_planes), q . k is an FMA chain per token, and p * v is accumulated per token slot
-    ([BLOCK_N, D] fp32 in 8 planes) and summed over slots once at the end, so the loop's only
-    cross-thread step is the tile's score max. The accumulators are rescaled only when the running max
-    grows by 2**8.
+    (_nibble_planes), q . k is an FMA chain per token, and p * v is accumulated per token row
+    ([ACC_ROWS, D] fp32 in 8 planes; the tile's rows r, r + ACC_ROWS, ... add into row r inside one
+    thread) and summed over rows once at the end, so the loop's only cross-thread step is the tile's
+    score max. The accumulators are rescaled only when the running max grows by 2**8.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
