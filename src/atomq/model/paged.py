@@ -92,6 +92,17 @@ def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, res
     return (y if first is None else first.prepare_input(y)), residual
 
 
+def _rope_q_k(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: Any) -> None:
+    """RoPE in place on q [T, Hq, D] and k [T, Hkv, D]; one launch when k's heads follow q's in memory
+    (the merged q/k/v GEMM's output), else one each."""
+    t, hq, d = q.shape
+    if q.stride() == (k.stride(0), d, 1) and k.stride(1) == d and k.data_ptr() == q.data_ptr() + hq * d * q.element_size():
+        ops.rope_(q.as_strided((t, hq + k.shape[1], d), q.stride()), cos, sin)
+    else:
+        ops.rope_(q, cos, sin)
+        ops.rope_(k, cos, sin)
+
+
 def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch,
                      cache: Any, ops: Any, dtype: torch.dtype) -> torch.Tensor:
     """Prepared q/k/v input of T tokens -> attention output [T, hidden] in ``dtype``; writes the new K/V
@@ -100,9 +111,10 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
         raise ValueError("the paged cache stores keys after RoPE; a kv_pre_rope model cannot be served")
     q, k, v = _group([attn.q_proj, attn.k_proj, attn.v_proj], operand)  # [T, N] each (views when merged)
     t = q.shape[0]
-    q = ops.rope_(q.view(t, attn.n_heads, attn.head_dim), cos, sin)  # [T, Hq, D], in place
-    k = ops.rope_(k.view(t, attn.n_kv_heads, attn.head_dim), cos, sin)  # [T, Hkv, D]
+    q = q.view(t, attn.n_heads, attn.head_dim)  # [T, Hq, D]
+    k = k.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     v = v.view(t, attn.n_kv_heads, attn.head_dim)
+    _rope_q_k(q, k, cos, sin, ops)
     if attn.kv_hadamard is not None:
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
     ops.store(cache, k, v, batch.slot_mapping)
