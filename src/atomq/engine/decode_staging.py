@@ -28,6 +28,8 @@ step, so the wait is free today, and it keeps the buffer correct if sampling eve
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -63,11 +65,12 @@ class DecodeStaging:
         self._row_len = [0] * rows
         self._arange = np.arange(rows)
         self._batches: dict[int, StepBatch] = {}
+        self._eager: tuple[tuple[int, int], StepBatch] | None = None
 
     # ------------------------------------------------------------------------------------- views
     def batch(self, rows: int) -> StepBatch:
-        """The decode StepBatch over the first ``rows`` rows of the device buffers (views, cached):
-        block_tables is [rows, W], full width; logits_indices = 0..rows-1."""
+        """The decode StepBatch over the first ``rows`` rows of the device buffers (views, made once per
+        row count): block_tables [rows, W] at full width, as the CUDA graphs read them."""
         b = self._batches.get(rows)
         if b is None:
             b = StepBatch(self.token_ids[:rows], self.positions[:rows], self.slot_mapping[:rows],
@@ -75,6 +78,16 @@ class DecodeStaging:
                           self.cu_seqlens[:rows + 1], self.row_ids[:rows], max_q_len=1, is_decode=True)
             self._batches[rows] = b
         return b
+
+    def eager_batch(self, rows: int, width: int) -> StepBatch:
+        """Like ``batch`` but block_tables [rows, width] (the batch's longest table), exactly the shape
+        build_step_batch gives: the attention kernel sizes its split plan by that width. The last one
+        made is kept (the width changes once every block_size steps at most)."""
+        key = (rows, width)
+        if self._eager is None or self._eager[0] != key:
+            full = self.batch(rows)
+            self._eager = (key, dataclasses.replace(full, block_tables=self.block_tables[:rows, :width]))
+        return self._eager[1]
 
     # ------------------------------------------------------------------------------------- writes
     def _wait(self) -> None:
@@ -135,11 +148,14 @@ class DecodeStaging:
         self._pending = True
 
     def load(self, seqs: list[Sequence], rows: int | None = None) -> StepBatch | None:
-        """Write + copy a step padded to ``rows`` rows (default len(seqs): no padding); returns the
-        device StepBatch of the len(seqs) real rows, or None when the step is not a plain decode step
-        (the caller builds it the general way)."""
-        rows = rows or len(seqs)
-        if not self.write(seqs, rows):
+        """Write + copy one decode step. rows=None: an eager step, returns ``eager_batch`` of the
+        len(seqs) rows; rows = a graph bucket: padded to it, returns ``batch(len(seqs))`` (the graph
+        reads the static buffers). None when the step is not a plain decode step (the caller builds it
+        the general way)."""
+        bsz = len(seqs)
+        if not self.write(seqs, rows or bsz):
             return None
-        self.copy(rows)
-        return self.batch(len(seqs))
+        self.copy(rows or bsz)
+        if rows is None:
+            return self.eager_batch(bsz, max(self._row_len[:bsz]))
+        return self.batch(bsz)

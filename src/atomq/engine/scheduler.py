@@ -68,6 +68,18 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _make_room(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Give seq the blocks for n more tokens, preempting the newest running sequences while none are
+        free; False when seq itself had to go."""
+        while not self.bm.can_append(seq, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.bm.append(seq, n)
+        return True
+
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
         seqs: list[Sequence] = []
@@ -75,26 +87,17 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # 1. running sequences, oldest first
-        bs = self.bm.block_size
+        running, bs = self.running, self.bm.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if seq.num_computed_tokens + n <= len(seq.block_table) * bs:  # fits its blocks (most decode steps)
-                seqs.append(seq)
-                counts.append(n)
-                budget -= n
-                i += 1
-                continue
-            while not self.bm.can_append(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status != SequenceStatus.RUNNING:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            done = seq.num_computed_tokens
+            n = len(seq.token_ids) - done
+            if n > budget:
+                n = budget
+            # a block is needed only when the chunk crosses into a new page (1 decode step in block_size)
+            if done + n > len(seq.block_table) * bs and not self._make_room(seq, n, preempted):
                 break  # seq preempted itself: everything after it is gone too
-            self.bm.append(seq, n)
             seqs.append(seq)
             counts.append(n)
             budget -= n
