@@ -24,6 +24,11 @@ _HELP = {
 }
 
 
+_MODEL_HELP = ("atomq checkpoint, HF directory, .gguf file, 'smollm2', or random:SHAPE:CONFIG: random weights of a "
+               "real shape (llama-2-7b, llama-2-13b, llama-2-70b, mixtral-8x7b; tiny-llama, tiny-mixtral) in a "
+               "bench throughput configuration (fp16, fp8, w4a16, atom, rot-outliers), e.g. random:llama-2-7b:atom "
+               "(byte tokenizer; for speed measurements)")
+
 _NONE = "none"  # what a user types for "kept in 16 bit" / "no groups"; becomes None in _overrides
 
 
@@ -148,15 +153,16 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from .engine.llm import LLM, apply_chat_template
+    from .engine.llm import apply_chat_template
     from .engine.sequence import SamplingParams
+    from .model_spec import open_llm
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
                             max_tokens=ns.max_tokens, stop=tuple(ns.stop or ()), ignore_eos=ns.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
+    llm = open_llm(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
               kv_cache_bytes=ns.kv_cache_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
               max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
               max_num_batched_tokens=ns.max_num_batched_tokens)
@@ -197,7 +203,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     run_server(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("ATOMQ_API_KEY"),
                served_model_name=ns.served_model_name, max_waiting=ns.max_waiting, chat_template=ns.chat_template,
-               shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level, threads=ns.threads, dtype=ns.dtype,
+               shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level, threads=ns.threads, warmup=ns.warmup,
+               dtype=ns.dtype,
                device=ns.device, kv_cache_dtype=ns.kv_cache_dtype, kv_cache_bytes=ns.kv_cache_bytes,
                gpu_memory_utilization=ns.gpu_memory_utilization, max_model_len=ns.max_model_len,
                max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens)
@@ -286,12 +293,14 @@ def _cmd_bench_serving(ns: argparse.Namespace) -> int:
     rates = [None if r.lower() == "inf" else float(r) for r in _csv(ns.rates)]
     if ns.model is not None:
         url = f"http://127.0.0.1:{ns.port}"
-        server = ServerProcess(serve_command(ns.model, ns.port, ns.serve_arg or []), url, ns.startup_timeout,
+        extra = (ns.serve_arg or []) + ([] if ns.no_server_warmup else ["--warmup"])
+        server = ServerProcess(serve_command(ns.model, ns.port, extra), url, ns.startup_timeout,
                                log_path=os.path.splitext(ns.out)[0] + ".server.log")
     else:
         url, server = ns.url, contextlib.nullcontext()
     settings = {"url": url, "rates": rates, "seed": ns.seed or 0, "vocab_size": ns.vocab_size,
-                "serve_args": ns.serve_arg, "launched_model": ns.model}
+                "serve_args": ns.serve_arg, "launched_model": ns.model,
+                "server_warmup": None if ns.model is None else not ns.no_server_warmup}
     out = ResultFile(ns.out, "serving", env_info("cpu"), settings, workload.summary())
     print(f"workload: {workload.summary()}", flush=True)
 
@@ -299,13 +308,22 @@ def _cmd_bench_serving(ns: argparse.Namespace) -> int:
         out.add(row)
         print(describe_row(row), flush=True)
 
+    label = ns.label or _random_config_name(ns.model) or "server"
     with server:
-        run_serving(url, workload, rates, model=ns.served_model, label=ns.label, vocab_size=ns.vocab_size,
+        run_serving(url, workload, rates, model=ns.served_model, label=label, vocab_size=ns.vocab_size,
                     seed=ns.seed or 0, api_key=ns.api_key or os.environ.get("ATOMQ_API_KEY"),
                     timeout_s=ns.request_timeout, on_row=on_row)
     print("\n" + render(out.data))
     print(f"\nresults in {ns.out}")
     return 0
+
+
+def _random_config_name(model: str | None) -> str | None:
+    """The configuration of a ``random:SHAPE:CONFIG`` model (ValueError for a bad one), else None."""
+    from .model_spec import parse_random_spec
+
+    spec = parse_random_spec(model) if model else None
+    return spec.config.name if spec else None
 
 
 def _cmd_bench_report(ns: argparse.Namespace) -> int:
@@ -377,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     g = sub.add_parser("generate", help="generate text with the serving engine (paged KV cache, continuous batching)")
-    g.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    g.add_argument("--model", required=True, help=_MODEL_HELP)
     g.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -389,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto | int4 | fp8 | fp16 | model (auto: int4 when the model quantizes its KV to 4 bits, "
-                        "else the model's dtype)")
+                        "else the model's dtype; a random spec sets its own)")
     g.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget in bytes (default: measured)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of device memory (CPU: of available RAM) the model and KV pool may use")
@@ -403,19 +421,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, models, health, metrics)")
-    sv.add_argument("--model", required=True, help="atomq checkpoint, HF directory, .gguf file or 'smollm2'")
+    sv.add_argument("--model", required=True, help=_MODEL_HELP)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $ATOMQ_API_KEY)")
-    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: the path's name)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model id clients send (default: the path's name; a random spec's whole string)")
+    sv.add_argument("--warmup", action="store_true",
+                    help="before listening, run requests through every decode batch size (kernels compiled, "
+                         "CUDA graphs captured) so that the first clients do not pay for it")
     sv.add_argument("--max-waiting", type=int, default=256,
                     help="sequences that may wait beyond --max-num-seqs; more get 429 (default 256)")
     sv.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     sv.add_argument("--shutdown-timeout", type=float, default=None,
                     help="on SIGINT / SIGTERM, abort requests still running after this many seconds (default: wait)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    sv.add_argument("--kv-cache-dtype", default="auto", help="auto | int4 | fp8 | fp16 | model (as for generate)")
+    sv.add_argument("--kv-cache-dtype", default="auto",
+                    help="auto | int4 | fp8 | fp16 | model (as for generate; a random spec sets its own)")
     sv.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget in bytes (default: measured)")
     sv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     sv.add_argument("--max-model-len", type=int, default=None)
@@ -467,19 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = b.add_parser("serving", help="online serving: Poisson arrivals against the HTTP server, latency percentiles")
     bs.add_argument("--url", default=None, help="an already running server, e.g. http://127.0.0.1:8000")
-    bs.add_argument("--model", default=None, help="launch 'atomq serve --model MODEL' for the benchmark instead")
+    bs.add_argument("--model", default=None,
+                    help="launch 'atomq serve --model MODEL' for the benchmark instead (a checkpoint, or "
+                         "random:SHAPE:CONFIG, e.g. random:llama-2-7b:atom: random weights served as bench "
+                         "throughput's configuration)")
+    bs.add_argument("--no-server-warmup", action="store_true",
+                    help="launch the server without --warmup (its first requests then compile kernels and "
+                         "capture CUDA graphs)")
     bs.add_argument("--port", type=int, default=8321, help="port of the launched server")
     bs.add_argument("--serve-arg", action="append", default=None,
                     help="extra argument for the launched atomq serve (repeatable), "
                          "e.g. --serve-arg=--kv-cache-dtype=int4")
     bs.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server's /health")
     bs.add_argument("--served-model", default=None, help="model id to send (default: the server's first)")
-    bs.add_argument("--label", default="server", help="the configuration's name in the results (e.g. atom)")
+    bs.add_argument("--label", default=None,
+                    help="the configuration's name in the results (default: a random spec's configuration, "
+                         "else 'server')")
     bs.add_argument("--api-key", default=None, help="bearer token (default: $ATOMQ_API_KEY)")
     bs.add_argument("--rates", default="1,2,4,8,inf",
                     help="comma-separated request rates in requests/s; inf = every request at t=0")
     bs.add_argument("--vocab-size", type=int, default=256,
-                    help="prompt token ids are drawn from [0, N) (256: valid for every model)")
+                    help="prompt token ids are drawn from [0, N) (256: valid for every model, and the bytes of "
+                         "random models' byte tokenizer)")
     bs.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     bs.add_argument("--out", default="runs/bench-serving/results.json", help="JSON results, rewritten per rate")
     _add_workload_flags(bs)

@@ -60,6 +60,11 @@ class Config:
     linear_method: str
     kv_cache_dtype: str
 
+    @property
+    def engine_kwargs(self) -> dict[str, str]:
+        """The EngineConfig fields this configuration sets (every engine over its model gets them)."""
+        return {"linear_method": self.linear_method, "kv_cache_dtype": self.kv_cache_dtype}
+
 
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("fp16", "FP16 weights, FP16 KV", "float", "auto", "fp16"),
@@ -278,15 +283,23 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
     return rows
 
 
-def _build(shape: str, config: Config, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[Any, str]:
-    """(the random model with its linears prepared for config's method, "") or (None, why it failed)."""
+def build_random(shape: str, config: Config, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                 linear_backend: str = "auto") -> Any:
+    """The LoadedModel of ``shape`` (random_weights.SHAPES) with random weights in config's stored format,
+    its linears already prepared for config's method (so its weight bytes are those that run). Serve it
+    with ``LLM(lm, linear_method=config.linear_method, kv_cache_dtype=config.kv_cache_dtype)``."""
     from ..model.methods import prepare_linears
     from ..model.random_weights import random_model
 
+    lm = random_model(shape, config.weights, dtype, device, seed=seed)
+    prepare_linears(lm.model, config.linear_method, linear_backend)
+    return lm
+
+
+def _build(shape: str, config: Config, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[Any, str]:
+    """(the random model with its linears prepared for config's method, "") or (None, why it failed)."""
     try:
-        lm = random_model(shape, config.weights, dtype, device, seed=seed)
-        prepare_linears(lm.model, config.linear_method)
-        return lm, ""
+        return build_random(shape, config, dtype, device, seed), ""
     except torch.cuda.OutOfMemoryError as e:
         _free(device)
         return None, f"building the model: {_first_line(e)}"
@@ -310,9 +323,8 @@ def _run_one(lm: Any, config: Config, plan: MemoryPlan, max_num_seqs: int, max_l
         _free(device)
         reset_peak(device)
         t0 = time.perf_counter()
-        llm = LLM(lm, kv_cache_dtype=config.kv_cache_dtype, kv_cache_bytes=plan.kv_budget_bytes,
-                  max_model_len=max_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-                  linear_method=config.linear_method)
+        llm = LLM(lm, **config.engine_kwargs, kv_cache_bytes=plan.kv_budget_bytes, max_model_len=max_len,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens)
         build_s = time.perf_counter() - t0
         eng = llm.engine
         warmup_s = warm_up(eng, vocab_size, s.prompt_seed + 1) if s.warmup else 0.0

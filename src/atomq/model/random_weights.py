@@ -66,17 +66,19 @@ def shape_config(shape: str) -> SimpleNamespace:
 
 
 class ByteTokenizer:
-    """Bytes as token ids (ids >= 256 decode to nothing): enough for the engine's detokenizer and stop
+    """Bytes as token ids; an id >= 256 decodes to one printable ASCII character (33 + id % 94), so that
+    nearly every generated token adds text and a server streams it at once, as with a real tokenizer
+    (time to first token is the first streamed chunk). Enough for the engine's detokenizer and stop
     strings on random models, at almost no host cost. No EOS, so requests run to max_tokens."""
 
     eos_token_id = None
     chat_template = None
 
-    def __call__(self, text: str) -> dict[str, list[int]]:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": list(text.encode("utf-8"))}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes(i if i < 256 else 33 + i % 94 for i in ids).decode("utf-8", errors="replace")
 
 
 def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.float16, device="cpu",
