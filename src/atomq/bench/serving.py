@@ -12,7 +12,8 @@ its send time): ttft = the first streamed chunk, e2e = the end of the stream, tp
 
 Row fields (one per rate; times in seconds):
   model, config (a label for the server's configuration), url, request_rate (req/s; None = all at t=0),
-  num_requests, completed, failed, status ("ok" | "errors"), reason (the first error),
+  num_requests, completed, failed, status ("ok" | "errors" | "time limit": requests cut at the rate's
+  time limit), reason (the first error),
   duration_s (first send to last response), prompt_tokens, output_tokens (completed requests, server's usage),
   output_tok_s, total_tok_s, requests_per_s, ttft_s / tpot_s / e2e_s: bench/metrics.summarize dicts.
 
@@ -108,9 +109,15 @@ async def stream_completion(client: Any, url: str, model: str, prompt: list[int]
     return result
 
 
+TIME_LIMIT_ERROR = "not finished within the rate's time limit"
+
+
 async def run_rate(url: str, model: str, workload: Workload, prompts: list[list[int]], rate: float | None,
-                   seed: int = 0, headers: dict[str, str] | None = None, timeout_s: float = 600.0) -> dict:
-    """Send the workload at ``rate`` (Poisson, seeded) and summarize it into a row (without model/config)."""
+                   seed: int = 0, headers: dict[str, str] | None = None, timeout_s: float = 600.0,
+                   time_limit_s: float | None = None) -> dict:
+    """Send the workload at ``rate`` (Poisson, seeded) and summarize it into a row (without model/config).
+    time_limit_s: requests not finished this many seconds after the start are cancelled (their streams
+    closed, which aborts them on the server) and count as failed with TIME_LIMIT_ERROR."""
     import httpx
 
     offsets = poisson_offsets(len(workload), rate, seed)
@@ -123,8 +130,15 @@ async def run_rate(url: str, model: str, workload: Workload, prompts: list[list[
             await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
             return await stream_completion(client, url, model, prompts[i], int(workload.output_lens[i]), results[i])
 
-        await asyncio.gather(*(one(i) for i in range(len(results))))
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(results))]
+        _, pending = await asyncio.wait(tasks, timeout=time_limit_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - start
+    for r in results:
+        if r.e2e is None and not r.error:  # cancelled before its stream ended (or before it was sent)
+            r.error = TIME_LIMIT_ERROR
     return summarize_rate(results, workload, rate, duration)
 
 
@@ -136,13 +150,19 @@ def summarize_rate(results: list[RequestResult], workload: Workload, rate: float
     prompt = sum(r.prompt_tokens for r in done)
     return {
         "request_rate": rate, "num_requests": len(results), "completed": len(done), "failed": len(failed),
-        "status": "errors" if failed else "ok", "reason": failed[0].error if failed else "",
+        "status": _status(failed), "reason": failed[0].error if failed else "",
         "duration_s": duration, "prompt_tokens": prompt, "output_tokens": out,
         "output_tok_s": out / duration, "total_tok_s": (prompt + out) / duration,
         "requests_per_s": len(done) / duration,
         "ttft_s": summarize(r.ttft for r in done), "tpot_s": summarize(r.tpot for r in done),
         "e2e_s": summarize(r.e2e for r in done),
     }
+
+
+def _status(failed: list[RequestResult]) -> str:
+    if any(r.error == TIME_LIMIT_ERROR for r in failed):
+        return "time limit"
+    return "errors" if failed else "ok"
 
 
 def served_model(url: str, headers: dict[str, str] | None = None) -> str:
@@ -159,10 +179,11 @@ def served_model(url: str, headers: dict[str, str] | None = None) -> str:
 
 def run_serving(url: str, workload: Workload, rates: list[float | None], *, model: str | None = None,
                 label: str = "server", vocab_size: int = 256, seed: int = 0, api_key: str | None = None,
-                timeout_s: float = 600.0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                timeout_s: float = 600.0, on_row: Callable[[dict], None] | None = None,
+                time_limit_s: float | None = None) -> list[dict]:
     """One row per rate against the server at ``url``. Prompts are random token ids in [0, vocab_size)
     (256: valid for every model's vocabulary), drawn anew for each rate (seed + its index, also the
-    Poisson seed); model: the id to send (None = the server's first)."""
+    Poisson seed); model: the id to send (None = the server's first); time_limit_s: per rate (run_rate)."""
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     model = model or served_model(url, headers)
@@ -170,7 +191,8 @@ def run_serving(url: str, workload: Workload, rates: list[float | None], *, mode
     for i, rate in enumerate(rates):
         prompts = workload.prompts(vocab_size, seed + i)  # new ids per rate: no prefix-cache hits across rates
         row = {"model": model, "config": label, "url": url, "workload": workload.name,
-               **asyncio.run(run_rate(url, model, workload, prompts, rate, seed + i, headers, timeout_s))}
+               **asyncio.run(run_rate(url, model, workload, prompts, rate, seed + i, headers, timeout_s,
+                                      time_limit_s))}
         rows.append(row)
         if on_row is not None:
             on_row(row)
