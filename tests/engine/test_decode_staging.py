@@ -3,6 +3,7 @@ fallbacks, and the engine's host fast paths (scheduler, sampler) keeping outputs
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -66,19 +67,30 @@ def test_staged_decode_batch_equals_the_general_path(seed):
     assert staged.num_seqs == len(seqs)
 
 
-def test_staging_stays_exact_across_steps():
+@pytest.mark.parametrize("separate", [False, True])
+def test_staging_stays_exact_across_steps(separate):
     """One staging buffer over many steps: tokens appended, pages opened, rows reordered, sequences
     leaving and arriving, a table replaced by a same-length new one (preempted and re-admitted) or by a
-    shorter one: every step equals a fresh general-path batch."""
+    shorter one: every step equals a fresh general-path batch. separate: the device buffer is apart
+    from the host one and filled by the step's one copy, as on CUDA; graph-bucket padding on odd steps."""
     rng = random.Random(7)
     free = rng.sample(range(20000), 20000)
     seqs = _random_batch(rng, 24, free)
     next_id = len(seqs)
-    staging = DecodeStaging(32, WIDTH, BS, CPU)
+    staging = DecodeStaging(32, WIDTH, BS, CPU, separate=separate)
+    assert (staging.dev is staging.host) != separate
     rewrites = 0
-    for _ in range(60):
+    for step in range(60):
         before = list(staging._row_table)
-        staged = staging.load(seqs)
+        if step % 2:
+            rows = 32 if len(seqs) > 16 else 16
+            batch = staging.load(seqs, rows)
+            assert staging.slot_mapping[len(seqs):rows].eq(-1).all()
+            assert not staging.context_lens[len(seqs):rows].any()
+            w = max(len(s.block_table) for s in seqs)
+            staged = dataclasses.replace(batch, block_tables=batch.block_tables[:, :w])
+        else:
+            staged = staging.load(seqs)
         rewrites += sum(a is not b for a, b in zip(before, staging._row_table))
         _assert_same_batch(staged, build_step_batch(seqs, [1] * len(seqs), BS, CPU))
         for s in seqs:  # the step ran: one more token, a new page when the next position opens one

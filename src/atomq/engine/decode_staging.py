@@ -40,13 +40,17 @@ from .sequence import Sequence
 class DecodeStaging:
     """Host / device buffers for decode steps of up to ``rows`` sequences of up to ``width`` blocks."""
 
-    def __init__(self, rows: int, width: int, block_size: int, device: torch.device):
+    def __init__(self, rows: int, width: int, block_size: int, device: torch.device,
+                 separate: bool | None = None):
+        """separate: a device buffer apart from the host one (default: on CUDA only; tests set it on the
+        CPU to exercise the copy)."""
         self.rows, self.width, self.block_size = rows, width, block_size
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         size = 7 * rows + rows * width
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
-        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if cuda else self.host
+        sep = cuda if separate is None else separate
+        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if sep else self.host
         self._copied = torch.cuda.Event() if cuda else None
         self._pending = False  # a copy from ``host`` was issued and not yet waited for
         # host numpy views (share memory with ``host``) and device tensor views, same layout
@@ -144,8 +148,9 @@ class DecodeStaging:
             return
         end = 7 * self.rows + rows * self.width
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        self._copied.record()
-        self._pending = True
+        if self._copied is not None:
+            self._copied.record()
+            self._pending = True
 
     def load(self, seqs: list[Sequence], rows: int | None = None) -> StepBatch | None:
         """Write + copy one decode step. rows=None: an eager step, returns ``eager_batch`` of the

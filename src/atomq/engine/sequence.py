@@ -75,7 +75,9 @@ class Sequence:
     request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    block_table: list[int] = field(default_factory=list)  # KV page ids, in order
+    # KV page ids, in order. Only ever extended or replaced by a new list, never edited in place: the
+    # decode staging (decode_staging.py) keeps a row while the list and its length are unchanged
+    block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache at the last admission
     num_hashed_blocks: int = 0  # leading full blocks registered in the prefix cache
