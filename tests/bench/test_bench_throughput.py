@@ -137,3 +137,24 @@ def test_total_time_limit_skips_without_building():
     [row] = run_comparison(["tiny-llama"], ["atom"], [FULL], fixed(2, 2, 2), [2],
                            RunSettings(device="cpu", total_time_limit_s=0.0))
     assert row["status"] == "skipped" and "total time limit" in row["reason"] and not row["weights_measured"]
+
+
+def test_warm_up_prefills_each_length_alone_then_passes_every_decode_bucket():
+    """One request per prefill length first (each alone: one prefill step of that many tokens, clipped to
+    the model length), then max_num_seqs requests; nothing is left running."""
+    from atomq import LLM
+    from atomq.bench.throughput import warm_up
+    from atomq.model.random_weights import random_model
+
+    eng = LLM(random_model("tiny-llama", "float", torch.float32, "cpu"), max_num_seqs=4, max_model_len=64).engine
+    seen, add = [], eng.add_request
+
+    def spy(prompt, params, *args, **kwargs):
+        seen.append((len(prompt), params.max_tokens, eng.num_running + eng.num_waiting))
+        return add(prompt, params, *args, **kwargs)
+
+    eng.add_request = spy
+    assert warm_up(eng, 256, seed=0, prompt_len=8, prefill_lens=(100, 1, 9)) > 0
+    assert seen[:3] == [(1, 1, 0), (9, 1, 0), (63, 1, 0)]  # sorted, clipped, each into an idle engine
+    assert len(seen) == 3 + 4 and all(n == 8 for n, _, _ in seen[3:])
+    assert not eng.has_unfinished()

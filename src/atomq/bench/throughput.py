@@ -189,19 +189,30 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
     }
 
 
-def warm_up(engine: Any, vocab_size: int, seed: int, prompt_len: int = 16) -> float:
-    """Compile the kernels and capture the decode CUDA graphs before a measurement: max_num_seqs requests of
-    prompt_len random tokens whose output lengths make the decode batch pass through every graph bucket
-    (request i gets 1 + the number of buckets larger than i tokens; both lengths shrink to fit a short
-    max_model_len). Returns the seconds it took."""
+WARMUP_PREFILL_LENS = (1, 9, 24, 48, 100, 300, 1000)  # one per GEMM tile range of pick_config and beyond
+
+
+def warm_up(engine: Any, vocab_size: int, seed: int, prompt_len: int = 16,
+            prefill_lens: tuple[int, ...] = WARMUP_PREFILL_LENS) -> float:
+    """Compile the kernels and capture the decode CUDA graphs before a measurement. First one request per
+    length in prefill_lens, alone (a prefill step of that many tokens: the kernels specialize on the
+    token count's range, and a server's first requests would otherwise pay for compiling them); then
+    max_num_seqs requests of prompt_len random tokens whose output lengths make the decode batch pass
+    through every graph bucket (request i gets 1 + the number of buckets larger than i tokens; lengths
+    shrink to fit a short max_model_len). Returns the seconds it took."""
     from ..engine.model_runner import graph_buckets
     from ..engine.sequence import SamplingParams
 
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for n_tok in sorted({min(n, engine.max_model_len - 1) for n in prefill_lens}):
+        engine.add_request(rng.integers(0, vocab_size, size=n_tok).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
     n = engine.scheduler.config.max_num_seqs
     buckets = graph_buckets(n)
     prompt_len = max(1, min(prompt_len, engine.max_model_len // 2))
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
     for i in range(n):
         out = min(1 + sum(b > i for b in buckets), engine.max_model_len - prompt_len)
         engine.add_request(rng.integers(0, vocab_size, size=prompt_len).tolist(),
