@@ -82,8 +82,9 @@ def test_plots(tmp_path):
     assert [p.name for p in made] == ["r-throughput-vs-batch.png", "r-latency-vs-throughput.png"]
     assert all(p.stat().st_size > 10_000 for p in made)
     serving = {"kind": "serving", "rows": [{"model": "m", "config": "atom", "status": "ok", "request_rate": r,
-                                            "ttft_s": _lat(0.1 * r, 0.3 * r), "tpot_s": _lat(0.01, 0.02)}
-                                           for r in (1.0, 2.0, 4.0)]}
+                                            "ttft_s": _lat(0.1 * (r or 8), 0.3 * (r or 8)),
+                                            "tpot_s": _lat(0.01, 0.02)}
+                                           for r in (1.0, 2.0, 4.0, None)]}  # None: all at once
     [p] = report.write_plots(serving, tmp_path, "s")
     assert p.name == "s-latency-vs-rate.png" and p.stat().st_size > 10_000
     assert report.write_plots({"kind": "throughput", "rows": ROWS[2:3]}, tmp_path, "none") == []

@@ -170,7 +170,8 @@ def plot_latency_vs_throughput(rows: list[dict], path: str | Path) -> Path | Non
 
 
 def plot_serving_latency(rows: list[dict], path: str | Path) -> Path | None:
-    """TTFT and TPOT p50 / p99 against the request rate, one line per configuration."""
+    """TTFT and TPOT p50 / p99 against the request rate, one line per configuration (rows sent all at
+    once, request_rate None, have no place on that axis: they are in the table)."""
     groups, models, _ = _grid(rows, None)
     if not groups:
         return None
@@ -180,7 +181,8 @@ def plot_serving_latency(rows: list[dict], path: str | Path) -> Path | None:
         for j, (key, unit, scale) in enumerate((("ttft_s", "s", 1.0), ("tpot_s", "ms", 1e3))):
             ax = axes[i][j]
             for cfg, rs in groups.get((m, None), {}).items():
-                rs = sorted((r for r in rs if r.get(key)), key=lambda r: r["request_rate"])
+                rs = sorted((r for r in rs if r.get(key) and r.get("request_rate") is not None),
+                            key=lambda r: r["request_rate"])
                 x = [r["request_rate"] for r in rs]
                 for pct, style in (("p50", dict(marker="o")), ("p99", dict(ls="--"))):
                     ax.plot(x, [r[key][pct] * scale for r in rs], color=color[cfg], label=f"{cfg} {pct}", **style)
