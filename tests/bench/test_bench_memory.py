@@ -58,8 +58,29 @@ def test_prediction_on_meta_equals_the_built_model(config):
     cfg = CONFIGS[config]
     fp = footprint("tiny-llama", cfg, torch.float32)
     lm = random_model("tiny-llama", cfg.weights, torch.float32, "cpu")
-    assert fp.build_bytes == weight_bytes(lm.model)
+    stored = weight_bytes(lm.model)
+    layer = sum(t.numel() * t.element_size() for t in lm.model.model.layers[0].state_dict().values())
     prepare_linears(lm.model, cfg.linear_method)
     assert fp.weight_bytes == weight_bytes(lm.model)
+    if cfg.linear_method == "auto":
+        assert fp.build_bytes == stored
+    else:  # converted while built: the converted model and one layer of float weights at the peak
+        assert fp.build_bytes == fp.weight_bytes + layer < stored
     if config == "fp8":
-        assert fp.weight_bytes < fp.build_bytes / 2  # 1-byte linears from fp32 (embeddings and head stay fp32)
+        assert fp.weight_bytes < stored / 2  # 1-byte linears from fp32 (embeddings and head stay fp32)
+
+
+def test_build_random_converts_layer_by_layer_to_the_same_model():
+    """fp8 built with each layer converted as it is made gives the logits of converting the whole float
+    model afterwards (same random values, same kernels), and holds no float linear weight."""
+    from atomq.bench.throughput import build_random
+    from atomq.model.methods import prepare_linears
+    from atomq.model.random_weights import random_model
+
+    staged = build_random("tiny-llama", CONFIGS["fp8"], torch.float32, "cpu", seed=3).model
+    whole = random_model("tiny-llama", "float", torch.float32, "cpu", seed=3).model
+    prepare_linears(whole, "fp8")
+    assert staged.linear_method == whole.linear_method
+    assert all(lin.weight is None for layer in staged.model.layers for lin in (layer.self_attn.q_proj, layer.mlp.down_proj))
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    torch.testing.assert_close(staged(tokens), whole(tokens), rtol=0, atol=0)

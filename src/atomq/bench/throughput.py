@@ -109,8 +109,9 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class Footprint:
-    """A model's sizes in bytes, predicted on the meta device. build_bytes: as random_model builds it (the
-    stored format); weight_bytes: as it runs (after the linear method); kv_bytes_per_token: K and V of
+    """A model's sizes in bytes, predicted on the meta device. build_bytes: the peak while build_random makes
+    it (the stored format; with a converting method, the converted model plus one layer in float);
+    weight_bytes: as it runs (after the linear method); kv_bytes_per_token: K and V of
     one token over all layers in the configuration's KV dtype; vocab_size: tokens."""
 
     build_bytes: int
@@ -125,9 +126,11 @@ def footprint(shape: str, config: Config, dtype: torch.dtype) -> Footprint:
     from ..model.random_weights import random_model
 
     lm = random_model(shape, config.weights, dtype, device="meta")
+    layer_float = sum(t.numel() * t.element_size() for t in lm.model.model.layers[0].state_dict().values())
     build = weight_bytes(lm.model)
-    if config.linear_method != "auto":  # a method converting float weights at load (fp8, int8)
+    if config.linear_method != "auto":  # a method converting float weights (fp8, int8): built layer by layer
         apply_linear_method(lm.model, config.linear_method, backend="ref")
+        build = weight_bytes(lm.model) + layer_float  # the converted model + one layer still in float
     return Footprint(build, weight_bytes(lm.model), kv_bytes_per_token(lm, config), lm.model.args.vocab_size)
 
 
@@ -254,7 +257,7 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
     too_big = ""
     if fp.build_bytes > device_bytes:
         method = config.linear_method
-        converted = f", built before their conversion to {method}" if method != "auto" else ""
+        converted = f" (as {method}, with one layer in float while it is built)" if method != "auto" else ""
         too_big = (f"the {config.weights} weights take {format_bytes(fp.build_bytes)}{converted}: more than the "
                    f"device's {format_bytes(device_bytes)}")
     lm, build_error, prompts = None, "", None
@@ -301,11 +304,15 @@ def build_random(shape: str, config: Config, dtype: torch.dtype, device: torch.d
     """The LoadedModel of ``shape`` (random_weights.SHAPES) with random weights in config's stored format,
     its linears already prepared for config's method (so its weight bytes are those that run). Serve it
     with ``LLM(lm, linear_method=config.linear_method, kv_cache_dtype=config.kv_cache_dtype)``."""
-    from ..model.methods import prepare_linears
+    from ..model.methods import apply_linear_method, prepare_linears
     from ..model.random_weights import random_model
 
-    lm = random_model(shape, config.weights, dtype, device, seed=seed)
-    prepare_linears(lm.model, config.linear_method, linear_backend)
+    convert = None
+    if config.linear_method != "auto":  # fp8 / int8 from float weights: convert each layer as it is made
+        def convert(model, i):
+            apply_linear_method(model, config.linear_method, linear_backend, layers=[model.model.layers[i]])
+    lm = random_model(shape, config.weights, dtype, device, seed=seed, prepare_layer=convert)
+    prepare_linears(lm.model, config.linear_method, linear_backend)  # counts and marks the converted layers
     return lm
 
 

@@ -243,10 +243,11 @@ def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: st
     raise ValueError(f"weights stored as {fmt!r} have no run-time method")
 
 
-def _input_groups(model) -> list[list[Linear]]:
-    """Decoder linears grouped by shared input: [q, k, v], [o], [gate, up] (per expert), [down] ..."""
+def _input_groups(model, layers=None) -> list[list[Linear]]:
+    """Decoder linears grouped by shared input: [q, k, v], [o], [gate, up] (per expert), [down] ...
+    (of ``layers``, default every decoder layer)."""
     groups = []
-    for layer in model.model.layers:
+    for layer in model.model.layers if layers is None else layers:
         a = layer.self_attn
         groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj]]
         mlps = layer.block_sparse_moe.experts if hasattr(layer, "block_sparse_moe") else [layer.mlp]
@@ -265,8 +266,10 @@ def _release(lin: Linear) -> None:
 
 
 @torch.no_grad()
-def apply_linear_method(model, method: str = "auto", backend: str = "auto") -> dict[str, int]:
-    """Prepare every decoder linear of ``model`` (a loaded CausalLM) for ``method`` (``LINEAR_METHODS``).
+def apply_linear_method(model, method: str = "auto", backend: str = "auto", layers=None) -> dict[str, int]:
+    """Prepare every decoder linear of ``model`` (a loaded CausalLM) for ``method`` (``LINEAR_METHODS``);
+    ``layers``: only those decoder layers (a model built layer by layer converts each as it comes). Linears
+    that already have a kernel are counted, not prepared again.
 
     backend: "auto" = the Triton / torch kernels on CUDA and the reference path of stored quantized
     formats elsewhere; "triton" = the kernels on any device (CPU needs TRITON_INTERPRET=1); "ref" =
@@ -279,9 +282,12 @@ def apply_linear_method(model, method: str = "auto", backend: str = "auto") -> d
         raise ValueError(f"backend must be 'auto', 'triton' or 'ref', got {backend!r}")
     dtype = model.model.embed_tokens.weight.dtype
     counts: dict[str, int] = {}
-    for lins in _input_groups(model):
-        kernel = _kernel_for(lins, method, dtype, backend)
+    for lins in _input_groups(model, layers):
+        kernel = lins[0].kernel or _kernel_for(lins, method, dtype, backend)
         if kernel is None:
+            continue
+        if lins[0].kernel is not None:
+            counts[kernel.name] = counts.get(kernel.name, 0) + 1
             continue
         lins[0].kernel = kernel
         lins[0].kernel_outputs = [lin.spec.out_features for lin in lins]

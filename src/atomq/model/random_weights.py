@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,12 +82,15 @@ class ByteTokenizer:
 
 
 def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.float16, device="cpu",
-                 seed: int = 0, kv_bits: int | None = None) -> LoadedModel:
+                 seed: int = 0, kv_bits: int | None = None,
+                 prepare_layer: Callable[[CausalLM, int], None] | None = None) -> LoadedModel:
     """A CausalLM of a named real shape (``SHAPES``) with random weights stored as ``fmt`` (``RANDOM_FORMATS``).
 
-    The tensors are made on ``device`` one at a time. ``kv_bits`` sets the model's KV numerics (the engine's
-    kv_cache_dtype "auto" follows it); ``fmt="atom"`` defaults to 4. Returns a LoadedModel with a
-    ByteTokenizer; ``meta`` records {"random": shape, "format": fmt}.
+    The tensors are made on ``device`` one at a time, decoder layer by decoder layer; ``prepare_layer(model,
+    i)``, when given, runs once layer i's tensors are in the model and before layer i + 1's are made (so a
+    build that converts float weights, e.g. to FP8, holds one layer of them at a time). ``kv_bits`` sets the
+    model's KV numerics (the engine's kv_cache_dtype "auto" follows it); ``fmt="atom"`` defaults to 4.
+    Returns a LoadedModel with a ByteTokenizer; ``meta`` records {"random": shape, "format": fmt}.
     """
     if fmt not in RANDOM_FORMATS:
         raise ValueError(f"unknown random-weight format {fmt!r}; choose one of {sorted(RANDOM_FORMATS)}")
@@ -104,13 +107,27 @@ def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.floa
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type == "cuda" else gen
     int8_rows = {f"model.layers.{i}.{n}": spec.w_bits == 8 for i in range(args.n_layers) for n, spec in specs.items()}
-    state = {}
-    for name, (shp, exact) in expected_tensors(model).items():
-        t_dtype = exact or dtype
-        state[name] = _random_value(name, shp, t_dtype, device, dev_gen, gen, int8_rows)
+    state: dict[str, torch.Tensor] = {}
+    layer = None  # the decoder layer whose tensors are being made
+
+    def flush() -> None:  # the tensors made so far go into the model; a finished layer gets prepared
+        model.load_state_dict(state, strict=False, assign=True)
+        state.clear()
+        if layer is not None and prepare_layer is not None:
+            prepare_layer(model, layer)
+
+    for name, (shp, exact) in expected_tensors(model).items():  # decoder layers come in order
+        i = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if i != layer:
+            flush()
+            layer = i
+        state[name] = _random_value(name, shp, exact or dtype, device, dev_gen, gen, int8_rows)
+    flush()
     if args.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict({"lm_head.weight": model.model.embed_tokens.weight}, strict=False, assign=True)
+    missing = [n for n, t in model.state_dict().items() if t.is_meta and torch.device(device).type != "meta"]
+    if missing:
+        raise RuntimeError(f"random_model left tensors unset: {missing[:4]}")
     model = model.to(device).eval().requires_grad_(False)
     return LoadedModel(model, ByteTokenizer(), qcfg, {"random": shape, "format": fmt})
 
