@@ -12,7 +12,7 @@ of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm
   4c..4c+3 and the high nibbles with the word of channels 64 + 4c..: the int8 activation operand is used
   as loaded. Weights are two's complement; XOR with 0x8 per nibble gives u = v + 8 in 0..15, masking
   gives the low / high nibbles as bytes, and ``dp4a`` (4 byte products summed into int32) does the
-  rest: 6 instructions per 8 weights. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
+  rest: 6 instructions per 8 weights in the inner loop. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
   group's sum is scaled by s_w * s_a in fp32.
 - The INT8 outlier part and the bias are added in the same program.
 """
@@ -44,8 +44,8 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """out [M, N] = a @ w^T (+ bias) (one program per 16-row tile and token); a: ActOp (int8 operand),
-    w: PreparedWeight.
+    """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight and token); a: ActOp
+    (int8 operand), w: PreparedWeight.
 
     blocks: K blocks of 128 channels per step (KB). Validated by ``w4a4_gemm``; no allocation, no sync.
     """
