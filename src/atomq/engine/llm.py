@@ -206,21 +206,17 @@ class LLMEngine:
         params = [s.params for s in wanting]
         tokens = sample(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
         now = time.perf_counter()
-        eos, max_len, finished = self.eos_token_id, self.max_model_len, []
+        eos, finished = self.eos_token_id, []
         for i, (seq, tok, p) in enumerate(zip(wanting, tokens, params)):
-            ids = seq.token_ids
-            ids.append(tok)
+            seq.token_ids.append(tok)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq.logits is not None:
                 seq.logits.append(logits[i].to(torch.float32, copy=True))
             if p.stop_token_ids or p.stop or tok == eos:
                 reason = self._check_stop(seq, tok)
-            else:  # the common case: only the length limits can stop it (_check_length, inlined)
+            else:  # the common case: only the length limits can stop it
                 seq.detok.push(tok)
-                n = len(ids)
-                if n - len(seq.prompt_token_ids) < p.max_tokens and n < max_len:
-                    continue
                 reason = self._check_length(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
