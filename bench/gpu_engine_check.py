@@ -109,13 +109,23 @@ def _kernel_profile(eng, prompts, config: str, bsz: int) -> None:
     eng.runner.graphs = graphs
     while eng.has_unfinished():
         eng.step()
+    if graphs is not None:  # kernels inside a graph replay (where CUPTI reports them): sum vs wall
+        graph, _ = graphs.graphs[graphs.bucket(bsz)]
+        with profile(activities=[ProfilerActivity.CUDA]) as gprof:
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        busy = sum(ev.device_time for ev in gprof.events() if ev.device_type.name == "CUDA") / 5e3
+        n = sum(1 for ev in gprof.events() if ev.device_type.name == "CUDA") // 5
+        print(f"graph replay, {config} batch {bsz}: {n} kernels, busy {busy:.3f} ms, replay {_replay_ms(eng, bsz):.3f} ms",
+              flush=True)
     totals: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
             totals.setdefault(ev.name[:60], []).append(ev.device_time / 1e3)
     rows = sorted(((sum(v) / 5, len(v) // 5, k) for k, v in totals.items()), reverse=True)
     print(f"kernels per decode step, {config} batch {bsz}: total {sum(r[0] for r in rows):.3f} ms", flush=True)
-    for ms, n, name in rows[:14]:
+    for ms, n, name in rows[:24]:
         print(f"  {ms:7.3f} ms  x{n:<4d} {name}", flush=True)
 
 

@@ -132,6 +132,9 @@ ROW_VARIANTS = {  # one scale per row and per token (no groups)
     "r_bm128_w8_s4": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4),
     "r_bm128_w8_s6": G(kernel="gluon", block_m=128, num_warps=8, num_stages=6),
     "r_bm64_w4_s6": G(kernel="gluon", block_m=64, num_warps=4, num_stages=6),
+    "r_bm64_w8_s4": G(kernel="gluon", block_m=64, num_warps=8, num_stages=4),
+    "r_bm128_w8_s4_gm4": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4, group_m=4),
+    "r_bm128_w8_s4_gm16": G(kernel="gluon", block_m=128, num_warps=8, num_stages=4, group_m=16),
 }
 
 
@@ -219,34 +222,35 @@ def check_gemv() -> None:
         bias = torch.randn(n, device="cuda", dtype=torch.float16)
         a = Q.quantize_act(x, None, split, out="int8")
         yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
-        for dt in (torch.float16, torch.bfloat16):
-            y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype=dt, config=GemmConfig(kernel="gemv"))
+        for dt, sk in ((torch.float16, 1), (torch.float16, 0), (torch.float16, 4), (torch.bfloat16, 0)):
+            y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype=dt, config=GemmConfig(kernel="gemv", split_k=sk))
             rel = ((y.double() - yr).norm() / yr.norm()).item()
             tol = 1e-3 if dt == torch.float16 else 8e-3
-            report(f"gemv M={m} N={n} K={k} groups {gs} ->{str(dt)[6:]}", rel <= tol and bool(torch.isfinite(y).all()),
-                   f"rel err {rel:.2e} (tol {tol})")
+            report(f"gemv M={m} N={n} K={k} groups {gs} split {sk or 'auto'} ->{str(dt)[6:]}",
+                   rel <= tol and bool(torch.isfinite(y).all()), f"rel err {rel:.2e} (tol {tol})")
 
 
 def gemv_bench() -> list[dict]:
-    """M = 1, 2, 4: the CUDA-core GEMV (K blocks per step 2 / 4 / 8) against the tensor-core decode
-    kernel, cuBLAS FP16 and torch's W4A16; us, medians of CUDA-graph replays."""
+    """M = 1: the CUDA-core GEMV (K blocks per step, K runs) against the tensor-core decode kernel,
+    cuBLAS FP16 and torch's W4A16; us, medians of CUDA-graph replays."""
     C = GemmConfig
     tc = C(block_n=64, block_m=16, num_warps=4, num_stages=4, waves=4.0)
-    cfgs = {"gemv2": (C(kernel="gemv", k_blocks=2), "int8"), "gemv4": (C(kernel="gemv", k_blocks=4), "int8"),
-            "gemv8": (C(kernel="gemv", k_blocks=8), "int8"), "tc": (tc, "int8"),
-            "tc_pf": (dataclasses.replace(tc, prefetch=True), "int8")}
+    cfgs = {"kb4_s1": C(kernel="gemv", k_blocks=4, split_k=1), "kb4_auto": C(kernel="gemv", k_blocks=4),
+            "kb4_s2": C(kernel="gemv", k_blocks=4, split_k=2), "kb4_s4": C(kernel="gemv", k_blocks=4, split_k=4),
+            "kb2_s4": C(kernel="gemv", k_blocks=2, split_k=4), "kb2_s8": C(kernel="gemv", k_blocks=2, split_k=8),
+            "kb8_s2": C(kernel="gemv", k_blocks=8, split_k=2), "tc": tc}
+    cfgs = {k: (v, "int8") for k, v in cfgs.items()}
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:
-        for m in (1, 2, 4):
-            row = B.bench_gemm_shape(n, k, m, cfgs, which=("w4a16",))
-            row.update(model=model, layer=layer)
-            rows.append(row)
-            line = f"{model:10s} {layer:7s} M={m} fp16 {row['fp16_ms'] * 1e3:6.1f} w4a16 {row.get('w4a16_ms', 0) * 1e3:6.1f} |"
-            for name in cfgs:
-                v = row.get(name + "_ms")
-                line += f" {name} {v * 1e3:6.1f}" if v else f" {name} ERR"
-            print(line, flush=True)
-            lines.append(line)
+        row = B.bench_gemm_shape(n, k, 1, cfgs, which=("w4a16",))
+        row.update(model=model, layer=layer)
+        rows.append(row)
+        line = f"{model:10s} {layer:7s} M=1 fp16 {row['fp16_ms'] * 1e3:6.1f} w4a16 {row.get('w4a16_ms', 0) * 1e3:6.1f} |"
+        for name in cfgs:
+            v = row.get(name + "_ms")
+            line += f" {name} {v * 1e3:6.1f}" if v else f" {name} ERR"
+        print(line, flush=True)
+        lines.append(line)
     print("\nGEMV table (us):")
     for line in lines:
         print(line)
@@ -261,6 +265,18 @@ def quant_bench() -> list[dict]:
     variants = {"inputs/w_gather": (QC(gather_residual=False), False), "res/w_gather": (QC(), False),
                 "inputs/w_out": (QC(gather_residual=False), True), "res/w_out (default)": (QC(), True)}
     rows, lines = [], []
+    for kind, k in (("rmsnorm", 4096), ("rmsnorm", 8192), ("silu", 11008), ("gather", 4096)):  # decode sizes
+        for m in (1, 16):
+            line = f"{kind:13s} K={k:5d} M={m:5d} |"
+            for name, cfg in {"norm_block 256": QC(norm_block=256), "default": QC()}.items():
+                if kind != "rmsnorm" and name != "default":
+                    continue
+                r = B.bench_quantize(m, k, kind, config=cfg)
+                r.update(variant=name, vs_copy=r["gbps"] / cp)
+                rows.append(r)
+                line += f" {name} {r['ms'] * 1e3:7.1f}us"
+            print(line, flush=True)
+            lines.append(line)
     for kind, k in (("rmsnorm", 4096), ("rmsnorm", 8192), ("rmsnorm-noidx", 4096), ("gather", 4096)):
         for m in (16, 4096, 16384):
             line = f"{kind:13s} K={k:5d} M={m:5d} |"
@@ -380,6 +396,7 @@ def main() -> int:
     ap.add_argument("--out", default="gemm_bench.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--prefill-sweep", action="store_true")
+    ap.add_argument("--row-sweep", action="store_true", help="the prefill sweep of the group-free variants only")
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--rotation-bench", action="store_true", help="also time the online rotation kernel")
@@ -402,6 +419,9 @@ def main() -> int:
         rows = prefill_sweep(128) + prefill_sweep(None)
         with open(args.out.replace(".json", "_prefill.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    if args.row_sweep:
+        with open(args.out.replace(".json", "_row_sweep.json"), "w") as f:
+            json.dump(prefill_sweep(None), f, indent=1)
     if args.rotation_bench:
         with open(args.out.replace(".json", "_rotation.json"), "w") as f:
             json.dump(rotation_bench(), f, indent=1)

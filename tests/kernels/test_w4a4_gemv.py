@@ -34,6 +34,34 @@ def test_gemv_matches_reference(m, n, k, n_out, gs, kb, out_dtype, device):
     assert _rel(y, want) <= TOL[out_dtype]
 
 
+@pytest.mark.parametrize("m,n,k,n_out,gs,kb,split", [
+    (1, 40, 1216, 128, 128, 2, 3),  # 9 blocks: runs of 4, 4 and 1 block
+    (2, 33, 1088, 0, 64, 1, 4),  # two tokens, N not a multiple of the tile, no outliers
+    (1, 32, 640, 32, None, 1, 16),  # more runs asked for than blocks: one block per run
+])
+def test_gemv_split_k_matches_reference_and_leaves_counters_zero(m, n, k, n_out, gs, kb, split, device):
+    from atomq.kernels.w4a4_gemm import _locks
+
+    x, pw, qsplit, bias = _problem(m, n, k, n_out, gs, device, seed=k)
+    a = Q.quantize_act(x, None, qsplit, out="int8")
+    p = prepare_weight(pw)
+    want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    one = w4a4_gemm(a, p, bias, config=GemmConfig(kernel="gemv", k_blocks=kb, split_k=1))
+    for _ in range(2):  # the second call reuses the counters the first one reset
+        y = w4a4_gemm(a, p, bias, config=GemmConfig(kernel="gemv", k_blocks=kb, split_k=split))
+        assert _rel(y, want) <= TOL[torch.float16]
+        assert _rel(y, one.double()) <= TOL[torch.float16]
+    assert int(_locks(torch.device(device), 1).abs().sum()) == 0
+
+
+def test_gemv_split_k_needs_counters(device):
+    x, pw, qsplit, _ = _problem(1, 16, 640, 0, 128, device, seed=0)
+    a = Q.quantize_act(x, None, qsplit, out="int8")
+    out = torch.empty(1, 16, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="arrival counters"):
+        G.w4a4_gemv(a, prepare_weight(pw), None, out, blocks=1, split=2)
+
+
 def test_gemv_refuses_what_it_cannot_take(device):
     x, pw, split, _ = _problem(1, 16, 320, 64, 64, device, seed=0)
     a8 = Q.quantize_act(x, None, split, out="fp8")
@@ -48,6 +76,7 @@ def test_gemv_refuses_what_it_cannot_take(device):
 def test_pick_config_sends_one_token_on_small_products_to_the_gemv():
     assert pick_config(1, 4096, 4096, gemv=True).kernel == "gemv"
     assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
+    assert pick_config(1, 4096, 11008, gemv=True).kernel == "gemv"  # down_proj, split into K runs
     assert pick_config(1, 22016, 4096, gemv=True).kernel == "triton"  # gate_up: the tensor-core kernel ties
 
 
@@ -76,3 +105,15 @@ def test_default_dispatch_uses_the_gemv_for_one_token_gpu():
         G.w4a4_gemv = real
     assert calls == [1]
     assert _rel(y, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+
+
+def test_gemv_split_rule_on_llama_shapes(monkeypatch):
+    from atomq.kernels import w4a4_gemm as W
+
+    monkeypatch.setattr(W, "_num_sms", lambda index: 132)  # an H100
+    cfg = pick_config(1, 4096, 11008, gemv=True)
+    dev = torch.device("cuda", 0)
+    assert W._gemv_split(cfg, 4096 // 16, 11008 // 128, dev) == 4  # 7B down: 256 row tiles
+    assert W._gemv_split(cfg, 12288 // 16, 4096 // 128, dev) == 1  # 7B q/k/v: 768 tiles are enough
+    assert W._gemv_split(cfg, 8192 // 16, 28672 // 128, dev) == 2  # 70B down
+    assert W._gemv_split(cfg, 4096 // 16, 1024 // 128, dev) == 1  # 8 blocks: runs keep two steps each

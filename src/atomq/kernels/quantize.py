@@ -92,6 +92,8 @@ class QuantizeLaunch(NamedTuple):
     num_warps: int = 0
     gather_residual: bool = True  # chunk kernel, norm with residual, one program per row: gather the new
     # residual written in pass 1 (one gathered read) instead of x and residual (two; measured slower)
+    norm_block: int = 0  # chunk kernel, rows split over programs (decode): channels per load of the norm's
+    # sum of squares; 0 = the whole row (up to 8192)
 
 
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
@@ -180,6 +182,9 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         if want > 1:
             block = min(block, small)
             chunk = max(block, -(-triton.cdiv(kn, want) // block) * block)
+    # the norm's sum of squares: at decode sizes in one load of the whole row (a loop of BLOCK-wide loads
+    # is a chain of dependent memory round trips that every program of the row repeats)
+    block_r = block if chunk >= kn or mode != 1 else max(block, cfg.norm_block or min(_next_pow2(k), 8192))
     gather_res = cfg.gather_residual and mode == 1 and residual is not None and chunk >= kn and index is not None
     _kernels()[(m, triton.cdiv(kn, chunk))](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
@@ -190,7 +195,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         res_out.stride(0) if res_out is not None else 0,
         q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
-        OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_O=max(2, _next_pow2(n_out)),
+        OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
         num_warps=4 if block <= 1024 else 8,
     )
@@ -309,8 +314,8 @@ if triton is not None:
         K, KN, NO, G, eps, clip, CHUNK,
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
-        GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, EXACT_EXP: tl.constexpr,
-        GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr,
+        GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -318,7 +323,8 @@ if triton is not None:
         reads input channel idx[j]); q: see _store_q4; s4: fp16 [M, G]; q8: int8 [M, NO]; s8: fp16 [M, 1].
         GS: group size (0 = one scale per row). Program (row, c) handles normal channels
         [c * CHUNK, (c + 1) * CHUNK) of one row (CHUNK a multiple of BLOCK; the whole row when GS == 0);
-        the first writes the new residual, the last also quantizes the outliers. GATHER_RES (one program
+        the first writes the new residual, the last also quantizes the outliers. BLOCK_R: channels per
+        load of the norm's sum of squares (the whole row at decode sizes). GATHER_RES (one program
         per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
         """
         row = tl.program_id(0).to(tl.int64)
@@ -330,9 +336,9 @@ if triton is not None:
         row_ro = row * stride_rom
         rstd = 1.0
         if MODE == 1:
-            acc = tl.zeros([BLOCK], tl.float32)
-            for c0 in range(0, K, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK_R], tl.float32)
+            for c0 in range(0, K, BLOCK_R):
+                offs = c0 + tl.arange(0, BLOCK_R)
                 mask = offs < K
                 xv = tl.load(x_ptr + row_x + offs, mask=mask, other=0.0)
                 if HAS_RES:

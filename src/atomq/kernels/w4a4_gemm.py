@@ -137,9 +137,10 @@ class GemmConfig:
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
-    kernel can take it; it does for one token and products up to 12288 x 8192 (docs/KERNELS.md)."""
-    if gemv and m == 1 and n <= 12288 and kp <= 8192:  # measured 2026-11-24: faster on q/k/v and o only
-        return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4)
+    kernel can take it; it does for one token and up to 12288 weight rows, K split into runs so that
+    about 8 programs per SM stream at once (docs/KERNELS.md)."""
+    if gemv and m == 1 and n <= 12288:  # measured 2026-11-24: the tensor-core kernel ties or wins on gate_up
+        return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
     if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
@@ -181,6 +182,14 @@ def _split_k(cfg: GemmConfig, tiles: int, n_iters: int, m: int, device: torch.de
         return 1
     want = int(cfg.waves * n_sm + tiles - 1) // tiles
     return max(1, min(want, n_iters // max(1, cfg.min_iters), 16))
+
+
+def _gemv_split(cfg: GemmConfig, programs: int, n_blocks: int, device: torch.device) -> int:
+    """GEMV K runs: up to ``cfg.waves`` programs per SM, each run at least two steps of K blocks."""
+    if cfg.split_k:
+        return max(1, cfg.split_k)
+    want = int(cfg.waves * _num_sms(device.index or 0)) // programs
+    return max(1, min(want, n_blocks // (2 * cfg.k_blocks), 16))
 
 
 _LOCKS: dict = {}
@@ -248,7 +257,11 @@ def w4a4_gemm(
         reason = w4a4_gemv.unsupported_reason(a, w)
         if reason:
             raise ValueError(reason)
-        return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps)
+        tiles = triton.cdiv(n, w.row_tile) * m
+        split = _gemv_split(cfg, tiles, w.kp // 128, a.qa.device)
+        locks = _locks(out.device, tiles) if split > 1 else None
+        return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps,
+                                   split=split if locks is not None else 1, locks=locks)
     if cfg.kernel == "gluon":
         hopper = _hopper()
         reason = hopper.unsupported_reason(a, w)

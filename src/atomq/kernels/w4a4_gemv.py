@@ -15,6 +15,11 @@ of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm
   rest: 6 instructions per 8 weights in the inner loop. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
   group's sum is scaled by s_w * s_a in fp32.
 - The INT8 outlier part and the bias are added in the same program.
+- Split K (``split`` > 1): a program takes one of ``split`` runs of K blocks, so each program's chain
+  of dependent loads is shorter and more programs stream at once (a short product such as 7B o_proj
+  has only 256 row tiles). Partials go to an fp32 workspace; the last program to arrive at a tile
+  (an int32 arrival counter per tile and token, reset by that program) sums them in split order, so
+  the result does not depend on arrival order, and writes the output: one kernel, CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -43,24 +48,35 @@ def unsupported_reason(a, w) -> str | None:
     return None
 
 
-def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight and token); a: ActOp
-    (int8 operand), w: PreparedWeight.
+def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4,
+              split: int = 1, locks: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
+    a: ActOp (int8 operand), w: PreparedWeight.
 
-    blocks: K blocks of 128 channels per step (KB). Validated by ``w4a4_gemm``; no allocation, no sync.
+    blocks: K blocks of 128 channels per step (KB). split: K runs (rounded so each holds a whole number
+    of steps); split > 1 needs ``locks``, zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
+    Validated by ``w4a4_gemm``; no sync.
     """
     m, n = a.qa.shape[0], w.n
     rt = w.row_tile
+    tiles = triton.cdiv(n, rt)
+    n_blocks = w.kp // 128
+    per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), blocks) * blocks  # K blocks per run
+    split = triton.cdiv(n_blocks, per)
+    if split > 1 and (locks is None or locks.numel() < tiles * m):
+        raise ValueError(f"split K over {split} runs needs {tiles * m} arrival counters")
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     has_out = w.n_out > 0
     dummy = w.sw
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
-    grid = (triton.cdiv(n, rt), m)
-    _gemv_kernel[grid](
+    _gemv_kernel[(tiles, split, m)](
         w.w4.view(torch.int32), w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa.view(torch.int32), a.s4, q8, s8, bias if bias is not None else dummy, out,
-        n, w.kn, w.n_groups, w.n_out, w.kp // 128, w.w4.stride(0) // 4, w.sw.stride(0),
+        part, locks if split > 1 else dummy,
+        n, w.kn, w.n_groups, w.n_out, n_blocks, per, w.w4.stride(0) // 4, w.sw.stride(0),
         w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0), out.stride(0),
-        RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None,
+        part.stride(0) if split > 1 else 0,
+        RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1,
     )
@@ -134,40 +150,60 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        W4, SW, W8, S8W, QA, S4, Q8, S8, BIAS, OUT,
-        N, KN, G, N_OUT, n_blocks, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
-        stride_om,
+        W4, SW, W8, S8W, QA, S4, Q8, S8, BIAS, OUT, PART, LOCK,
+        N, KN, G, N_OUT, n_blocks, PER, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
+        stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
+        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
     ):
-        """out[m, tile rows] for one weight tile of RT rows and one token m (module docstring).
+        """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
+        token m (module docstring).
 
         W4: int32 words of the prepared weights [NP // RT, KP * RT // 8]; SW fp32 [GP, N]; W8 int8
         [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
-        Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16.
+        Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16. PARTIAL (split K): PART fp32
+        [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
         """
         tile = tl.program_id(0)
-        m = tl.program_id(1).to(tl.int64)
+        s = tl.program_id(1)
+        m = tl.program_id(2).to(tl.int64)
         rows = tile * RT + tl.arange(0, RT)
         W4T = W4 + tile.to(tl.int64) * stride_w4t
         QA_M = QA + m * stride_qa
         S4_M = S4 + m * stride_s4
+        b_begin = s * PER
+        b_end = tl.minimum(b_begin + PER, n_blocks)  # blocks past it belong to the next run: masked
         acc = tl.zeros([KB, RT], tl.float32)
-        step = _load_step(0, W4T, QA_M, S4_M, SW, G, n_blocks, KN, rows, stride_sw, KB, RT, GS)
-        for b0 in range(0, n_blocks, KB):  # the next KB blocks load while these are computed
-            nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, n_blocks, KN, rows, stride_sw, KB, RT, GS)
+        step = _load_step(b_begin, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+        for b0 in range(b_begin, b_end, KB):  # the next KB blocks load while these are computed
+            nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
             acc = _compute_step(step, acc, USE_ASM, GS)
             step = nxt
         y = tl.sum(acc, 0)  # [RT]
         rmask = rows < N
         if HAS_OUT:
-            j = tl.arange(0, BLOCK_O)
-            jm = j < N_OUT
-            w8 = tl.load(W8 + rows[:, None] * stride_w8 + j[None, :], mask=rmask[:, None] & jm[None, :], other=0)
-            a8 = tl.load(Q8 + m * stride_q8 + j, mask=jm, other=0)
-            d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
-            s8 = tl.load(S8 + m * stride_s8).to(tl.float32)
-            y += d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * s8)
-        if HAS_BIAS:
-            y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(OUT + m * stride_om + rows, y.to(OUT.dtype.element_ty), mask=rmask)
+            if s == 0:  # the outlier part once, with the first run
+                j = tl.arange(0, BLOCK_O)
+                jm = j < N_OUT
+                w8 = tl.load(W8 + rows[:, None] * stride_w8 + j[None, :], mask=rmask[:, None] & jm[None, :], other=0)
+                a8 = tl.load(Q8 + m * stride_q8 + j, mask=jm, other=0)
+                d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
+                s8 = tl.load(S8 + m * stride_s8).to(tl.float32)
+                y += d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * s8)
+        if PARTIAL:
+            n_split = tl.num_programs(1)
+            tl.store(PART + s * stride_ps + m * N + rows, y, mask=rmask)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            lock = LOCK + tile * tl.num_programs(2) + m
+            if tl.atomic_add(lock, 1, sem="acq_rel") == n_split - 1:  # the last run to finish this tile
+                y = tl.zeros([RT], tl.float32)
+                for j in range(0, n_split):  # fixed order: the sum does not depend on arrival order
+                    y += tl.load(PART + j * stride_ps + m * N + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
+                tl.store(OUT + m * stride_om + rows, y.to(OUT.dtype.element_ty), mask=rmask)
+                tl.atomic_xchg(lock, 0)
+        else:
+            if HAS_BIAS:
+                y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.store(OUT + m * stride_om + rows, y.to(OUT.dtype.element_ty), mask=rmask)
