@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .kv_cache import PagedKVCache, interpreting
+from .pdl import gdc_enter, launch_options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +214,9 @@ def _decode_int4_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -352,6 +355,7 @@ def _decode_int4_words_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     ACC_ROWS: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
@@ -361,6 +365,7 @@ def _decode_int4_words_kernel(
     thread) and summed over rows once at the end, so the loop's only cross-thread step is the tile's
     score max. The accumulators are rescaled only when the running max grows by 2**8.
     """
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -426,7 +431,9 @@ def _decode_fp_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -465,7 +472,9 @@ def _decode_fp_kernel(
 def _merge_splits_kernel(
     PO, PL, O, num_splits, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     BLOCK_S: tl.constexpr, D: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -616,8 +625,9 @@ def paged_decode_attention(
     grid = (bsz, hkv, plan.num_splits)
     qk_scale = sm_scale * math.log2(math.e)
     sb, sh, ss = cache.data_strides()
+    pdl = launch_options(q.device)
     common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
-                  DOT=plan.dot, INTERPRET=interpreting(), num_warps=plan.num_warps, num_stages=plan.num_stages)
+                  DOT=plan.dot, INTERPRET=interpreting(), num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl)
     if cache.mode == "int4" and plan.dot == 4:
         mb, mh, ms = cache.meta_strides()
         _decode_int4_words_kernel[grid](
@@ -627,7 +637,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
             ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(),
-            num_warps=plan.num_warps, num_stages=plan.num_stages,
+            num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
         )
     elif cache.mode == "int4":
         mb, mh, ms = cache.meta_strides()
@@ -650,6 +660,6 @@ def paged_decode_attention(
     if split:
         _merge_splits_kernel[(bsz, hq)](
             po, pl, out, plan.num_splits, ps[0], ps[1], ps[2], ls[0], ls[1], out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(plan.num_splits), D=d, num_warps=4,
+            BLOCK_S=triton.next_power_of_2(plan.num_splits), D=d, num_warps=4, **pdl,
         )
     return out

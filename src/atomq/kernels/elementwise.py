@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import interpreter_compat
+from .pdl import launch_options
 
 try:  # guarded: atomq imports without triton
     import triton
@@ -44,7 +45,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block = triton.next_power_of_2(k)
         _rmsnorm_kernel[(m,)](x, residual if residual is not None else x, res_out, weight, y, k, float(eps),
                               x.stride(0), residual.stride(0) if residual is not None else 0, res_out.stride(0),
-                              HAS_RES=residual is not None, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                              HAS_RES=residual is not None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+                              **launch_options(x.device))
     return y, res_out
 
 
@@ -59,7 +61,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         raise ValueError(f"cos / sin must be fp32 [{t}, {d}]")
     if t:
         _rope_kernel[(t,)](x, cos.contiguous(), sin.contiguous(), h, x.stride(0), x.stride(1),
-                           HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+                           HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), num_warps=4, **launch_options(x.device))
     return x
 
 
@@ -74,15 +76,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if m:
         _silu_mul_kernel[(m, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                         BLOCK=block)
+                                                         BLOCK=block, **launch_options(out.device))
     return out
 
 
 if triton is not None:
+    from .pdl import gdc_enter
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, rout_ptr, w_ptr, y_ptr, K, eps, stride_x, stride_r, stride_ro,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -97,7 +101,9 @@ if triton is not None:
         tl.store(y_ptr + row * stride_x + offs, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         t = tl.program_id(0)
         heads = tl.arange(0, BLOCK_H)[:, None]
         offs = tl.arange(0, HALF)[None, :]
@@ -114,7 +120,8 @@ if triton is not None:
         tl.store(lo_ptr + HALF, (x2 * c2 + x1 * s2).to(dt), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+        gdc_enter(USE_GDC)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < I

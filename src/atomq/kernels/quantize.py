@@ -28,6 +28,7 @@ import torch
 
 from ..quant import Split, pack_int4
 from . import interpreter_compat
+from .pdl import launch_options
 from .ref import ActQ
 
 try:  # guarded: atomq imports without triton; the kernels below need it
@@ -197,7 +198,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        num_warps=4 if block <= 1024 else 8,
+        num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 
@@ -245,6 +246,8 @@ def silu_mul_quantize(
 
 if triton is not None:
     from triton.language.extra import libdevice
+
+    from .pdl import gdc_enter
 
     @triton.jit
     def _rint(t):
@@ -315,7 +318,7 @@ if triton is not None:
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-        EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr,
+        EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -327,6 +330,7 @@ if triton is not None:
         load of the norm's sum of squares (the whole row at decode sizes). GATHER_RES (one program
         per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
         """
+        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c_begin = chunk * CHUNK

@@ -35,6 +35,7 @@ import torch
 
 from ..quant import PackedWeight, unpack_int4
 from . import interpreter_compat, w4a4_gemv
+from .pdl import launch_options
 from .quantize import ActOp, interpreting
 from .ref import ActQ
 from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM
@@ -292,7 +293,7 @@ def w4a4_gemm(
         GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
         PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span, FUSED=fused,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(out.device),
     )
     if split > 1 and not fused:
         block = 1024
@@ -308,6 +309,8 @@ def w4a4_gemm(
 # --------------------------------------------------------------------------------------------------
 
 if triton is not None:
+
+    from .pdl import gdc_enter
 
     _UNPACK_INT8 = tl.constexpr(UNPACK_INT8_ASM)
     _UNPACK_FP8 = tl.constexpr(UNPACK_FP8_ASM)
@@ -367,15 +370,16 @@ if triton is not None:
         S: tl.constexpr, GS: tl.constexpr, RT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
-        DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr,
+        DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
         Tensors as in the module docstring; a: int8/fp8 [M, KN]; sa: fp16 [M, G]; a8: int8 [M, NO];
         s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]). FUSED (with PARTIAL): the last
         program to finish a tile (arrival counter lock[tile]) sums the SPLIT partials in order, adds
-        the bias and writes fin [M, N]; it then resets the counter to 0.
+        the bias and writes fin [M, N]; it then resets the counter to 0. USE_GDC: kernels/pdl.py.
         """
+        gdc_enter(USE_GDC)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_n = tl.cdiv(N, BLOCK_N)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .pdl import launch_options
 from .quantize import interpreting
 
 try:  # guarded: atomq imports without triton
@@ -78,12 +79,14 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         part.stride(0) if split > 1 else 0,
         RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=1, **launch_options(out.device),
     )
     return out
 
 
 if triton is not None:
+
+    from .pdl import gdc_enter
 
     _DP4A = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")
 
@@ -97,16 +100,29 @@ if triton is not None:
                     + (((u >> 16) & 0xFF) * ((a << 8) >> 24)) + (((u >> 24) & 0xFF) * (a >> 24)))
 
     @triton.jit
+    def _load_weights(b0, W4T, n_blocks, KB: tl.constexpr, RT: tl.constexpr):
+        """Weight words int32 [KB, RT, 16] of the KB blocks from b0 (0 past n_blocks)."""
+        k3 = (b0 + tl.arange(0, KB))[:, None, None]
+        r = tl.arange(0, RT)[None, :, None]
+        c = tl.arange(0, 16)[None, None, :]
+        return tl.load(W4T + k3 * (RT * 16) + r * 16 + c, mask=k3 < n_blocks, other=0)
+
+    @triton.jit
     def _load_step(b0, W4T, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw,
                    KB: tl.constexpr, RT: tl.constexpr, GS: tl.constexpr):
         """KB blocks from b0: weight words int32 [KB, RT, 16]; activation words of the low / high halves
         int32 [KB, 1, 16]; per half, the activation scale fp32 [KB, 1] and weight scales fp32 [KB, RT]
         (the same group twice unless GS == 64)."""
+        w = _load_weights(b0, W4T, n_blocks, KB, RT)
+        return (w,) + _load_acts(b0, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw, KB, RT, GS)
+
+    @triton.jit
+    def _load_acts(b0, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw,
+                   KB: tl.constexpr, RT: tl.constexpr, GS: tl.constexpr):
+        """The rest of _load_step: activation words, activation scales, weight scales."""
         kb = b0 + tl.arange(0, KB)
         k3 = kb[:, None, None]
-        r = tl.arange(0, RT)[None, :, None]
         c = tl.arange(0, 16)[None, None, :]
-        w = tl.load(W4T + k3 * (RT * 16) + r * 16 + c, mask=k3 < n_blocks, other=0)
         ch = k3 * 128 + 4 * c  # first channel of each low-half word
         a_lo = tl.load(QA_M + k3 * 32 + c, mask=ch < kn, other=0)
         a_hi = tl.load(QA_M + k3 * 32 + 16 + c, mask=ch + 64 < kn, other=0)
@@ -125,7 +141,7 @@ if triton is not None:
         sa_hi = tl.load(S4_M + g_hi, mask=ok_hi, other=0.0).to(tl.float32)[:, None]
         sw_lo = tl.load(SW + g_lo[:, None] * stride_sw + rows[None, :], mask=ok_lo[:, None], other=0.0)
         sw_hi = tl.load(SW + g_hi[:, None] * stride_sw + rows[None, :], mask=ok_hi[:, None], other=0.0)
-        return w, a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi
+        return a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi
 
     @triton.jit
     def _compute_step(step, acc, USE_ASM: tl.constexpr, GS: tl.constexpr):
@@ -154,7 +170,7 @@ if triton is not None:
         N, KN, G, N_OUT, n_blocks, PER, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
         stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
+        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
@@ -163,6 +179,7 @@ if triton is not None:
         [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
         Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16. PARTIAL (split K): PART fp32
         [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
+        USE_GDC (kernels/pdl.py): the first weight words load before the wait for the kernel ahead.
         """
         tile = tl.program_id(0)
         s = tl.program_id(1)
@@ -174,7 +191,9 @@ if triton is not None:
         b_begin = s * PER
         b_end = tl.minimum(b_begin + PER, n_blocks)  # blocks past it belong to the next run: masked
         acc = tl.zeros([KB, RT], tl.float32)
-        step = _load_step(b_begin, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+        w_first = _load_weights(b_begin, W4T, b_end, KB, RT)  # weights: no kernel writes them
+        gdc_enter(USE_GDC)
+        step = (w_first,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
         for b0 in range(b_begin, b_end, KB):  # the next KB blocks load while these are computed
             nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
             acc = _compute_step(step, acc, USE_ASM, GS)
