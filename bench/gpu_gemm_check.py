@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -231,14 +232,14 @@ def check_gemv() -> None:
 
 
 def gemv_bench() -> list[dict]:
-    """M = 1: the CUDA-core GEMV (K blocks per step, K runs) against the tensor-core decode kernel,
+    """M = 1: the CUDA-core GEMV (K blocks per step, K runs, weight steps ahead) against the tensor-core decode kernel,
     cuBLAS FP16 and torch's W4A16; us, medians of CUDA-graph replays."""
     C = GemmConfig
     tc = C(block_n=64, block_m=16, num_warps=4, num_stages=4, waves=4.0)
-    cfgs = {"kb4_s1": C(kernel="gemv", k_blocks=4, split_k=1), "kb4_auto": C(kernel="gemv", k_blocks=4),
-            "kb4_s2": C(kernel="gemv", k_blocks=4, split_k=2), "kb4_s4": C(kernel="gemv", k_blocks=4, split_k=4),
-            "kb2_s4": C(kernel="gemv", k_blocks=2, split_k=4), "kb2_s8": C(kernel="gemv", k_blocks=2, split_k=8),
-            "kb8_s2": C(kernel="gemv", k_blocks=8, split_k=2), "tc": tc}
+    g = functools.partial(C, kernel="gemv", waves=8.0)
+    cfgs = {"kb4_s1_a1": g(k_blocks=4, split_k=1, ahead=1), "kb4_s1": g(k_blocks=4, split_k=1),
+            "kb4_auto_a1": g(k_blocks=4, ahead=1), "kb4_auto": g(k_blocks=4), "kb4_s4": g(k_blocks=4, split_k=4),
+            "kb2_auto": g(k_blocks=2), "kb8_auto": g(k_blocks=8), "tc": tc}
     cfgs = {k: (v, "int8") for k, v in cfgs.items()}
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:

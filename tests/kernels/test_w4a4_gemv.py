@@ -28,7 +28,7 @@ CASES = [  # (M, N, K, n_outliers, group_size, K blocks per step)
 def test_gemv_matches_reference(m, n, k, n_out, gs, kb, out_dtype, device):
     x, pw, split, bias = _problem(m, n, k, n_out, gs, device, seed=m + n)
     a = Q.quantize_act(x, None, split, out="int8")
-    y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype, config=GemmConfig(kernel="gemv", k_blocks=kb))
+    y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype, config=GemmConfig(kernel="gemv", k_blocks=kb, ahead=1 + kb % 2))
     want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
     assert y.dtype == out_dtype and y.shape == (m, n)
     assert _rel(y, want) <= TOL[out_dtype]
@@ -77,7 +77,8 @@ def test_pick_config_sends_one_token_on_small_products_to_the_gemv():
     assert pick_config(1, 4096, 4096, gemv=True).kernel == "gemv"
     assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
     assert pick_config(1, 4096, 11008, gemv=True).kernel == "gemv"  # down_proj, split into K runs
-    assert pick_config(1, 22016, 4096, gemv=True).kernel == "triton"  # gate_up: the tensor-core kernel ties
+    assert pick_config(1, 22016, 4096, gemv=True).kernel == "gemv"  # 7B gate_up
+    assert pick_config(1, 57344, 8192, gemv=True).kernel == "triton"  # 70B gate_up: the tensor-core kernel wins
 
 
 @pytest.mark.gpu

@@ -133,14 +133,15 @@ class GemmConfig:
     waves: float = 2.0  # automatic split K: aim at waves * SMs programs
     min_iters: int = 2  # automatic split K: at least this many K blocks per split
     k_blocks: int = 4  # gemv: K blocks of 128 channels per step
+    ahead: int = 2  # gemv: K steps of weights in flight (the first ones load before the wait on sm_90)
 
 
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
-    kernel can take it; it does for one token and up to 12288 weight rows, K split into runs so that
+    kernel can take it; it does for one token and up to 32768 weight rows, K split into runs so that
     about 8 programs per SM stream at once (docs/KERNELS.md)."""
-    if gemv and m == 1 and n <= 12288:  # measured 2026-11-24: the tensor-core kernel ties or wins on gate_up
+    if gemv and m == 1 and n <= 32768:  # measured 2026-11-24: the tensor-core kernel wins on 70B gate_up
         return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
@@ -262,7 +263,7 @@ def w4a4_gemm(
         split = _gemv_split(cfg, tiles, w.kp // 128, a.qa.device)
         locks = _locks(out.device, tiles) if split > 1 else None
         return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps,
-                                   split=split if locks is not None else 1, locks=locks)
+                                   split=split if locks is not None else 1, locks=locks, ahead=cfg.ahead)
     if cfg.kernel == "gluon":
         hopper = _hopper()
         reason = hopper.unsupported_reason(a, w)

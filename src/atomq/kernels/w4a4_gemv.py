@@ -50,18 +50,21 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4,
-              split: int = 1, locks: torch.Tensor | None = None) -> torch.Tensor:
+              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 2) -> torch.Tensor:
     """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
     a: ActOp (int8 operand), w: PreparedWeight.
 
     blocks: K blocks of 128 channels per step (KB). split: K runs (rounded so each holds a whole number
     of steps); split > 1 needs ``locks``, zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
+    ahead: K steps of weights in flight (1 or 2).
     Validated by ``w4a4_gemm``; no sync.
     """
     m, n = a.qa.shape[0], w.n
     rt = w.row_tile
     tiles = triton.cdiv(n, rt)
     n_blocks = w.kp // 128
+    if ahead not in (1, 2):
+        raise ValueError(f"ahead must be 1 or 2, got {ahead}")
     per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), blocks) * blocks  # K blocks per run
     split = triton.cdiv(n_blocks, per)
     if split > 1 and (locks is None or locks.numel() < tiles * m):
@@ -78,6 +81,7 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0), out.stride(0),
         part.stride(0) if split > 1 else 0,
         RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        AHEAD=ahead,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1, **launch_options(out.device),
     )
@@ -170,7 +174,8 @@ if triton is not None:
         N, KN, G, N_OUT, n_blocks, PER, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
         stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
+        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr, AHEAD: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
@@ -179,7 +184,8 @@ if triton is not None:
         [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
         Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16. PARTIAL (split K): PART fp32
         [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
-        USE_GDC (kernels/pdl.py): the first weight words load before the wait for the kernel ahead.
+        AHEAD: K steps of weight words in flight (1 or 2; activations always 1). USE_GDC (kernels/pdl.py):
+        the first AHEAD steps of weights load before the wait for the kernel ahead.
         """
         tile = tl.program_id(0)
         s = tl.program_id(1)
@@ -191,11 +197,18 @@ if triton is not None:
         b_begin = s * PER
         b_end = tl.minimum(b_begin + PER, n_blocks)  # blocks past it belong to the next run: masked
         acc = tl.zeros([KB, RT], tl.float32)
-        w_first = _load_weights(b_begin, W4T, b_end, KB, RT)  # weights: no kernel writes them
+        # weights (which no kernel writes) load before the wait for the kernel ahead, AHEAD steps deep
+        w_now = _load_weights(b_begin, W4T, b_end, KB, RT)
+        if AHEAD == 2:
+            w_next = _load_weights(b_begin + KB, W4T, b_end, KB, RT)
         gdc_enter(USE_GDC)
-        step = (w_first,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+        step = (w_now,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
         for b0 in range(b_begin, b_end, KB):  # the next KB blocks load while these are computed
-            nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+            if AHEAD == 2:  # weights two steps ahead, activations and scales one
+                nxt = (w_next,) + _load_acts(b0 + KB, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+                w_next = _load_weights(b0 + 2 * KB, W4T, b_end, KB, RT)
+            else:
+                nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
             acc = _compute_step(step, acc, USE_ASM, GS)
             step = nxt
         y = tl.sum(acc, 0)  # [RT]
