@@ -14,6 +14,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -23,7 +24,8 @@ import torch
 
 from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
-from atomq.model.methods import _input_groups, _kernel_for, prepare_linears, weight_nbytes
+from atomq.kernels import w4a4_gemm as _W
+from atomq.model.methods import _input_groups, _kernel_for, weight_nbytes
 from atomq.model.random_weights import random_model
 
 FAILS: list[str] = []
@@ -179,6 +181,23 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
     return row
 
 
+_GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
+
+
+def _apply_variant(spec: str) -> None:
+    """Decode settings for the next engines: programmatic dependent launch and the one-token GEMV."""
+    import dataclasses
+
+    from atomq.kernels import pdl
+
+    kv = dict(item.split("=") for item in spec.split(",") if item)
+    os.environ["ATOMQ_PDL"] = kv.get("pdl", "1")
+    pdl._enabled.cache_clear()
+    _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
+                                        ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
+    _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="engine_check.json")
@@ -189,6 +208,10 @@ def main() -> int:
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
+    ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
+                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N' (unset keys: defaults); every config and batch runs under each, "
+                    "the list --repeat times")
+    ap.add_argument("--repeat", type=int, default=1)
     ns = ap.parse_args()
     info = env_info()
     print(info, flush=True)
@@ -198,22 +221,29 @@ def main() -> int:
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []
-    for config in ns.configs.split(","):
-        for bsz in (int(b) for b in ns.batches.split(",")):
-            try:
-                rows.append(decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64,
-                                       ns.kernel_profile))
-            except Exception as e:  # one failing configuration is reported, the others still run
-                report(f"decode {config} batch {bsz}", False, f"{type(e).__name__}: {str(e)[:300]}")
-                torch.cuda.empty_cache()
+    variants = [v for v in ns.variants.split(";") if v] or [""]
+    for _ in range(ns.repeat):
+        for variant in variants:
+            _apply_variant(variant)
+            for config in ns.configs.split(","):
+                for bsz in (int(b) for b in ns.batches.split(",")):
+                    try:
+                        row = decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64,
+                                         ns.kernel_profile)
+                        rows.append({**row, "variant": variant})
+                    except Exception as e:  # one failing configuration is reported, the others still run
+                        report(f"decode {config} batch {bsz}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                        torch.cuda.empty_cache()
     with open(ns.out, "w") as f:
         json.dump({"env": info, "copy_gbps": bw, "fails": FAILS, "rows": rows}, f, indent=1)
     print(f"\n{ns.shape}, copy {bw:.0f} GB/s; step = engine.step() wall, replay = decode graph alone (ms)")
-    print("| config | batch | step ms | replay ms | host overhead | floor ms | step / floor | tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | batch | step ms | replay ms | host overhead | floor ms | step / floor | tok/s |"
+          + (" variant |" if ns.variants else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if ns.variants else ""))
     for r in rows:
         print(f"| {r['config']} | {r['batch']} | {r['step_ms']:.3f} | {r['replay_ms']:.3f} | {r['host_overhead']:.0%} "
-              f"| {r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {r['batch'] / r['step_ms'] * 1e3:.0f} |")
+              f"| {r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {r['batch'] / r['step_ms'] * 1e3:.0f} |"
+              + (f" {r['variant'] or 'default'} |" if ns.variants else ""))
     print(f"failures: {FAILS or 'none'}")
     return 1 if FAILS else 0
 

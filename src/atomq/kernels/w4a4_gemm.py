@@ -136,13 +136,18 @@ class GemmConfig:
     ahead: int = 2  # gemv: K steps of weights in flight (the first ones load before the wait on sm_90)
 
 
+# one token: the GEMV up to GEMV_MAX_N weight rows (measured 2026-11-24: the tensor-core kernel wins on
+# 70B gate_up), K split into runs so that about 8 programs per SM stream at once
+GEMV_MAX_N = 32768
+GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0)
+
+
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
-    kernel can take it; it does for one token and up to 32768 weight rows, K split into runs so that
-    about 8 programs per SM stream at once (docs/KERNELS.md)."""
-    if gemv and m == 1 and n <= 32768:  # measured 2026-11-24: the tensor-core kernel wins on 70B gate_up
-        return GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0)
+    kernel can take it; it does for one token and up to GEMV_MAX_N weight rows (docs/KERNELS.md)."""
+    if gemv and m == 1 and n <= GEMV_MAX_N:
+        return GEMV_CONFIG
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
     if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
