@@ -133,13 +133,14 @@ class GemmConfig:
     waves: float = 2.0  # automatic split K: aim at waves * SMs programs
     min_iters: int = 2  # automatic split K: at least this many K blocks per split
     k_blocks: int = 4  # gemv: K blocks of 128 channels per step
-    ahead: int = 2  # gemv: K steps of weights in flight (the first ones load before the wait on sm_90)
+    ahead: int = 1  # gemv: K steps of weights in flight, 1 or 2 (the first ones load before the wait on sm_90)
 
 
-# one token: the GEMV up to GEMV_MAX_N weight rows (measured 2026-11-24: the tensor-core kernel wins on
-# 70B gate_up), K split into runs so that about 8 programs per SM stream at once
-GEMV_MAX_N = 32768
-GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0)
+# one token: the GEMV up to GEMV_MAX_N weight rows, K split into runs so that about 8 programs per SM
+# stream at once. Measured 2026-11-24 in the 7B batch-1 engine (bench/gpu_engine_check.py --variants):
+# gate_up on the GEMV and weights two steps ahead both cost ~1% per decode step, though alone they win
+GEMV_MAX_N = 12288
+GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 
 
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
