@@ -1,6 +1,6 @@
 """Online serving comparison over HTTP: one ``atomq serve`` per configuration, Poisson request rates.
 
-For each configuration (bench/throughput.CONFIGS: fp16, fp8, w4a16, atom, rot-outliers) an
+For each configuration (model/random_weights.CONFIGS: fp16, fp8, w4a16, atom, rot-outliers) an
 ``atomq serve --model random:SHAPE:CONFIG --warmup`` subprocess serves random weights of a real shape
 exactly as the offline throughput benchmark runs them (stored format, linear method, KV-cache dtype); the
 client of ``atomq bench serving`` (atomq/bench/serving.py) then sends the workload at each rate (streamed

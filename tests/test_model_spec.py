@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from atomq.bench.throughput import CONFIGS
+from atomq.model.random_weights import CONFIGS
 from atomq.model_spec import open_llm, parse_random_spec
 from atomq.model.random_weights import ByteTokenizer
 

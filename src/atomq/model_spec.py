@@ -2,8 +2,8 @@
 
 Either something model/loader.load_model opens (an atomq checkpoint, an HF directory, a .gguf file,
 'smollm2'), or ``random:SHAPE:CONFIG``: random weights of a real shape (model/random_weights.SHAPES, e.g.
-llama-2-7b, tiny-llama) in one of the throughput benchmark's configurations (bench/throughput.CONFIGS:
-fp16, fp8, w4a16, atom, rot-outliers), built and served exactly as that benchmark does: the configuration's
+llama-2-7b, tiny-llama) in one of the serving configurations of random models (model/random_weights.CONFIGS:
+fp16, fp8, w4a16, atom, rot-outliers), built and served exactly as the throughput benchmark does: the configuration's
 stored format, its linear method and its KV-cache dtype, and a ByteTokenizer. For speed measurements only.
 """
 
@@ -17,7 +17,7 @@ RANDOM_PREFIX = "random:"
 
 @dataclass(frozen=True)
 class RandomSpec:
-    """A parsed ``random:SHAPE:CONFIG``. config: a bench/throughput.Config."""
+    """A parsed ``random:SHAPE:CONFIG``. config: a model/random_weights.Config."""
 
     shape: str
     config: Any
@@ -32,8 +32,7 @@ def parse_random_spec(model: str) -> RandomSpec | None:
     ValueError naming the known shapes / configurations when SHAPE or CONFIG is not one of them."""
     if not isinstance(model, str) or not model.startswith(RANDOM_PREFIX):
         return None
-    from .bench.throughput import CONFIGS
-    from .model.random_weights import SHAPES
+    from .model.random_weights import CONFIGS, SHAPES
 
     parts = model[len(RANDOM_PREFIX):].split(":")
     if len(parts) != 2 or not all(parts):
@@ -72,8 +71,8 @@ def open_llm(model: Any, *, dtype: str = "auto", device: str | None = None, seed
     spec = parse_random_spec(model)
     if spec is None:
         return LLM(model, dtype=dtype, device=device, **llm_kwargs)
-    from .bench.throughput import build_random
     from .model.loader import DTYPES
+    from .model.random_weights import build_random
 
     fixed = [k for k in ("kv_bits", "kv_rotate") if k in llm_kwargs]
     if fixed:

@@ -73,7 +73,7 @@ def test_prediction_on_meta_equals_the_built_model(config):
 def test_build_random_converts_layer_by_layer_to_the_same_model():
     """fp8 built with each layer converted as it is made gives the logits of converting the whole float
     model afterwards (same random values, same kernels), and holds no float linear weight."""
-    from atomq.bench.throughput import build_random
+    from atomq.model.random_weights import build_random
     from atomq.model.methods import prepare_linears
     from atomq.model.random_weights import random_model
 

@@ -143,7 +143,7 @@ def test_warm_up_prefills_each_length_alone_then_passes_every_decode_bucket():
     """One request per prefill length first (each alone: one prefill step of that many tokens, clipped to
     the model length), then max_num_seqs requests; nothing is left running."""
     from atomq import LLM
-    from atomq.bench.throughput import warm_up
+    from atomq.engine.warmup import warm_up
     from atomq.model.random_weights import random_model
 
     eng = LLM(random_model("tiny-llama", "float", torch.float32, "cpu"), max_num_seqs=4, max_model_len=64).engine

@@ -38,41 +38,16 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
+from ..engine.warmup import warm_up
+from ..model.random_weights import CONFIGS, Config, build_random  # noqa: F401 (the configurations compared here)
 from .memory import (Budget, MemoryPlan, device_memory_bytes, format_bytes, peak_memory, plan_memory,
                      reset_peak, weight_bytes)
 from .metrics import summarize
 from .workloads import Workload
 
 BLOCK_SIZE = 16
-
-
-@dataclass(frozen=True)
-class Config:
-    """One engine configuration. weights: the format random_model stores ("float", "w4a16", "atom");
-    linear_method: the engine's run-time method (model/methods.py); kv_cache_dtype: the paged cache's."""
-
-    name: str
-    label: str
-    weights: str
-    linear_method: str
-    kv_cache_dtype: str
-
-    @property
-    def engine_kwargs(self) -> dict[str, str]:
-        """The EngineConfig fields this configuration sets (every engine over its model gets them)."""
-        return {"linear_method": self.linear_method, "kv_cache_dtype": self.kv_cache_dtype}
-
-
-CONFIGS: dict[str, Config] = {c.name: c for c in (
-    Config("fp16", "FP16 weights, FP16 KV", "float", "auto", "fp16"),
-    Config("fp8", "FP8 W8A8, FP8 KV", "float", "fp8", "fp8"),
-    Config("w4a16", "W4A16, FP16 KV", "w4a16", "auto", "fp16"),
-    Config("atom", "Atom W4A4, INT4 KV", "atom", "auto", "int4"),
-    Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
-)}
 
 
 @dataclass(frozen=True)
@@ -192,41 +167,6 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
     }
 
 
-# a token count in each tile range of the GEMMs' pick_config, and its multiple of 16 (Triton specializes
-# integer arguments on divisibility by 16: another compiled kernel)
-WARMUP_PREFILL_LENS = (1, 9, 16, 24, 32, 48, 64, 100, 112, 300, 304, 1000, 1024)
-
-
-def warm_up(engine: Any, vocab_size: int, seed: int, prompt_len: int = 16,
-            prefill_lens: tuple[int, ...] = WARMUP_PREFILL_LENS) -> float:
-    """Compile the kernels and capture the decode CUDA graphs before a measurement. First one request per
-    length in prefill_lens, alone (a prefill step of that many tokens: the kernels specialize on the
-    token count's range, and a server's first requests would otherwise pay for compiling them); then
-    max_num_seqs requests of prompt_len random tokens whose output lengths make the decode batch pass
-    through every graph bucket (request i gets 1 + the number of buckets larger than i tokens; lengths
-    shrink to fit a short max_model_len). Returns the seconds it took."""
-    from ..engine.model_runner import graph_buckets
-    from ..engine.sequence import SamplingParams
-
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    for n_tok in sorted({min(n, engine.max_model_len - 1) for n in prefill_lens}):
-        engine.add_request(rng.integers(0, vocab_size, size=n_tok).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        while engine.has_unfinished():
-            engine.step()
-    n = engine.scheduler.config.max_num_seqs
-    buckets = graph_buckets(n)
-    prompt_len = max(1, min(prompt_len, engine.max_model_len // 2))
-    for i in range(n):
-        out = min(1 + sum(b > i for b in buckets), engine.max_model_len - prompt_len)
-        engine.add_request(rng.integers(0, vocab_size, size=prompt_len).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
-    return time.perf_counter() - t0
-
-
 # ------------------------------------------------------------------------------- one model config
 def run_config(shape: str, config: Config, budgets: list[Budget], workload: Workload, batch_sizes: list[int],
                settings: RunSettings, on_row: Callable[[dict], None] | None = None,
@@ -297,23 +237,6 @@ def run_config(shape: str, config: Config, budgets: list[Budget], workload: Work
     del lm
     _free(device)
     return rows
-
-
-def build_random(shape: str, config: Config, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                 linear_backend: str = "auto") -> Any:
-    """The LoadedModel of ``shape`` (random_weights.SHAPES) with random weights in config's stored format,
-    its linears already prepared for config's method (so its weight bytes are those that run). Serve it
-    with ``LLM(lm, linear_method=config.linear_method, kv_cache_dtype=config.kv_cache_dtype)``."""
-    from ..model.methods import apply_linear_method, prepare_linears
-    from ..model.random_weights import random_model
-
-    convert = None
-    if config.linear_method != "auto":  # fp8 / int8 from float weights: convert each layer as it is made
-        def convert(model, i):
-            apply_linear_method(model, config.linear_method, linear_backend, layers=[model.model.layers[i]])
-    lm = random_model(shape, config.weights, dtype, device, seed=seed, prepare_layer=convert)
-    prepare_linears(lm.model, config.linear_method, linear_backend)  # counts and marks the converted layers
-    return lm
 
 
 def _build(shape: str, config: Config, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[Any, str]:

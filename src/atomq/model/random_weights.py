@@ -9,6 +9,7 @@ transformers: the shapes are plain numbers and the tokenizer is ``ByteTokenizer`
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -158,3 +159,46 @@ def _random_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, device,
     if "norm" in owner:
         return torch.ones(shape, dtype=dtype, device=device)
     return empty(dtype).normal_(0.0, 0.02, generator=dev_gen)
+
+
+# ------------------------------------------------------------- serving configurations of random models
+@dataclass(frozen=True)
+class Config:
+    """One engine configuration. weights: the format random_model stores ("float", "w4a16", "atom");
+    linear_method: the engine's run-time method (model/methods.py); kv_cache_dtype: the paged cache's."""
+
+    name: str
+    label: str
+    weights: str
+    linear_method: str
+    kv_cache_dtype: str
+
+    @property
+    def engine_kwargs(self) -> dict[str, str]:
+        """The EngineConfig fields this configuration sets (every engine over its model gets them)."""
+        return {"linear_method": self.linear_method, "kv_cache_dtype": self.kv_cache_dtype}
+
+
+CONFIGS: dict[str, Config] = {c.name: c for c in (
+    Config("fp16", "FP16 weights, FP16 KV", "float", "auto", "fp16"),
+    Config("fp8", "FP8 W8A8, FP8 KV", "float", "fp8", "fp8"),
+    Config("w4a16", "W4A16, FP16 KV", "w4a16", "auto", "fp16"),
+    Config("atom", "Atom W4A4, INT4 KV", "atom", "auto", "int4"),
+    Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
+)}
+
+
+def build_random(shape: str, config: Config, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                 linear_backend: str = "auto") -> Any:
+    """The LoadedModel of ``shape`` (random_weights.SHAPES) with random weights in config's stored format,
+    its linears already prepared for config's method (so its weight bytes are those that run). Serve it
+    with ``LLM(lm, linear_method=config.linear_method, kv_cache_dtype=config.kv_cache_dtype)``."""
+    from .methods import apply_linear_method, prepare_linears
+
+    convert = None
+    if config.linear_method != "auto":  # fp8 / int8 from float weights: convert each layer as it is made
+        def convert(model, i):
+            apply_linear_method(model, config.linear_method, linear_backend, layers=[model.model.layers[i]])
+    lm = random_model(shape, config.weights, dtype, device, seed=seed, prepare_layer=convert)
+    prepare_linears(lm.model, config.linear_method, linear_backend)  # counts and marks the converted layers
+    return lm

@@ -50,7 +50,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     llm = open_llm(model, **llm_kwargs)
     _say(f"loaded {model} in {time.perf_counter() - t0:.1f} s")
     if warmup:
-        from ..bench.throughput import warm_up
+        from ..engine.warmup import warm_up
 
         _say(f"warm-up took {warm_up(llm.engine, llm.engine.lm.model.args.vocab_size, seed=0):.1f} s")
     app = create_app(llm.engine, model_name=served_model_name or model_id(model), api_key=api_key,
