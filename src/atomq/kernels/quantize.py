@@ -198,7 +198,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        num_warps=4 if block <= 1024 else 8, **launch_options(dev),
+        ONE_BLOCK=bool(gs) and chunk == block, num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 
@@ -262,15 +262,31 @@ if triton is not None:
         return tl.minimum(tl.maximum(_rint(t), -QMAX - 1.0), 1.0 * QMAX)
 
     @triton.jit
-    def _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, mask, k, rstd,
-                    MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr,
-                    EXACT_EXP: tl.constexpr, RES_OUT, row_ro, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr):
-        """fp32 [BLOCK] values of output channels ``offs`` of one row, rounded through x's dtype as the
-        reference rounds them (after the residual add, after the norm, after SiLU*up)."""
+    def _row_consts(w_ptr, idx_ptr, offs, mask, MODE: tl.constexpr, HAS_IDX: tl.constexpr,
+                    W_OUT_ORDER: tl.constexpr):
+        """What output channels ``offs`` read that no kernel writes: their source channels (the reorder
+        index) and, for the norm, its weight fp32 (zeros otherwise); [BLOCK] each."""
         if HAS_IDX:
             src = tl.load(idx_ptr + offs, mask=mask, other=0)
         else:
             src = offs
+        if MODE == 1:
+            if W_OUT_ORDER:
+                wv = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                wv = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        else:
+            wv = tl.zeros(offs.shape, tl.float32)
+        return src, wv
+
+    @triton.jit
+    def _row_values(x_ptr, res_ptr, consts, row_x, row_r, mask, k, rstd,
+                    MODE: tl.constexpr, HAS_RES: tl.constexpr,
+                    EXACT_EXP: tl.constexpr, RES_OUT, row_ro, GATHER_RES: tl.constexpr):
+        """fp32 [BLOCK] values of the output channels of ``consts`` (from _row_consts) of one row, rounded
+        through x's dtype as the reference rounds them (after the residual add, after the norm, after
+        SiLU*up)."""
+        src, wv = consts
         if MODE == 2:
             g = tl.load(x_ptr + row_x + src, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(x_ptr + row_x + k + src, mask=mask, other=0.0).to(tl.float32)
@@ -289,10 +305,6 @@ if triton is not None:
                     xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
             v = xv.to(tl.float32)
             if MODE == 1:
-                if W_OUT_ORDER:
-                    wv = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    wv = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
                 v = ((v * rstd) * wv).to(x_ptr.dtype.element_ty).to(tl.float32)
         return v
 
@@ -318,7 +330,8 @@ if triton is not None:
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-        EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, USE_GDC: tl.constexpr,
+        EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -329,12 +342,20 @@ if triton is not None:
         the first writes the new residual, the last also quantizes the outliers. BLOCK_R: channels per
         load of the norm's sum of squares (the whole row at decode sizes). GATHER_RES (one program
         per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
+        ONE_BLOCK (CHUNK == BLOCK, with groups): the program's reorder index and norm weight load before
+        the wait for the kernel ahead (USE_GDC, kernels/pdl.py).
         """
-        gdc_enter(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c_begin = chunk * CHUNK
         c_end = tl.minimum(c_begin + CHUNK, KN)
+        last = chunk == tl.num_programs(1) - 1
+        offs_o = tl.arange(0, BLOCK_O)
+        if ONE_BLOCK:  # no kernel writes these: they load while the kernel ahead finishes
+            offs_b = c_begin + tl.arange(0, BLOCK)
+            consts_b = _row_consts(w_ptr, idx_ptr, offs_b, offs_b < KN, MODE, HAS_IDX, W_OUT_ORDER)
+            consts_o = _row_consts(w_ptr, idx_ptr, KN + offs_o, (offs_o < NO) & last, MODE, HAS_IDX, W_OUT_ORDER)
+        gdc_enter(USE_GDC)
         row_x = row * stride_xm
         row_r = row * stride_rm
         row_ro = row * stride_rom
@@ -360,21 +381,27 @@ if triton is not None:
             amax_v = tl.zeros([BLOCK], tl.float32)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
-                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
+                consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
+                v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
+                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 amax_v = tl.maximum(amax_v, tl.abs(v))
             scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 7.0).to(tl.float16)
             tl.store(s4_ptr + row * stride_sm, scale)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
-                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
+                consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
+                v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
+                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), 7), KN, OUT_KIND, BLOCK)
         else:
             for c0 in range(c_begin, c_end, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
-                v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, offs, offs < KN, K, rstd,
-                                MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
+                if ONE_BLOCK:
+                    consts = consts_b
+                else:
+                    consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
+                v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
+                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 vg = tl.reshape(v, [BLOCK // GS, GS])
                 amax = tl.max(tl.abs(vg), 1)
                 scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [BLOCK // GS]
@@ -383,10 +410,11 @@ if triton is not None:
                 qg = _sym_q(vg, scale.to(tl.float32)[:, None], 7)
                 _store_q4(q_ptr, row * stride_qm, c0, tl.reshape(qg, [BLOCK]), KN, OUT_KIND, BLOCK)
 
-        if NO > 0 and chunk == tl.num_programs(1) - 1:
-            offs_o = tl.arange(0, BLOCK_O)
-            v = _row_values(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN + offs_o, offs_o < NO, K, rstd,
-                            MODE, HAS_RES, HAS_IDX, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, W_OUT_ORDER)
+        if NO > 0 and last:
+            if not ONE_BLOCK:
+                consts_o = _row_consts(w_ptr, idx_ptr, KN + offs_o, offs_o < NO, MODE, HAS_IDX, W_OUT_ORDER)
+            v = _row_values(x_ptr, res_ptr, consts_o, row_x, row_r, offs_o < NO, K, rstd,
+                            MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
             s8 = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-6), 127.0).to(tl.float16)
             tl.store(s8_ptr + row, s8)
             q8 = _sym_q(v, s8.to(tl.float32), 127)
