@@ -104,10 +104,16 @@ if triton is not None:
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                      USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        t = tl.program_id(0)
-        heads = tl.arange(0, BLOCK_H)[:, None]
+        rope_heads(x_ptr, tl.program_id(0), 0, H, cos_ptr, sin_ptr, stride_t, stride_h, HALF, BLOCK_H)
+
+    @triton.jit
+    def rope_heads(x_ptr, t, h0, h_end, cos_ptr, sin_ptr, stride_t, stride_h, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+        """RoPE in place on heads [h0, min(h0 + BLOCK_H, h_end)) of token t of x [T, H, 2 * HALF];
+        cos, sin fp32 [T, 2 * HALF]."""
+        heads = h0 + tl.arange(0, BLOCK_H)[:, None]
         offs = tl.arange(0, HALF)[None, :]
-        mask = heads < H
+        mask = heads < h_end
         lo_ptr = x_ptr + t * stride_t + heads * stride_h + offs
         x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)

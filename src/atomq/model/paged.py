@@ -114,10 +114,12 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
     q = q.view(t, attn.n_heads, attn.head_dim)  # [T, Hq, D]
     k = k.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     v = v.view(t, attn.n_kv_heads, attn.head_dim)
-    _rope_q_k(q, k, cos, sin, ops)
-    if attn.kv_hadamard is not None:
+    if attn.kv_hadamard is None:  # RoPE and the cache write in one launch
+        ops.rope_store(cache, q, k, v, cos, sin, batch.slot_mapping)
+    else:
+        _rope_q_k(q, k, cos, sin, ops)
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
-    ops.store(cache, k, v, batch.slot_mapping)
+        ops.store(cache, k, v, batch.slot_mapping)
     sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
         q = q.half()  # the kernels take fp16 / bf16 queries
