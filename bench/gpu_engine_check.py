@@ -24,7 +24,9 @@ import torch
 
 from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
+from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
+from atomq.model import paged as _paged
 from atomq.model.methods import _input_groups, _kernel_for, weight_nbytes
 from atomq.model.random_weights import random_model
 
@@ -185,7 +187,8 @@ _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
 
 
 def _apply_variant(spec: str) -> None:
-    """Decode settings for the next engines: programmatic dependent launch and the one-token GEMV."""
+    """Decode settings for the next engines: programmatic dependent launch, the one-token GEMV, the fused
+    RoPE + KV store, the decode quantize's preloads."""
     import dataclasses
 
     from atomq.kernels import pdl
@@ -196,6 +199,8 @@ def _apply_variant(spec: str) -> None:
     _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
+    _paged.FUSED_ROPE_STORE = kv.get("fuse", "1") == "1"
+    _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
 
 
 def main() -> int:
@@ -209,7 +214,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N' (unset keys: defaults); every config and batch runs under each, "
+                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,fuse=0|1,preload=0|1' (unset keys: defaults; fuse: RoPE + "
+                    "KV store in one kernel, preload: the decode quantize's constants before the wait); "
+                    "every config and batch runs under each, "
                     "the list --repeat times")
     ap.add_argument("--repeat", type=int, default=1)
     ns = ap.parse_args()

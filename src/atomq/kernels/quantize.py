@@ -95,6 +95,11 @@ class QuantizeLaunch(NamedTuple):
     # residual written in pass 1 (one gathered read) instead of x and residual (two; measured slower)
     norm_block: int = 0  # chunk kernel, rows split over programs (decode): channels per load of the norm's
     # sum of squares; 0 = the whole row (up to 8192)
+    preload: bool = True  # chunk kernel, one block per program (decode): the reorder index and norm weight
+    # load before the wait for the kernel ahead (kernels/pdl.py)
+
+
+DEFAULT_LAUNCH = QuantizeLaunch()
 
 
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
@@ -153,7 +158,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     s8 = torch.empty(m, 1, dtype=torch.float16, device=dev) if n_out else None
     if m == 0:
         return q, s4, q8, s8, (x if res_out is None else res_out)
-    cfg = config or QuantizeLaunch()
+    cfg = config or DEFAULT_LAUNCH
     dummy = s4
     bk = _next_pow2(k)
     if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
@@ -198,7 +203,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        ONE_BLOCK=bool(gs) and chunk == block, num_warps=4 if block <= 1024 else 8, **launch_options(dev),
+        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 

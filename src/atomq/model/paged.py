@@ -27,6 +27,8 @@ from .llama import Attention, CausalLM
 from .methods import AtomKernel
 
 
+FUSED_ROPE_STORE = True  # ops.rope_store (one launch) rather than ops.rope_ then ops.store
+
 @dataclass
 class StepBatch:
     """Everything one engine step feeds the model (no hidden global state).
@@ -114,7 +116,7 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
     q = q.view(t, attn.n_heads, attn.head_dim)  # [T, Hq, D]
     k = k.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     v = v.view(t, attn.n_kv_heads, attn.head_dim)
-    if attn.kv_hadamard is None:  # RoPE and the cache write in one launch
+    if attn.kv_hadamard is None and FUSED_ROPE_STORE:  # RoPE and the cache write in one launch
         ops.rope_store(cache, q, k, v, cos, sin, batch.slot_mapping)
     else:
         _rope_q_k(q, k, cos, sin, ops)
