@@ -29,6 +29,7 @@ from .methods import AtomKernel
 
 FUSED_ROPE_STORE = True  # ops.rope_store (one launch) rather than ops.rope_ then ops.store
 
+
 @dataclass
 class StepBatch:
     """Everything one engine step feeds the model (no hidden global state).
