@@ -121,7 +121,8 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
         ops.rope_store(cache, q, k, v, cos, sin, batch.slot_mapping)
     else:
         _rope_q_k(q, k, cos, sin, ops)
-        q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
+        if attn.kv_hadamard is not None:
+            q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
         ops.store(cache, k, v, batch.slot_mapping)
     sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
