@@ -199,7 +199,7 @@ def _apply_variant(spec: str) -> None:
     _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
-    _paged.FUSED_ROPE_STORE = kv.get("fuse", "1") == "1"
+    _paged.FUSED_ROPE_STORE = kv.get("fuse", "0") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
 
 

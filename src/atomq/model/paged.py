@@ -27,7 +27,9 @@ from .llama import Attention, CausalLM
 from .methods import AtomKernel
 
 
-FUSED_ROPE_STORE = True  # ops.rope_store (one launch) rather than ops.rope_ then ops.store
+# ops.rope_store (RoPE and the cache write in one launch) instead of ops.rope_ then ops.store: measured
+# 2% slower per decode step on the 7B shapes at batch 1 and 64 (2026-11-24, docs/KERNELS.md), so off
+FUSED_ROPE_STORE = False
 
 
 @dataclass
