@@ -134,16 +134,12 @@ def _store_one(
 
 
 @triton.jit
-def _kv_store_kernel(
-    K, V, SLOT, KP, VP, KS, VS, KZ, VZ,
-    stride_kt, stride_kh, stride_vt, stride_vh,
+def _store_token(
+    K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
-    USE_GDC: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
-    t = tl.program_id(0)
-    h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
+    """Token t's keys and values of heads h0..h0+BLOCK_H into its slot (slot < 0: nothing written)."""
     slot = tl.load(SLOT + t)
     valid = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
@@ -155,6 +151,22 @@ def _kv_store_kernel(
                H, BLOCK_H, D2, MODE)
     _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
                H, BLOCK_H, D2, MODE)
+
+
+
+@triton.jit
+def _kv_store_kernel(
+    K, V, SLOT, KP, VP, KS, VS, KZ, VZ,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
+    H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    gdc_enter(USE_GDC)
+    t = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
+    _store_token(K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms, H, BLOCK_H, D2, PAGE, MODE)
 
 
 @triton.jit
@@ -173,17 +185,8 @@ def _rope_kv_store_kernel(
     rope_heads(Q, t, h0 * G, tl.minimum((h0 + BLOCK_H) * G, HQ), COS, SIN, stride_qt, stride_qh, D2, BLOCK_QH)
     rope_heads(K, t, h0, tl.minimum(h0 + BLOCK_H, H), COS, SIN, stride_kt, stride_kh, D2, BLOCK_H)
     tl.debug_barrier()  # the rotated keys stored above are read back below by other threads of the program
-    slot = tl.load(SLOT + t)
-    valid = slot >= 0
-    slot = tl.maximum(slot, 0).to(tl.int64)
-    blk = slot // PAGE
-    off = slot % PAGE
-    base = blk * stride_pb + off * stride_ps
-    meta_base = blk * stride_mb + off * stride_ms
-    _store_one(K, t, h0, stride_kt, stride_kh, KP, KS, KZ, base, meta_base, stride_ph, stride_mh, valid,
-               H, BLOCK_H, D2, MODE)
-    _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
-               H, BLOCK_H, D2, MODE)
+    _store_token(K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms, H, BLOCK_H, D2, PAGE, MODE)
 
 
 _MODE_ID = {"fp16": 0, "fp8": 1, "int4": 2}
