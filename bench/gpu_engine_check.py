@@ -134,13 +134,13 @@ def _kernel_profile(eng, prompts, config: str, bsz: int) -> None:
 
 
 def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, bandwidth: float,
-               profile: bool = False, kernel_profile: bool = False) -> dict:
+               profile: bool = False, kernel_profile: bool = False, max_model_len: int = 0) -> dict:
     """Decode ``steps`` tokens for ``bsz`` requests; per-step wall times of engine.step() after the prefill."""
     fmt, method, kv = CONFIGS[config]
     t0 = time.perf_counter()
     lm = random_model(shape, fmt, torch.float16, "cuda", seed=0)
     llm = LLM(lm, linear_method=method, kv_cache_dtype=kv, gpu_memory_utilization=0.85, max_num_seqs=max(bsz, 1),
-              max_model_len=prompt_len + steps + 8)
+              max_model_len=max_model_len or prompt_len + steps + 8)
     build_s = time.perf_counter() - t0
     eng = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
@@ -219,6 +219,8 @@ def main() -> int:
                     "every config and batch runs under each, "
                     "the list --repeat times")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="the engine's max_model_len (0: just the run's tokens); it sizes the decode split plan")
     ns = ap.parse_args()
     info = env_info()
     print(info, flush=True)
@@ -236,7 +238,7 @@ def main() -> int:
                 for bsz in (int(b) for b in ns.batches.split(",")):
                     try:
                         row = decode_run(ns.shape, config, bsz, 128, ns.steps, bw, ns.profile and bsz >= 64,
-                                         ns.kernel_profile)
+                                         ns.kernel_profile, ns.max_model_len)
                         rows.append({**row, "variant": variant})
                     except Exception as e:  # one failing configuration is reported, the others still run
                         report(f"decode {config} batch {bsz}", False, f"{type(e).__name__}: {str(e)[:300]}")
