@@ -116,3 +116,16 @@ def test_kv_numerics_are_run_time_overrides(ckpt):
     assert stored.kv_bits == 4 and stored.kv_hadamard is None
     attn = load_model(str(ckpt), kv_bits="none", kv_rotate=True).model.model.layers[0].self_attn
     assert attn.kv_bits is None and attn.kv_hadamard is not None
+
+
+def test_activation_clip_is_a_run_time_override(ckpt, tiny_model):
+    q_proj = lambda lm: lm.model.model.layers[0].self_attn.q_proj  # noqa: E731
+    assert q_proj(load_model(str(ckpt))).spec.a_clip == 0.9  # Atom's
+    lm = load_model(str(ckpt), a_clip=0.8)
+    assert q_proj(lm).spec.a_clip == 0.8 and lm.qcfg.a_clip == 0.8
+    with pytest.raises(ValueError, match="a_clip must be in"):
+        load_model(str(ckpt), a_clip=1.5)
+    with pytest.raises(ValueError, match="16-bit activations"):
+        load_model(str(ckpt), weights_only=True, a_clip=0.8)
+    with pytest.raises(ValueError, match="not an atomq checkpoint"):
+        load_model(str(tiny_model("llama")), a_clip=0.8)

@@ -92,6 +92,8 @@ def _add_kv_overrides(p: argparse.ArgumentParser) -> None:
                    help="rotate queries and keys per head (Hadamard) before KV quantization; default: the checkpoint's")
     p.add_argument("--weights-only", action="store_true",
                    help="keep activations 16-bit at run time (the weights-only accuracy of a W4A4 checkpoint)")
+    p.add_argument("--a-clip", type=float, default=None,
+                   help="activation clip ratio at run time, in (0, 1]; default: the checkpoint's")
 
 
 def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
@@ -103,7 +105,7 @@ def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
-                    kv_rotate=ns.kv_rotate, weights_only=ns.weights_only)
+                    kv_rotate=ns.kv_rotate, weights_only=ns.weights_only, a_clip=ns.a_clip)
     windows = token_windows(lm.tokenizer, ns.dataset, ns.seq_len, ns.data_dir)
     res = perplexity(lm.model, windows, ns.limit)
     row = {"model": ns.model, "dataset": ns.dataset, "seq_len": ns.seq_len, "dtype": ns.dtype,
@@ -128,7 +130,7 @@ def _cmd_eval_zeroshot(ns: argparse.Namespace) -> int:
     if not tasks:
         raise ValueError("--tasks names no task")
     lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
-                    kv_rotate=ns.kv_rotate, weights_only=ns.weights_only)
+                    kv_rotate=ns.kv_rotate, weights_only=ns.weights_only, a_clip=ns.a_clip)
     results = evaluate_tasks(lm.model, lm.tokenizer, tasks, ns.data_dir, ns.limit, ns.batch_size)
     print(format_table(results))
     if ns.json:

@@ -70,10 +70,11 @@ def splits_from_meta(meta: dict[str, Any]) -> dict[str, Split]:
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
-                    kv_rotate: bool | None = None, weights_only: bool = False) -> LoadedModel:
+                    kv_rotate: bool | None = None, weights_only: bool = False,
+                    a_clip: float | None = None) -> LoadedModel:
     """An atomq checkpoint. ``kv_bits`` (4, 8 or "none") and ``kv_rotate`` override the KV-cache numerics,
-    and ``weights_only`` switches the activation quantizers off: run-time choices (nothing stored depends
-    on them)."""
+    ``weights_only`` switches the activation quantizers off and ``a_clip`` sets their clip ratio: run-time
+    choices (nothing stored depends on them)."""
     from transformers import AutoConfig, AutoTokenizer
 
     meta = ckpt.read_meta(path)
@@ -87,6 +88,10 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
         qcfg = dataclasses.replace(qcfg, kv_rotate=kv_rotate)
     if weights_only:
         qcfg = dataclasses.replace(qcfg, a_bits=None)
+    if a_clip is not None:
+        if qcfg.a_bits is None:
+            raise ValueError(f"{path} keeps 16-bit activations: there is no activation clip ratio to set")
+        qcfg = dataclasses.replace(qcfg, a_clip=a_clip)  # validated by QuantConfig
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model(hf_config, qcfg, dtype)
     planned = plan_splits(model.args, qcfg)
@@ -110,14 +115,17 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", kv_bits="checkpoint",
-               kv_rotate: bool | None = None, weights_only: bool = False) -> LoadedModel:
+               kv_rotate: bool | None = None, weights_only: bool = False, a_clip: float | None = None) -> LoadedModel:
     """An atomq checkpoint directory, a Hugging Face directory, a .gguf file, or 'smollm2'.
 
     ``kv_bits``: "checkpoint" keeps the stored choice; 4, 8 or "none" (16-bit) override it.
     ``kv_rotate``: None keeps the stored choice; True / False override it.
     ``weights_only``: a checkpoint's activations stay 16-bit (its weights-only accuracy).
+    ``a_clip``: a checkpoint's activation clip ratio at run time (None: the stored one).
     """
     path = resolve_model_path(path)
     if ckpt.is_checkpoint(path):
-        return load_checkpoint(path, dtype, device, kv_bits, kv_rotate, weights_only)
+        return load_checkpoint(path, dtype, device, kv_bits, kv_rotate, weights_only, a_clip)
+    if a_clip is not None:
+        raise ValueError(f"{path} is not an atomq checkpoint: --a-clip applies to quantized activations only")
     return load_hf(path, dtype, device, kv_bits, kv_rotate)
