@@ -3,8 +3,10 @@
 In a decode step every sequence computes exactly one token, its last. Instead of building a StepBatch
 from Python lists (and, for CUDA graphs, copying it field by field into the graphs' static buffers),
 the host writes the step into ``host``, an int32 buffer with the layout of ``device``, and one
-host-to-device copy moves it. The device buffer's views are the CUDA graphs' static inputs and the
-StepBatch of an eager decode step alike. On the CPU ``device`` is ``host`` itself: no copy at all.
+host-to-device copy moves it: issued before an eager forward, or recorded inside each decode CUDA graph
+(a copy node from the pinned buffer, so a replay moves the step's metadata itself and the host issues
+nothing but the replay). The device buffer's views are the CUDA graphs' static inputs and the StepBatch
+of an eager decode step alike. On the CPU ``device`` is ``host`` itself: no copy at all.
 
 Layout, in int32 elements, for R rows and W = max blocks per sequence:
 
@@ -22,8 +24,9 @@ a rewritten row is zero past its table, as build_step_batch pads it.
 
 Reuse rule for the pinned host buffer: the copy is asynchronous, so the host must not write the
 buffer again until the copy has run. ``load`` waits on an event recorded right after the previous
-copy; the engine's sampling (``.tolist()`` of the step's tokens) has already waited for the whole
-step, so the wait is free today, and it keeps the buffer correct if sampling ever stops syncing.
+copy (or the replay that copies, ``record_read``); the engine's sampling (``.tolist()`` of the step's
+tokens) has already waited for the whole step, so the wait is free today, and it keeps the buffer
+correct if sampling ever stops syncing.
 """
 
 from __future__ import annotations
@@ -142,25 +145,34 @@ class DecodeStaging:
         self.h_context[bsz:rows] = 0
         return True
 
-    def copy(self, rows: int) -> None:
-        """Issue the one host-to-device copy of a ``rows``-row step (nothing to do on the CPU)."""
+    def copy(self, rows: int, record: bool = True) -> None:
+        """Issue the one host-to-device copy of a ``rows``-row step (nothing to do on the CPU). Called
+        while a CUDA graph is captured, it becomes the graph's own copy node (record=False there)."""
         if self.dev is self.host:
             return
         end = 7 * self.rows + rows * self.width
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if record:
+            self.record_read()
+
+    def record_read(self) -> None:
+        """Work just queued on the stream reads ``host`` (a copy, or a graph replay that copies): the
+        next write waits for it."""
         if self._copied is not None:
             self._copied.record()
             self._pending = True
 
-    def load(self, seqs: list[Sequence], rows: int | None = None) -> StepBatch | None:
-        """Write + copy one decode step. rows=None: an eager step, returns ``eager_batch`` of the
+    def load(self, seqs: list[Sequence], rows: int | None = None, copy: bool = True) -> StepBatch | None:
+        """Write (+ copy) one decode step. rows=None: an eager step, returns ``eager_batch`` of the
         len(seqs) rows; rows = a graph bucket: padded to it, returns ``batch(len(seqs))`` (the graph
-        reads the static buffers). None when the step is not a plain decode step (the caller builds it
-        the general way)."""
+        reads the static buffers). copy=False: the caller's graph copies (then it calls record_read
+        after the replay). None when the step is not a plain decode step (the caller builds it the
+        general way)."""
         bsz = len(seqs)
         if not self.write(seqs, rows or bsz):
             return None
-        self.copy(rows or bsz)
+        if copy:
+            self.copy(rows or bsz)
         if rows is None:
             return self.eager_batch(bsz, max(self._row_len[:bsz]))
         return self.batch(bsz)

@@ -66,6 +66,9 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
     )
 
 
+GRAPH_COPIES = True  # the decode graphs copy the staged rows themselves (False: the host copies before replay)
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 32, 48, ... (the last >= max_num_seqs)."""
     sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
@@ -74,8 +77,9 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """CUDA graphs of the decode forward, one per batch bucket, sharing one memory pool. Their static
-    inputs are the device buffers of the runner's DecodeStaging, which each decode step fills with one
-    copy before the replay."""
+    inputs are the device buffers of the runner's DecodeStaging; each graph begins with the copy of the
+    bucket's rows from the staging's pinned host buffer, so a decode step is the host's write and one
+    replay."""
 
     def __init__(self, model: CausalLM, kv_pool: KVPool, staging: DecodeStaging, max_num_seqs: int):
         self.model, self.kv_pool, self.staging = model, kv_pool, staging
@@ -104,6 +108,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
+            if GRAPH_COPIES:
+                st.copy(b, record=False)  # recorded, not run: every replay copies the host rows first
             out = forward_paged(self.model, batch, self.kv_pool)
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
@@ -112,6 +118,7 @@ class DecodeGraphs:
         """Replay the graph of ``bucket`` on the staged inputs; logits [bsz, vocab]."""
         graph, out = self.graphs[bucket]
         graph.replay()
+        self.staging.record_read()
         return out[:bsz]
 
 
@@ -134,7 +141,7 @@ class ModelRunner:
         bucket = graphs.bucket(len(seqs)) if graphs is not None else None
         if bucket is not None:
             graphs.ensure(bucket)
-        batch = self.staging.load(seqs, bucket)
+        batch = self.staging.load(seqs, bucket, copy=bucket is None or not GRAPH_COPIES)  # a graph copies itself
         return None if batch is None else (batch, bucket)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[StepBatch, int | None]:
