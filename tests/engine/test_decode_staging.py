@@ -199,3 +199,19 @@ def test_all_greedy_and_sample():
     gen = torch.Generator().manual_seed(0)
     out = sample(logits, [g, t], [None, gen])
     assert out[0] == 1 and 0 <= out[1] < 3
+
+
+def test_load_without_copy_leaves_the_device_rows_to_the_graph():
+    """copy=False (a CUDA graph copies the rows itself): the host rows are written, the device rows only by
+    the later copy of the bucket's rows, and then they equal the general path's batch."""
+    rng = random.Random(5)
+    free = rng.sample(range(1000), 1000)
+    staging = DecodeStaging(8, WIDTH, BS, CPU, separate=True)
+    seqs = _random_batch(rng, 3, free)
+    before = staging.dev.clone()
+    batch = staging.load(seqs, rows=4, copy=False)
+    assert torch.equal(staging.dev, before)
+    staging.copy(4)
+    w = max(len(s.block_table) for s in seqs)
+    _assert_same_batch(dataclasses.replace(batch, block_tables=batch.block_tables[:, :w]),
+                       build_step_batch(seqs, [1] * 3, BS, CPU))
