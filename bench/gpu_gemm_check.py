@@ -237,9 +237,10 @@ def gemv_bench() -> list[dict]:
     C = GemmConfig
     tc = C(block_n=64, block_m=16, num_warps=4, num_stages=4, waves=4.0)
     g = functools.partial(C, kernel="gemv", waves=8.0)
-    cfgs = {"kb4_s1_a1": g(k_blocks=4, split_k=1, ahead=1), "kb4_s1": g(k_blocks=4, split_k=1),
-            "kb4_auto_a1": g(k_blocks=4, ahead=1), "kb4_auto": g(k_blocks=4), "kb4_s4": g(k_blocks=4, split_k=4),
-            "kb2_auto": g(k_blocks=2), "kb8_auto": g(k_blocks=8), "tc": tc}
+    cfgs = {"kb4_s1_a1": g(k_blocks=4, split_k=1, ahead=1), "kb4_s1_a2": g(k_blocks=4, split_k=1, ahead=2),
+            "kb4_auto_a1": g(k_blocks=4, ahead=1), "kb4_auto_a2": g(k_blocks=4, ahead=2),
+            "kb4_s4_a2": g(k_blocks=4, split_k=4, ahead=2), "kb2_auto_a2": g(k_blocks=2, ahead=2),
+            "kb8_auto_a2": g(k_blocks=8, ahead=2), "tc": tc}
     cfgs = {k: (v, "int8") for k, v in cfgs.items()}
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:

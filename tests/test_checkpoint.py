@@ -125,7 +125,7 @@ def test_activation_clip_is_a_run_time_override(ckpt, tiny_model):
     assert q_proj(lm).spec.a_clip == 0.8 and lm.qcfg.a_clip == 0.8
     with pytest.raises(ValueError, match="a_clip must be in"):
         load_model(str(ckpt), a_clip=1.5)
-    with pytest.raises(ValueError, match="16-bit activations"):
+    with pytest.raises(ValueError, match="activations are 16-bit"):
         load_model(str(ckpt), weights_only=True, a_clip=0.8)
     with pytest.raises(ValueError, match="not an atomq checkpoint"):
         load_model(str(tiny_model("llama")), a_clip=0.8)

@@ -85,7 +85,8 @@ def _cmd_quantize(ns: argparse.Namespace) -> int:
 
 
 def _add_kv_overrides(p: argparse.ArgumentParser) -> None:
-    """Run-time KV-cache choices that override the checkpoint's (evaluation commands)."""
+    """Run-time numerics that override the checkpoint's (evaluation commands): the KV cache's, 16-bit
+    activations, the activation clip ratio."""
     p.add_argument("--kv-bits", type=_parse_optional_int, default=None,
                    help="KV-cache bits at run time (4, 8 or none = 16-bit); default: the checkpoint's")
     p.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=None,

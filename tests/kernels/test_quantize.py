@@ -120,3 +120,33 @@ def test_full_size_gpu(m, k, n_out, gs, cfg):
     _check_quantize_act(m, k, n_out, gs, "cuda", cfg)
     _check_rmsnorm(m, k, n_out, gs, "cuda", cfg)
     _check_silu(m, k, n_out, gs, "cuda", cfg)
+
+
+@pytest.mark.parametrize("mode", ["rmsnorm", "silu", "gather"])
+def test_decode_launch_knobs_do_not_change_the_result(mode, device):
+    """QuantizeLaunch.preload (constants before the wait) and norm_block (the norm's load width) change
+    only the schedule: the quantized output is the default's, bit for bit."""
+    from atomq.kernels.quantize import QuantizeLaunch
+
+    torch.manual_seed(0)
+    k, m = 320, 2
+    split = plan_split(k, 64, 64)
+    idx = torch.randperm(k).to(torch.int32).to(device)
+    x = torch.randn(m, 2 * k if mode == "silu" else k, device=device).half()
+    r = torch.randn(m, k, device=device).half()
+    w = (torch.rand(k, device=device) + 0.5).half()
+
+    def run(cfg):
+        if mode == "rmsnorm":
+            return Q.rmsnorm_quantize(x, r, w, 1e-6, idx, split, out="int8", config=cfg)[0]
+        if mode == "silu":
+            return Q.silu_mul_quantize(x, split, out="int8", config=cfg)
+        return Q.quantize_act(x, idx, split, out="int8", config=cfg)
+
+    want = run(None)
+    for cfg in (QuantizeLaunch(preload=False), QuantizeLaunch(norm_block=64)):
+        got = run(cfg)
+        for a, b in zip(want, got):
+            assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match="power of two"):
+        run(QuantizeLaunch(norm_block=96))

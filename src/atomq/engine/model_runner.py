@@ -88,6 +88,7 @@ class DecodeGraphs:
             raise ValueError(f"the staging buffers hold {staging.rows} rows, the largest bucket is {self.buckets[-1]}")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.copies = GRAPH_COPIES  # fixed for every graph of this set: captured with or without the copy
 
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
@@ -108,7 +109,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            if GRAPH_COPIES:
+            if self.copies:
                 st.copy(b, record=False)  # recorded, not run: every replay copies the host rows first
             out = forward_paged(self.model, batch, self.kv_pool)
         self.pool = graph.pool()
@@ -141,7 +142,7 @@ class ModelRunner:
         bucket = graphs.bucket(len(seqs)) if graphs is not None else None
         if bucket is not None:
             graphs.ensure(bucket)
-        batch = self.staging.load(seqs, bucket, copy=bucket is None or not GRAPH_COPIES)  # a graph copies itself
+        batch = self.staging.load(seqs, bucket, copy=bucket is None or not graphs.copies)  # a graph copies itself
         return None if batch is None else (batch, bucket)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[StepBatch, int | None]:

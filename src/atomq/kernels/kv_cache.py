@@ -254,6 +254,8 @@ def rope_kv_store(cache: PagedKVCache, q: torch.Tensor, k: torch.Tensor, v: torc
                          f"contiguous last dim, got {tuple(q.shape)} {q.dtype}")
     if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"cos / sin must be fp32 [{t}, {d}]")
+    if not q.device == cos.device == sin.device == k.device:
+        raise ValueError(f"q, cos and sin must be on {k.device}, got {q.device}, {cos.device}, {sin.device}")
     if t == 0:
         return
     sb, sh, ss = cache.data_strides()

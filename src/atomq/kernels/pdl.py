@@ -29,9 +29,11 @@ except ImportError:  # pragma: no cover
 
 @functools.lru_cache(maxsize=None)
 def _enabled(device_type: str, index: int) -> bool:
-    if device_type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device_type != "cuda" or triton is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     if os.environ.get("ATOMQ_PDL", "1") == "0":
+        return False
+    if not hasattr(tl.extra.cuda, "gdc_wait"):  # Triton releases before grid dependency control
         return False
     return torch.cuda.get_device_capability(index)[0] >= 9
 
@@ -39,7 +41,8 @@ def _enabled(device_type: str, index: int) -> bool:
 def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch on ``device``: ``USE_GDC`` (the kernel's constexpr) and,
     when programmatic dependent launch is on, ``launch_pdl``."""
-    if _enabled(device.type, device.index or 0):
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    if _enabled(device.type, index or 0):
         return {"USE_GDC": True, "launch_pdl": True}
     return {"USE_GDC": False}
 

@@ -159,6 +159,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     if m == 0:
         return q, s4, q8, s8, (x if res_out is None else res_out)
     cfg = config or DEFAULT_LAUNCH
+    if cfg.norm_block and cfg.norm_block & (cfg.norm_block - 1):
+        raise ValueError(f"norm_block must be a power of two (or 0), got {cfg.norm_block}")
     dummy = s4
     bk = _next_pow2(k)
     if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):

@@ -4,9 +4,9 @@ At M = 1 a tensor-core tile is almost all padding and the product is a stream ov
 so this kernel reads them as int32 words and multiplies bytes with ``dp4a``. Operands and math are those
 of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm``):
 
-- One program per (RT-row weight tile, token); it streams the tile's K blocks of 128 channels, KB
-  blocks at a time (a contiguous KB KiB run of the prepared weights), the next KB blocks loaded while
-  the current ones are computed.
+- One program per (RT-row weight tile, K run, token); it streams its run's K blocks of 128 channels, KB
+  blocks at a time (a contiguous KB KiB run of the prepared weights), the weights of the next AHEAD steps
+  (1 or 2) and the activations of the next one loaded while the current ones are computed.
 - The prepared layout puts channel j of a block in the low and channel 64 + j in the high nibble of
   byte j, so the low nibbles of a weight word (4 bytes) pair with the activation word holding channels
   4c..4c+3 and the high nibbles with the word of channels 64 + 4c..: the int8 activation operand is used
@@ -50,7 +50,7 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4,
-              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 2) -> torch.Tensor:
+              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
     """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
     a: ActOp (int8 operand), w: PreparedWeight.
 
@@ -128,8 +128,9 @@ if triton is not None:
         k3 = kb[:, None, None]
         c = tl.arange(0, 16)[None, None, :]
         ch = k3 * 128 + 4 * c  # first channel of each low-half word
-        a_lo = tl.load(QA_M + k3 * 32 + c, mask=ch < kn, other=0)
-        a_hi = tl.load(QA_M + k3 * 32 + 16 + c, mask=ch + 64 < kn, other=0)
+        live = k3 < n_blocks  # blocks past the run's end: their weights are masked to 0 as well
+        a_lo = tl.load(QA_M + k3 * 32 + c, mask=live & (ch < kn), other=0)
+        a_hi = tl.load(QA_M + k3 * 32 + 16 + c, mask=live & (ch + 64 < kn), other=0)
         if GS == 64:
             g_lo = 2 * kb
             g_hi = 2 * kb + 1

@@ -90,7 +90,8 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
         qcfg = dataclasses.replace(qcfg, a_bits=None)
     if a_clip is not None:
         if qcfg.a_bits is None:
-            raise ValueError(f"{path} keeps 16-bit activations: there is no activation clip ratio to set")
+            why = "weights_only keeps them" if weights_only else f"{path} keeps them"
+            raise ValueError(f"activations are 16-bit ({why}): there is no activation clip ratio to set")
         qcfg = dataclasses.replace(qcfg, a_clip=a_clip)  # validated by QuantConfig
     hf_config = AutoConfig.from_pretrained(path)
     model = build_model(hf_config, qcfg, dtype)
