@@ -24,6 +24,7 @@ import torch
 
 from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
+from atomq.kernels import decode_attention as _dec
 from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
@@ -202,6 +203,7 @@ def _apply_variant(spec: str) -> None:
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
     _paged.FUSED_ROPE_STORE = kv.get("fuse", "0") == "1"
     _runner.GRAPH_COPIES = kv.get("gcopy", "1") == "1"
+    _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
 
 
@@ -218,7 +220,8 @@ def main() -> int:
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
                     "'pdl=0|1,kb=K,ahead=1|2,maxn=N,fuse=0|1,preload=0|1,gcopy=0|1' (unset keys: defaults; fuse: "
                     "RoPE + KV store in one kernel, preload: the decode quantize's constants before the wait, "
-                    "gcopy: the decode graphs copy the staged metadata themselves); "
+                    "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
+                    "in the kernel); "
                     "every config and batch runs under each, "
                     "the list --repeat times")
     ap.add_argument("--repeat", type=int, default=1)

@@ -72,6 +72,28 @@ def test_decode_matches_ref(mode, hq, hkv, d, dot, deq, splits, device):
     assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
 
 
+@pytest.mark.parametrize("mode,hq,hkv,d,dot", [("int4", 6, 2, 64, 2), ("int4", 4, 4, 128, 4), ("fp16", 8, 2, 64, 1)])
+def test_split_merge_in_kernel_equals_merge_kernel(mode, hq, hkv, d, dot, device):
+    """Split over the sequence (empty splits included: a one-token sequence and 8 splits), merged by the
+    last split program of each (sequence, kv head) or by the separate merge kernel: the same output, the
+    reference's, and the arrival counters are zero again afterwards (a second call reuses them)."""
+    from atomq.kernels.counters import arrival_counters
+
+    lens = [1, 130, 47, 64]
+    cache, bt, sl, gen = make_batch(lens, hkv, d, mode, device)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(device, torch.float16)
+    want = ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5)
+    outs = {}
+    for fused in (True, False):
+        plan = dec.plan_decode(len(lens), hq, hkv, d, max(lens), device, num_splits=8, block_n=16, dot=dot,
+                               fused_merge=fused)
+        for _ in range(2):
+            outs[fused] = dec.paged_decode_attention(q, cache, bt, sl, d**-0.5, plan=plan)
+            assert_close(outs[fused], want)
+    torch.testing.assert_close(outs[True].float(), outs[False].float(), atol=2e-3, rtol=2e-3)
+    assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
+
+
 @pytest.mark.parametrize("prefetch,block_n,acc_rows", [(True, 16, 16), (False, 64, 16), (True, 32, 8)])
 def test_decode_words_kernel_nhd_sharp_softmax_folded_rows(prefetch, block_n, acc_rows, device):
     """dot 4 on NHD pages with a sharp softmax (the running max moves), with and without prefetch, and

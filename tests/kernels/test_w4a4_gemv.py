@@ -41,7 +41,7 @@ def test_gemv_matches_reference(m, n, k, n_out, gs, kb, out_dtype, device):
 ])
 @pytest.mark.parametrize("ahead", [1, 2])
 def test_gemv_split_k_matches_reference_and_leaves_counters_zero(m, n, k, n_out, gs, kb, split, ahead, device):
-    from atomq.kernels.w4a4_gemm import _locks
+    from atomq.kernels.counters import arrival_counters
 
     x, pw, qsplit, bias = _problem(m, n, k, n_out, gs, device, seed=k)
     a = Q.quantize_act(x, None, qsplit, out="int8")
@@ -52,7 +52,7 @@ def test_gemv_split_k_matches_reference_and_leaves_counters_zero(m, n, k, n_out,
         y = w4a4_gemm(a, p, bias, config=GemmConfig(kernel="gemv", k_blocks=kb, split_k=split, ahead=ahead))
         assert _rel(y, want) <= TOL[torch.float16]
         assert _rel(y, one.double()) <= TOL[torch.float16]
-    assert int(_locks(torch.device(device), 1).abs().sum()) == 0
+    assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
 
 
 def test_gemv_split_k_needs_counters(device):

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreter_compat
+from .counters import arrival_counters
 from .kv_cache import PagedKVCache, interpreting
 from .pdl import gdc_enter, launch_options
 
@@ -145,6 +147,38 @@ def _epilogue(O, PO, PL, b, s, qh, gm, dcol, acc, m_i, l_i, stride_ob, stride_oh
 
 
 @triton.jit
+def _merge_if_last(O, PO, PL, LOCK, b, qh, gm, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                   stride_lb, stride_lh, D: tl.constexpr):
+    """Split decode, after this split's _epilogue: the last split program of (b, kv head) to arrive
+    (an int32 counter in LOCK per (b, kv head), reset by that program) merges every split's partial
+    output of its query heads ``qh`` [G] into O, in split order, as _merge_splits_kernel would."""
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    lock = LOCK + b * tl.num_programs(1) + tl.program_id(1)
+    n = tl.num_programs(2)
+    if tl.atomic_add(lock, 1, sem="acq_rel") == n - 1:
+        d = tl.arange(0, D)
+        m = tl.full(qh.shape, float("-inf"), tl.float32)
+        w = tl.zeros(qh.shape, tl.float32)
+        acc = tl.zeros([qh.shape[0], D], tl.float32)
+        for s in range(0, n):  # a running maximum: empty splits (lse -inf) weigh 0
+            lse = tl.load(PL + b * stride_lb + qh * stride_lh + s, mask=gm, other=float("-inf"),
+                          cache_modifier=".cg")
+            po = tl.load(PO + b * stride_pb + qh[:, None] * stride_ph + s * stride_ps + d[None, :],
+                         mask=gm[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            live = m_new > float("-inf")
+            a_old = tl.where(live, tl.exp2(m - m_new), 0.0)
+            a_new = tl.where(live, tl.exp2(lse - m_new), 0.0)
+            acc = acc * a_old[:, None] + po * a_new[:, None]
+            w = w * a_old + a_new
+            m = m_new
+        o = acc / tl.where(w > 0.0, w, 1.0)[:, None]
+        tl.store(O + b * stride_ob + qh[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
+                 mask=gm[:, None])
+        tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
 def _int4_step(n0, end, qe, qo, m_i, l_i, acc_e, acc_o, qk_scale, K, V, KS, KZ, VS, VZ, bt, h,
                stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms,
                D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr):
@@ -209,12 +243,12 @@ def _fp_step(n0, end, q, m_i, l_i, acc, scale, K, V, bt, h, stride_kb, stride_kh
 
 @triton.jit
 def _decode_int4_kernel(
-    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, LOCK, qk_scale, tokens_per_split,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms, stride_bt,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr, INTERPRET: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -252,6 +286,9 @@ def _decode_int4_kernel(
               stride_ps, stride_lb, stride_lh, SPLIT)
     _epilogue(O, PO, PL, b, s, qh, gm, 2 * d + 1, acc_o * 0.0625, m_i, l_i, stride_ob, stride_oh, stride_pb,
               stride_ph, stride_ps, stride_lb, stride_lh, SPLIT)
+    if SPLIT and FUSED_MERGE:
+        _merge_if_last(O, PO, PL, LOCK, b, qh, gm, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                       stride_lb, stride_lh, 2 * D2)
 
 
 # Nibble I of an int32 word of int4 pages is head_dim element 8c + I (word c). _nibble_planes turns a
@@ -350,12 +387,12 @@ def _slot_sum(a, scale):
 
 @triton.jit
 def _decode_int4_words_kernel(
-    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    Q, K, V, KS, KZ, VS, VZ, BT, SEQ, O, PO, PL, LOCK, qk_scale, tokens_per_split,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms, stride_bt,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     ACC_ROWS: tl.constexpr, INTERPRET: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
@@ -422,16 +459,19 @@ def _decode_int4_words_kernel(
     _epilogue(O, PO, PL, b, s, h + one, one == 0, tl.arange(0, 8 * W), o, tl.zeros([1], tl.float32) + m_i,
               tl.zeros([1], tl.float32) + tl.sum(l_acc, 0), stride_ob, stride_oh, stride_pb, stride_ph,
               stride_ps, stride_lb, stride_lh, SPLIT)
+    if SPLIT and FUSED_MERGE:
+        _merge_if_last(O, PO, PL, LOCK, b, h + one, one == 0, stride_ob, stride_oh, stride_pb, stride_ph,
+                       stride_ps, stride_lb, stride_lh, 8 * W)
 
 
 @triton.jit
 def _decode_fp_kernel(
-    Q, K, V, KS, VS, BT, SEQ, O, PO, PL, qk_scale, tokens_per_split,
+    Q, K, V, KS, VS, BT, SEQ, O, PO, PL, LOCK, qk_scale, tokens_per_split,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_bt,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -466,6 +506,9 @@ def _decode_fp_kernel(
         acc = acc * tl.load(VS + h)
     _epilogue(O, PO, PL, b, s, qh, gm, d, acc, m_i, l_i, stride_ob, stride_oh, stride_pb, stride_ph,
               stride_ps, stride_lb, stride_lh, SPLIT)
+    if SPLIT and FUSED_MERGE:
+        _merge_if_last(O, PO, PL, LOCK, b, qh, gm, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                       stride_lb, stride_lh, D)
 
 
 @triton.jit
@@ -496,6 +539,9 @@ def _merge_splits_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+FUSED_MERGE = True  # split plans: the kernel's last split program merges (False: the merge kernel)
+
+
 @dataclass
 class DecodePlan:
     """Launch parameters and workspace for one batch shape (from plan_decode; host values only).
@@ -506,7 +552,8 @@ class DecodePlan:
     CUDA-core words kernel; deq: int4 unpack variant (unpack_int4_tile, dots 0-3); prefetch (dot 4):
     load the next tile into registers while computing this one; acc_rows (dot 4): rows of the per-slot
     accumulators (token rows r, r + acc_rows, ... are summed into row r; the default, 8 * num_warps, is
-    where the page loads' layout wraps, so the fold stays within a thread).
+    where the page loads' layout wraps, so the fold stays within a thread); fused_merge (num_splits > 1):
+    the last split program of each (sequence, kv head) merges the partials (no merge kernel).
     """
 
     batch: int
@@ -524,6 +571,7 @@ class DecodePlan:
     acc_rows: int
     partial_out: torch.Tensor | None
     partial_lse: torch.Tensor | None
+    fused_merge: bool = True
 
 
 def plan_decode(
@@ -531,7 +579,7 @@ def plan_decode(
     *, kv_mode: str = "int4", num_sms: int | None = None, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     dot: int | None = None, deq: int = 1, prefetch: bool = True, acc_rows: int | None = None,
-    min_tokens_per_split: int = 256,
+    min_tokens_per_split: int = 256, fused_merge: bool | None = None,
 ) -> DecodePlan:
     """Choose the split count and tile sizes; allocate the split workspace.
 
@@ -570,8 +618,9 @@ def plan_decode(
         acc_rows = min(block_n, 8 * num_warps)
     if block_n % acc_rows:
         raise ValueError(f"acc_rows {acc_rows} must divide block_n {block_n}")
+    fused_merge = FUSED_MERGE if fused_merge is None else fused_merge
     return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
-                      num_warps, num_stages, dot, deq, prefetch, acc_rows, po, pl)
+                      num_warps, num_stages, dot, deq, prefetch, acc_rows, po, pl, fused_merge)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -604,6 +653,7 @@ def paged_decode_attention(
     Twin: ref.paged_decode_attention_ref.
     """
     _check(q, cache, block_table, seq_lens)
+    interpreter_compat()  # the split merge loops over a program count
     bsz, hq, d = q.shape
     hkv = cache.num_kv_heads
     if plan is None:
@@ -626,24 +676,28 @@ def paged_decode_attention(
     qk_scale = sm_scale * math.log2(math.e)
     sb, sh, ss = cache.data_strides()
     pdl = launch_options(q.device)
+    locks = arrival_counters(q.device, bsz * hkv) if split and plan.fused_merge else None
+    fused = locks is not None  # else (a graph capture without counters) the merge kernel runs after
+    lock = locks if fused else pl
     common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
-                  DOT=plan.dot, INTERPRET=interpreting(), num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl)
+                  DOT=plan.dot, INTERPRET=interpreting(), FUSED_MERGE=fused, num_warps=plan.num_warps,
+                  num_stages=plan.num_stages, **pdl)
     if cache.mode == "int4" and plan.dot == 4:
         mb, mh, ms = cache.meta_strides()
         _decode_int4_words_kernel[grid](
             q, cache.k.view(torch.int32), cache.v.view(torch.int32), cache.k_scale, cache.k_zero,
-            cache.v_scale, cache.v_zero, block_table, seq_lens, out, po, pl, qk_scale, plan.tokens_per_split,
+            cache.v_scale, cache.v_zero, block_table, seq_lens, out, po, pl, lock, qk_scale, plan.tokens_per_split,
             q.stride(0), q.stride(1), sb // 4, sh // 4, ss // 4, mb, mh, ms, block_table.stride(0),
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
-            ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(),
+            ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(), FUSED_MERGE=fused,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
         )
     elif cache.mode == "int4":
         mb, mh, ms = cache.meta_strides()
         _decode_int4_kernel[grid](
             q, cache.k, cache.v, cache.k_scale, cache.k_zero, cache.v_scale, cache.v_zero, block_table, seq_lens,
-            out, po, pl, qk_scale, plan.tokens_per_split,
+            out, po, pl, lock, qk_scale, plan.tokens_per_split,
             q.stride(0), q.stride(1), sb, sh, ss, mb, mh, ms, block_table.stride(0),
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             D2=d // 2, DEQ=plan.deq, **common,
@@ -652,12 +706,12 @@ def paged_decode_attention(
         fp8 = cache.mode == "fp8"
         _decode_fp_kernel[grid](
             q, cache.k, cache.v, cache.k_scale if fp8 else q, cache.v_scale if fp8 else q, block_table, seq_lens,
-            out, po, pl, qk_scale, plan.tokens_per_split,
+            out, po, pl, lock, qk_scale, plan.tokens_per_split,
             q.stride(0), q.stride(1), sb, sh, ss, block_table.stride(0),
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             D=d, FP8=fp8, **common,
         )
-    if split:
+    if split and not fused:
         _merge_splits_kernel[(bsz, hq)](
             po, pl, out, plan.num_splits, ps[0], ps[1], ps[2], ls[0], ls[1], out.stride(0), out.stride(1),
             BLOCK_S=triton.next_power_of_2(plan.num_splits), D=d, num_warps=4, **pdl,

@@ -35,6 +35,7 @@ import torch
 
 from ..quant import PackedWeight, unpack_int4
 from . import interpreter_compat, w4a4_gemv
+from .counters import arrival_counters
 from .pdl import launch_options
 from .quantize import ActOp, interpreting
 from .ref import ActQ
@@ -203,24 +204,6 @@ def _gemv_split(cfg: GemmConfig, programs: int, n_blocks: int, device: torch.dev
     return max(1, min(want, n_blocks // (2 * cfg.k_blocks), 16))
 
 
-_LOCKS: dict = {}
-
-
-def _locks(device: torch.device, count: int) -> torch.Tensor | None:
-    """Zeroed int32 arrival counters for the fused split-K reduction, cached per device (each program
-    that finishes a tile resets its counter, so they stay zero between calls). None while a CUDA graph
-    is being captured and the cache is too small (the caller then uses the reduce kernel). Calls on
-    several streams at once must not share them: use fused_reduce=False there."""
-    key = (device.type, device.index)
-    t = _LOCKS.get(key)
-    if t is None or t.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        t = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _LOCKS[key] = t
-    return t
-
-
 def w4a4_gemm(
     a: ActQ | ActOp, w: PreparedWeight | PackedWeight, bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
@@ -270,7 +253,7 @@ def w4a4_gemm(
             raise ValueError(reason)
         tiles = triton.cdiv(n, w.row_tile) * m
         split = _gemv_split(cfg, tiles, w.kp // 128, a.qa.device)
-        locks = _locks(out.device, tiles) if split > 1 else None
+        locks = arrival_counters(out.device, tiles) if split > 1 else None
         return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps,
                                    split=split if locks is not None else 1, locks=locks, ahead=cfg.ahead)
     if cfg.kernel == "gluon":
@@ -287,7 +270,7 @@ def w4a4_gemm(
     split = triton.cdiv(n_iters, per_split)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     dummy = w.sw
-    locks = _locks(out.device, tiles) if split > 1 and cfg.fused_reduce else None
+    locks = arrival_counters(out.device, tiles) if split > 1 and cfg.fused_reduce else None
     fused = locks is not None
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     gpu = not interpreting()
