@@ -3,8 +3,10 @@
 Work split (flash-decoding): one program per (sequence, kv head, split). A program loads all
 ``group = Hq // Hkv`` query heads that share its kv head, walks its range of pages in tiles of
 ``block_n`` tokens with an online softmax in fp32 (base 2), and either writes the normalized output
-(one split) or a partial output plus its log-sum-exp; a second kernel merges the splits. The split
-count comes from ``plan_decode`` (host integers only), so ``run`` never reads device values.
+(one split) or a partial output plus its log-sum-exp, which the last split program of the (sequence,
+kv head) to finish merges (words kernel; arrival counters, kernels/counters.py) or a second kernel
+merges. The split count comes from ``plan_decode`` (host integers only), so ``run`` never reads device
+values.
 
 INT4 arithmetic (exact integers, scales applied once per token):
     score[g, t] = sm_scale * s_k[t] * sum_d q[g, d] * (qk[t, d] - z_k[t])

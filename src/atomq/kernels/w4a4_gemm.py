@@ -9,7 +9,8 @@ and are unpacked in registers; the activations come from the quantize kernel as 
 byte (``quantize.ActOp``, int8 or float8_e4m3fn). The kernel computes the transposed product
 (out^T tile = W tile @ A tile^T, "swap-AB"), so the unpacked weights are the left operand, which
 Hopper's wgmma can read from registers, and small M fills the MMA's N side (decode). Small M also
-splits K over several programs (fp32 partials, then a reduce kernel). At M > 64 on sm_90 the Gluon
+splits K over several programs (fp32 partials, summed in order by the last program of each tile, or
+by a reduce kernel where no arrival counters can be had). At M > 64 on sm_90 the Gluon
 kernel of ``w4a4_gemm_hopper.py`` takes over (same operands; ``pick_config``).
 
 Prepared weight layout (``prepare_weight``, once at load time), S = min(group_size, 64) ("span"):
