@@ -28,6 +28,7 @@ from atomq.kernels import decode_attention as _dec
 from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
+from atomq.model import methods as _methods
 from atomq.model import paged as _paged
 from atomq.model.methods import _input_groups, _kernel_for, weight_nbytes
 from atomq.model.random_weights import random_model
@@ -204,6 +205,7 @@ def _apply_variant(spec: str) -> None:
     _paged.FUSED_ROPE_STORE = kv.get("fuse", "0") == "1"
     _runner.GRAPH_COPIES = kv.get("gcopy", "1") == "1"
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
+    _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
 
 
@@ -221,7 +223,7 @@ def main() -> int:
                     "'pdl=0|1,kb=K,ahead=1|2,maxn=N,fuse=0|1,preload=0|1,gcopy=0|1' (unset keys: defaults; fuse: "
                     "RoPE + KV store in one kernel, preload: the decode quantize's constants before the wait, "
                     "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
-                    "in the kernel); "
+                    "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
                     "every config and batch runs under each, "
                     "the list --repeat times")
     ap.add_argument("--repeat", type=int, default=1)
