@@ -187,6 +187,7 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
 
 
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
+_PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
 def _apply_variant(spec: str) -> None:
@@ -197,7 +198,7 @@ def _apply_variant(spec: str) -> None:
     from atomq.kernels import pdl
 
     kv = dict(item.split("=") for item in spec.split(",") if item)
-    os.environ["ATOMQ_PDL"] = kv.get("pdl", "1")
+    os.environ["ATOMQ_PDL"] = kv.get("pdl", _PDL_DEFAULT)
     pdl._enabled.cache_clear()
     _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
