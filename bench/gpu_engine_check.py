@@ -29,7 +29,6 @@ from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
 from atomq.model import methods as _methods
-from atomq.model import paged as _paged
 from atomq.model.methods import _input_groups, _kernel_for, weight_nbytes
 from atomq.model.random_weights import random_model
 
@@ -203,7 +202,6 @@ def _apply_variant(spec: str) -> None:
     _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
-    _paged.FUSED_ROPE_STORE = kv.get("fuse", "0") == "1"
     _runner.GRAPH_COPIES = kv.get("gcopy", "1") == "1"
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
@@ -221,8 +219,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,fuse=0|1,preload=0|1,gcopy=0|1' (unset keys: defaults; fuse: "
-                    "RoPE + KV store in one kernel, preload: the decode quantize's constants before the wait, "
+                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1' (unset keys: "
+                    "defaults; preload: the decode quantize's constants before the wait, "
                     "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
                     "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
                     "every config and batch runs under each, "

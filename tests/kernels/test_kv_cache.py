@@ -72,52 +72,6 @@ def test_store_int4_roundtrip_is_fake_quant(device):
     assert torch.equal(vd.half(), ref.fake_quant_kv(k))
 
 
-def _rope_inputs(t, hq, hkv, d, device, gen):
-    """A merged q/k/v output [T, (hq + 2 hkv) d] viewed as q, k, v (the serving layout), and cos / sin."""
-    qkv = (torch.randn(t, (hq + 2 * hkv) * d, generator=gen) * 1.5).to(device, torch.float16)
-    q = qkv[:, :hq * d].view(t, hq, d)
-    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
-    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
-    ang = torch.rand(t, d // 2, generator=gen) * 6.0
-    cos, sin = torch.cos(ang).repeat(1, 2).to(device), torch.sin(ang).repeat(1, 2).to(device)
-    return qkv, q, k, v, cos, sin
-
-
-@pytest.mark.parametrize("mode", ["int4", "fp16", "fp8"])
-@pytest.mark.parametrize("t,hq,hkv,d", [(1, 4, 4, 64), (5, 6, 2, 64), (3, 12, 4, 128), (130, 4, 2, 64)])
-def test_rope_kv_store_equals_rope_then_store(mode, t, hq, hkv, d, device):
-    """One launch = rope_ on q and k, then kv_store: q and k rotated as rope_ rotates them, and the cache
-    holding exactly what kv_store_ref writes for those rotated keys (GQA with 3 query heads per kv head
-    included; t >= 128 takes every kv head in one program)."""
-    gen = torch.Generator().manual_seed(t + hq)
-    got, want = _filled_pair(8 + t // 16, hkv, d, mode, device, "HND", gen)
-    qkv, q, k, v, cos, sin = _rope_inputs(t, hq, hkv, d, device, gen)
-    slots = _slots(t, 8 + t // 16, gen).to(device)
-    qkv_ref = qkv.clone()
-    kvc.rope_kv_store(got, q, k, v, cos, sin, slots)
-    ref.rope_(qkv_ref[:, :(hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
-    assert (qkv.float() - qkv_ref.float()).abs().max() <= 2e-3  # RoPE in fp32 both ways, fp16 out
-    assert torch.equal(qkv[:, (hq + hkv) * d:], qkv_ref[:, (hq + hkv) * d:])  # v untouched
-    ref.kv_store_ref(want, k, v, slots)  # the keys as the kernel rotated them
-    if mode == "fp8" and device == "cpu":
-        return  # the interpreter's e4m3 rounding differs (test_store_fp8); the cache bytes are checked on GPU
-    for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a is None or torch.equal(a, b), name
-
-
-def test_rope_kv_store_rejects_bad_inputs(device):
-    cache = kvc.allocate_kv_cache(4, 2, 64, "int4", device)
-    gen = torch.Generator().manual_seed(0)
-    _, q, k, v, cos, sin = _rope_inputs(3, 3, 2, 64, device, gen)
-    slots = torch.arange(3, dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="multiple of 2"):
-        kvc.rope_kv_store(cache, q, k, v, cos, sin, slots)
-    _, q, k, v, cos, sin = _rope_inputs(3, 4, 2, 64, device, gen)
-    with pytest.raises(ValueError, match="cos / sin"):
-        kvc.rope_kv_store(cache, q, k, v, cos.half(), sin, slots)
-
-
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_store_fp16_exact(layout, device):
     got, want = _check_store("fp16", layout, 23, 3, 64, device)

@@ -150,3 +150,41 @@ def test_decode_launch_knobs_do_not_change_the_result(mode, device):
             assert (a is None and b is None) or torch.equal(a, b)
     with pytest.raises(ValueError, match="power of two"):
         run(QuantizeLaunch(norm_block=96))
+
+
+@pytest.mark.parametrize("kind,clip", [("int8", 1.0), ("int8", 0.9), ("fp8", 1.0)])
+@pytest.mark.parametrize("m,k", [(1, 96), (3, 4500)])  # one chunk; several chunks with a ragged tail
+def test_quantize_rows_equals_the_torch_path(kind, clip, m, k, device):
+    """The FP8 / INT8 baselines' per-token quantization in one kernel = model/methods.py's torch ops. INT8
+    bit for bit everywhere; FP8 bit for bit on the GPU (the CPU interpreter rounds to e4m3 its own way,
+    so there the dequantized values are compared within one e4m3 step)."""
+    from atomq.model.methods import FP8_MAX
+    from atomq.quant.intq import quantize_sym
+
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(device, torch.float16)
+    x[0, 5] = 40.0  # one outlier sets a row's scale
+    q, s = Q.quantize_rows(x, kind, clip)
+    if kind == "int8":
+        qt = quantize_sym(x, 8, None, clip)
+        assert s.dtype == torch.float16 and torch.equal(s, qt.scale) and torch.equal(q, qt.q)
+        return
+    s_ref = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    q_ref = (x.float() / s_ref).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert s.dtype == torch.float32 and torch.equal(s, s_ref)
+    if device == "cuda":
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    else:
+        a, b = q.float(), q_ref.float()
+        step = (a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8 + 2.0**-9  # one e4m3 step
+        carry = a == b / 2  # the interpreter drops the carry when rounding up to a power of two
+        assert (step | carry).all()
+
+
+def test_quantize_rows_rejects_bad_inputs(device):
+    x = torch.zeros(2, 8, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="kind"):
+        Q.quantize_rows(x, "int4")
+    with pytest.raises(ValueError, match="clip"):
+        Q.quantize_rows(x, "int8", 0.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        Q.quantize_rows(x.t(), "int8")

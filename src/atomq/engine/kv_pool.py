@@ -32,8 +32,7 @@ class PagedOps:
     """The ops of the serving forward, Triton kernels or their ref.py twins (same signatures):
     store(cache, k, v, slot_mapping); decode(q, cache, block_table, seq_lens, sm_scale);
     prefill(q, cache, cu_seqlens_q, cached_lens, block_table, sm_scale); rmsnorm(x, weight, eps, residual);
-    rope_(x, cos, sin) in place; silu_mul(gate_up); rope_store(cache, q, k, v, cos, sin, slot_mapping): RoPE
-    on q and k in place, then store (one kernel)."""
+    rope_(x, cos, sin) in place; silu_mul(gate_up)."""
 
     store: Callable[..., Any]
     decode: Callable[..., Any]
@@ -42,7 +41,6 @@ class PagedOps:
     rmsnorm: Callable[..., Any] = ref.rmsnorm
     rope_: Callable[..., Any] = ref.rope_
     silu_mul: Callable[..., Any] = ref.silu_mul
-    rope_store: Callable[..., Any] = ref.rope_kv_store_ref
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "ref")
@@ -57,11 +55,11 @@ def paged_ops(device: torch.device, backend: str = "auto") -> PagedOps:
         try:
             from ..kernels import elementwise as E
             from ..kernels.decode_attention import paged_decode_attention
-            from ..kernels.kv_cache import kv_store, rope_kv_store
+            from ..kernels.kv_cache import kv_store
             from ..kernels.prefill_attention import paged_prefill_attention
 
             return PagedOps(kv_store, paged_decode_attention, paged_prefill_attention, "triton",
-                            E.rmsnorm, E.rope_, E.silu_mul, rope_kv_store)
+                            E.rmsnorm, E.rope_, E.silu_mul)
         except ImportError:
             if backend == "triton":
                 raise ValueError("attention backend 'triton' needs the triton package") from None

@@ -149,34 +149,41 @@ def _epilogue(O, PO, PL, b, s, qh, gm, dcol, acc, m_i, l_i, stride_ob, stride_oh
 
 
 @triton.jit
+def _merge_partials(O, PO, PL, b, qh, gm, n, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                    stride_lb, stride_lh, D: tl.constexpr):
+    """O[b, qh] = the n splits' partial outputs of query heads ``qh`` [G] (mask gm) merged by their
+    log2-sum-exp weights, in split order with a running maximum (empty splits, lse -inf, weigh 0)."""
+    d = tl.arange(0, D)
+    m = tl.full(qh.shape, float("-inf"), tl.float32)
+    w = tl.zeros(qh.shape, tl.float32)
+    acc = tl.zeros([qh.shape[0], D], tl.float32)
+    for s in range(0, n):
+        lse = tl.load(PL + b * stride_lb + qh * stride_lh + s, mask=gm, other=float("-inf"), cache_modifier=".cg")
+        po = tl.load(PO + b * stride_pb + qh[:, None] * stride_ph + s * stride_ps + d[None, :],
+                     mask=gm[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        live = m_new > float("-inf")
+        a_old = tl.where(live, tl.exp2(m - m_new), 0.0)
+        a_new = tl.where(live, tl.exp2(lse - m_new), 0.0)
+        acc = acc * a_old[:, None] + po * a_new[:, None]
+        w = w * a_old + a_new
+        m = m_new
+    o = acc / tl.where(w > 0.0, w, 1.0)[:, None]
+    tl.store(O + b * stride_ob + qh[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty), mask=gm[:, None])
+
+
+@triton.jit
 def _merge_if_last(O, PO, PL, LOCK, b, qh, gm, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
                    stride_lb, stride_lh, D: tl.constexpr):
     """Split decode, after this split's _epilogue: the last split program of (b, kv head) to arrive
     (an int32 counter in LOCK per (b, kv head), reset by that program) merges every split's partial
-    output of its query heads ``qh`` [G] into O, in split order, as _merge_splits_kernel would."""
+    output of its query heads ``qh`` into O (_merge_partials, as the merge kernel does)."""
     tl.debug_barrier()  # every thread's partial is stored before the release below
     lock = LOCK + b * tl.num_programs(1) + tl.program_id(1)
     n = tl.num_programs(2)
     if tl.atomic_add(lock, 1, sem="acq_rel") == n - 1:
-        d = tl.arange(0, D)
-        m = tl.full(qh.shape, float("-inf"), tl.float32)
-        w = tl.zeros(qh.shape, tl.float32)
-        acc = tl.zeros([qh.shape[0], D], tl.float32)
-        for s in range(0, n):  # a running maximum: empty splits (lse -inf) weigh 0
-            lse = tl.load(PL + b * stride_lb + qh * stride_lh + s, mask=gm, other=float("-inf"),
-                          cache_modifier=".cg")
-            po = tl.load(PO + b * stride_pb + qh[:, None] * stride_ph + s * stride_ps + d[None, :],
-                         mask=gm[:, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            live = m_new > float("-inf")
-            a_old = tl.where(live, tl.exp2(m - m_new), 0.0)
-            a_new = tl.where(live, tl.exp2(lse - m_new), 0.0)
-            acc = acc * a_old[:, None] + po * a_new[:, None]
-            w = w * a_old + a_new
-            m = m_new
-        o = acc / tl.where(w > 0.0, w, 1.0)[:, None]
-        tl.store(O + b * stride_ob + qh[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-                 mask=gm[:, None])
+        _merge_partials(O, PO, PL, b, qh, gm, n, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                        stride_lb, stride_lh, D)
         tl.atomic_xchg(lock, 0)
 
 
@@ -516,24 +523,12 @@ def _decode_fp_kernel(
 @triton.jit
 def _merge_splits_kernel(
     PO, PL, O, num_splits, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    BLOCK_S: tl.constexpr, D: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    D: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     gdc_enter(USE_GDC)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    sm = s < num_splits
-    d = tl.arange(0, D)
-    lse = tl.load(PL + b * stride_lb + h * stride_lh + s, mask=sm, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lse - mx)  # [BLOCK_S]; empty splits weigh 0
-    po = tl.load(PO + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=sm[:, None],
-                 other=0.0)
-    den = tl.sum(w, 0)
-    o = tl.sum(w[:, None] * po, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty))
+    qh = tl.program_id(1) + tl.arange(0, 1)
+    _merge_partials(O, PO, PL, tl.program_id(0), qh, qh >= 0, num_splits, stride_ob, stride_oh, stride_pb,
+                    stride_ph, stride_ps, stride_lb, stride_lh, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,6 +714,6 @@ def paged_decode_attention(
     if split and not fused:
         _merge_splits_kernel[(bsz, hq)](
             po, pl, out, plan.num_splits, ps[0], ps[1], ps[2], ls[0], ls[1], out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(plan.num_splits), D=d, num_warps=4, **pdl,
+            D=d, num_warps=4, **pdl,
         )
     return out

@@ -1,5 +1,4 @@
-"""Small fused kernels of the serving forward (Triton): residual add + RMSNorm, RoPE in place, SiLU * up,
-and the per-token 8-bit quantization of the FP8 / INT8 baselines' activations.
+"""Small fused kernels of the serving forward (Triton): residual add + RMSNorm, RoPE in place, SiLU * up.
 
 At decode batch sizes a step is many tiny ops; each of these replaces several PyTorch kernels (fp32 casts,
 a reduction, concatenations) by one pass. Twins in ``ref.py``: ``rmsnorm``, ``rope_``, ``silu_mul``; float
@@ -81,32 +80,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-
-QUANT_KINDS = {"fp8": 0, "int8": 1}
-
-
-def quantize_rows(x: torch.Tensor, kind: str, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric 8-bit quantization of x [M, K] (rows contiguous) in one launch; the numerics
-    of model/methods.py's torch path, bit for bit:
-    fp8: s = max(amax, 1e-12) / 448 fp32 [M, 1], q = e4m3(clamp(x / s, +-448));
-    int8: s = fp16(max(amax, 1e-6) * clip / 127) [M, 1], q = clamp(round_half_even(x / s), -128, 127)."""
-    _ready()
-    if kind not in QUANT_KINDS:
-        raise ValueError(f"kind must be one of {sorted(QUANT_KINDS)}, got {kind!r}")
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"expected a 2-D input with contiguous rows, got {tuple(x.shape)}")
-    if not 0.0 < clip <= 1.0:
-        raise ValueError(f"clip must be in (0, 1], got {clip}")
-    m, k = x.shape
-    fp8 = kind == "fp8"
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
-    s = torch.empty(m, 1, dtype=torch.float32 if fp8 else torch.float16, device=x.device)
-    if m:
-        block = min(triton.next_power_of_2(k), 4096)
-        _quantize_rows_kernel[(m,)](x, q, s, k, float(clip), x.stride(0), KIND=QUANT_KINDS[kind], BLOCK=block,
-                                    num_warps=4 if block <= 2048 else 8, **launch_options(x.device))
-    return q, s
-
 if triton is not None:
     from .pdl import gdc_enter
 
@@ -131,16 +104,10 @@ if triton is not None:
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                      USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        rope_heads(x_ptr, tl.program_id(0), 0, H, cos_ptr, sin_ptr, stride_t, stride_h, HALF, BLOCK_H)
-
-    @triton.jit
-    def rope_heads(x_ptr, t, h0, h_end, cos_ptr, sin_ptr, stride_t, stride_h, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
-        """RoPE in place on heads [h0, min(h0 + BLOCK_H, h_end)) of token t of x [T, H, 2 * HALF];
-        cos, sin fp32 [T, 2 * HALF]."""
-        heads = h0 + tl.arange(0, BLOCK_H)[:, None]
+        t = tl.program_id(0)
+        heads = tl.arange(0, BLOCK_H)[:, None]
         offs = tl.arange(0, HALF)[None, :]
-        mask = heads < h_end
+        mask = heads < H
         lo_ptr = x_ptr + t * stride_t + heads * stride_h + offs
         x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -162,34 +129,3 @@ if triton is not None:
         u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
         e = tl.exp(-g)
         tl.store(out_ptr + row * stride_o + offs, (g / (1.0 + e) * u).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, clip, stride_x, KIND: tl.constexpr, BLOCK: tl.constexpr,
-                              USE_GDC: tl.constexpr):
-        """One row: its absolute maximum, then every element quantized (quantize_rows)."""
-        gdc_enter(USE_GDC)
-        row = tl.program_id(0).to(tl.int64)
-        xr = x_ptr + row * stride_x
-        amax = tl.zeros([BLOCK], tl.float32)
-        for c0 in range(0, K, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)))
-        a = tl.max(amax, 0)
-        if KIND == 0:
-            sc = tl.math.div_rn(tl.maximum(a, 1e-12), 448.0)
-            tl.store(s_ptr + row, sc)
-        else:
-            sc = tl.math.div_rn(tl.maximum(a, 1e-6) * clip, 127.0).to(tl.float16)
-            tl.store(s_ptr + row, sc)
-            sc = sc.to(tl.float32)
-        for c0 in range(0, K, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            mask = offs < K
-            v = tl.math.div_rn(tl.load(xr + offs, mask=mask, other=0.0).to(tl.float32), sc)
-            if KIND == 0:
-                tl.store(q_ptr + row * K + offs, tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv),
-                         mask=mask)
-            else:
-                r = (v + 12582912.0) - 12582912.0  # round half to even (|v| < 2**22 after the clamp below)
-                r = tl.where(tl.abs(v) < 4194304.0, r, v)
-                tl.store(q_ptr + row * K + offs, tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8), mask=mask)

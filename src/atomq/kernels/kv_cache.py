@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 from .kv_layout import BLOCK_SIZE, KV_LAYOUTS, KV_MODES, PagedKVCache, kv_bytes_per_token  # noqa: F401
-from .elementwise import rope_heads
 from .pdl import gdc_enter, launch_options
 
 FP8_MAX = 448.0
@@ -134,12 +133,16 @@ def _store_one(
 
 
 @triton.jit
-def _store_token(
-    K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
+def _kv_store_kernel(
+    K, V, SLOT, KP, VP, KS, VS, KZ, VZ,
+    stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    """Token t's keys and values of heads h0..h0+BLOCK_H into its slot (slot < 0: nothing written)."""
+    gdc_enter(USE_GDC)
+    t = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
     slot = tl.load(SLOT + t)
     valid = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
@@ -151,42 +154,6 @@ def _store_token(
                H, BLOCK_H, D2, MODE)
     _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
                H, BLOCK_H, D2, MODE)
-
-
-
-@triton.jit
-def _kv_store_kernel(
-    K, V, SLOT, KP, VP, KS, VS, KZ, VZ,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
-    H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
-    USE_GDC: tl.constexpr,
-):
-    gdc_enter(USE_GDC)
-    t = tl.program_id(0)
-    h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
-    _store_token(K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
-                 stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms, H, BLOCK_H, D2, PAGE, MODE)
-
-
-@triton.jit
-def _rope_kv_store_kernel(
-    Q, K, V, COS, SIN, SLOT, KP, VP, KS, VS, KZ, VZ, HQ,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
-    H: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_QH: tl.constexpr, D2: tl.constexpr,
-    PAGE: tl.constexpr, MODE: tl.constexpr, USE_GDC: tl.constexpr,
-):
-    """RoPE on token t's query heads [h0 G, (h0 + BLOCK_H) G) and key heads [h0, h0 + BLOCK_H) in place,
-    then those keys and values into the cache (as _kv_store_kernel). G: query heads per kv head."""
-    gdc_enter(USE_GDC)
-    t = tl.program_id(0)
-    h0 = tl.program_id(1) * BLOCK_H
-    rope_heads(Q, t, h0 * G, tl.minimum((h0 + BLOCK_H) * G, HQ), COS, SIN, stride_qt, stride_qh, D2, BLOCK_QH)
-    rope_heads(K, t, h0, tl.minimum(h0 + BLOCK_H, H), COS, SIN, stride_kt, stride_kh, D2, BLOCK_H)
-    tl.debug_barrier()  # the rotated keys stored above are read back below by other threads of the program
-    _store_token(K, V, SLOT, KP, VP, KS, VS, KZ, VZ, t, h0, stride_kt, stride_kh, stride_vt, stride_vh,
-                 stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms, H, BLOCK_H, D2, PAGE, MODE)
 
 
 _MODE_ID = {"fp16": 0, "fp8": 1, "int4": 2}
@@ -238,41 +205,4 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
         sb, sh, ss, mb, mh, ms,
         H=h, BLOCK_H=block_h, D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode],
         num_warps=4 if block_h * d >= 4096 else (2 if block_h * d >= 512 else 1), **launch_options(k.device),
-    )
-
-
-def rope_kv_store(cache: PagedKVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """RoPE on q [T, Hq, D] and k [T, H, D] in place, then k and v into their slots: ``rope_`` on each and
-    ``kv_store`` in one launch (twin: ref.rope_kv_store_ref). cos, sin: fp32 [T, D]; Hq a multiple of H;
-    the rest as ``kv_store``. No host synchronisation and no allocation: safe inside a CUDA graph."""
-    _check_new_kv(cache, k, v, slot_mapping)
-    t, hq, d = q.shape
-    h = cache.num_kv_heads
-    if q.shape[0] != k.shape[0] or d != cache.head_dim or hq % h or q.stride(-1) != 1 or q.dtype != k.dtype:
-        raise ValueError(f"q must be [{k.shape[0]}, a multiple of {h}, {cache.head_dim}] in k's dtype with a "
-                         f"contiguous last dim, got {tuple(q.shape)} {q.dtype}")
-    if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
-        raise ValueError(f"cos / sin must be fp32 [{t}, {d}]")
-    if not q.device == cos.device == sin.device == k.device:
-        raise ValueError(f"q, cos and sin must be on {k.device}, got {q.device}, {cos.device}, {sin.device}")
-    if t == 0:
-        return
-    sb, sh, ss = cache.data_strides()
-    mb, mh, ms = cache.meta_strides()
-    dummy = cache.k
-    g = hq // h
-    block_h = triton.next_power_of_2(h)
-    if t < 128:  # few tokens (decode): 2 kv heads (and their query heads) per program
-        block_h = min(block_h, 2)
-    _rope_kv_store_kernel[(t, triton.cdiv(h, block_h))](
-        q, k, v, cos.contiguous(), sin.contiguous(), slot_mapping, cache.k, cache.v,
-        cache.k_scale if cache.k_scale is not None else dummy,
-        cache.v_scale if cache.v_scale is not None else dummy,
-        cache.k_zero if cache.k_zero is not None else dummy,
-        cache.v_zero if cache.v_zero is not None else dummy, hq,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        sb, sh, ss, mb, mh, ms,
-        H=h, G=g, BLOCK_H=block_h, BLOCK_QH=triton.next_power_of_2(block_h * g), D2=d // 2, PAGE=cache.block_size,
-        MODE=_MODE_ID[cache.mode], num_warps=4 if block_h * g * d >= 2048 else 2, **launch_options(k.device),
     )

@@ -16,6 +16,9 @@ integers are ``clamp(rint(x / scale), ...)`` with round-half-even and a correctl
 RMSNorm's fp32 sum of squares is a reduction whose order differs from torch's, so a scale or integer can
 differ in rare ties (docs/KERNELS.md gives the measured rate); the SiLU uses the device's expf on GPU
 (as torch on CUDA does) and numpy's exp under the interpreter.
+
+``quantize_rows``: the per-token FP8 / INT8 quantization of the W8A8 baselines (model/methods.py), one
+launch instead of the torch ops it equals bit for bit.
 """
 
 from __future__ import annotations
@@ -245,6 +248,32 @@ def silu_mul_quantize(
     """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
     q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config)
     return _pack(out, q, s4, q8, s8)
+
+
+QUANT_KINDS = {"fp8": 0, "int8": 1}
+
+
+def quantize_rows(x: torch.Tensor, kind: str, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric 8-bit quantization of x [M, K] (rows contiguous) in one launch, for the FP8 /
+    INT8 W8A8 baselines; the numerics of model/methods.py's torch path, bit for bit:
+    fp8: s = max(amax, 1e-12) / 448 fp32 [M, 1], q = e4m3(clamp(x / s, +-448));
+    int8: s = fp16(max(amax, 1e-6) * clip / 127) [M, 1], q = clamp(round_half_even(x / s), -128, 127)."""
+    _kernels()
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"kind must be one of {sorted(QUANT_KINDS)}, got {kind!r}")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"expected a 2-D input with contiguous rows, got {tuple(x.shape)}")
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
+    m, k = x.shape
+    fp8 = kind == "fp8"
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32 if fp8 else torch.float16, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _quantize_rows_kernel[(m,)](x, q, s, k, float(clip), x.stride(0), KIND=QUANT_KINDS[kind], BLOCK=block,
+                                    num_warps=4 if block <= 2048 else 8, **launch_options(x.device))
+    return q, s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,3 +530,32 @@ if triton is not None:
             tl.store(s8_ptr + rows64, s8, mask=rmask)
             q8 = _sym_q(v, s8.to(tl.float32)[:, None], 127)
             tl.store(q8_ptr + rows64[:, None] * stride_q8m + (cols - KN)[None, :], q8.to(tl.int8), mask=omask)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, clip, stride_x, KIND: tl.constexpr, BLOCK: tl.constexpr,
+                              USE_GDC: tl.constexpr):
+        """One row: its absolute maximum, then every element quantized (quantize_rows)."""
+        gdc_enter(USE_GDC)
+        row = tl.program_id(0).to(tl.int64)
+        xr = x_ptr + row * stride_x
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, K, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        a = tl.max(amax, 0)
+        if KIND == 0:
+            sc = tl.math.div_rn(tl.maximum(a, 1e-12), 448.0)
+            tl.store(s_ptr + row, sc)
+        else:
+            sc = tl.math.div_rn(tl.maximum(a, 1e-6) * clip, 127.0).to(tl.float16)
+            tl.store(s_ptr + row, sc)
+            sc = sc.to(tl.float32)
+        for c0 in range(0, K, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            v = tl.load(xr + offs, mask=mask, other=0.0).to(tl.float32)
+            if KIND == 0:
+                y = tl.minimum(tl.maximum(tl.math.div_rn(v, sc), -448.0), 448.0).to(tl.float8e4nv)
+            else:
+                y = _sym_q(v, sc, 127).to(tl.int8)
+            tl.store(q_ptr + row * K + offs, y, mask=mask)

@@ -212,14 +212,6 @@ def kv_store_ref(cache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Te
             pool_h[blk, :, off] = x.to(pool.dtype)
 
 
-def rope_kv_store_ref(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """RoPE on q [T, Hq, D] and k [T, H, D] in place (``rope_``), then ``kv_store_ref`` of k and v."""
-    rope_(q, cos, sin)
-    rope_(k, cos, sin)
-    kv_store_ref(cache, k, v, slot_mapping)
-
-
 def paged_kv_gather(cache, block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize the first ``length`` tokens of one sequence (block_row: int [max_blocks]) ->
     (k, v) fp32 [length, H, D]."""

@@ -92,12 +92,12 @@ ROW_QUANT_KERNEL = True  # FP8 / INT8 activations on CUDA: one fused kernel (Fal
 
 
 def _row_quantizer(x: torch.Tensor):
-    """kernels/elementwise.quantize_rows for CUDA inputs when Triton is there (a per-token quantization
+    """kernels/quantize.quantize_rows for CUDA inputs when Triton is there (a per-token quantization
     in one launch instead of ~8 torch ops), else None (the torch path, which it equals)."""
     if not x.is_cuda or not ROW_QUANT_KERNEL:
         return None
     try:
-        from ..kernels.elementwise import quantize_rows, triton
+        from ..kernels.quantize import quantize_rows, triton
     except ImportError:
         return None
     return quantize_rows if triton is not None else None

@@ -27,11 +27,6 @@ from .llama import Attention, CausalLM
 from .methods import AtomKernel
 
 
-# ops.rope_store (RoPE and the cache write in one launch) instead of ops.rope_ then ops.store: measured
-# 2% slower per decode step on the 7B shapes at batch 1 and 64 (2026-11-24, docs/KERNELS.md), so off
-FUSED_ROPE_STORE = False
-
-
 @dataclass
 class StepBatch:
     """Everything one engine step feeds the model (no hidden global state).
@@ -119,13 +114,10 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
     q = q.view(t, attn.n_heads, attn.head_dim)  # [T, Hq, D]
     k = k.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     v = v.view(t, attn.n_kv_heads, attn.head_dim)
-    if attn.kv_hadamard is None and FUSED_ROPE_STORE:  # RoPE and the cache write in one launch
-        ops.rope_store(cache, q, k, v, cos, sin, batch.slot_mapping)
-    else:
-        _rope_q_k(q, k, cos, sin, ops)
-        if attn.kv_hadamard is not None:
-            q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
-        ops.store(cache, k, v, batch.slot_mapping)
+    _rope_q_k(q, k, cos, sin, ops)
+    if attn.kv_hadamard is not None:
+        q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
+    ops.store(cache, k, v, batch.slot_mapping)
     sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
         q = q.half()  # the kernels take fp16 / bf16 queries
