@@ -71,18 +71,23 @@ def check_kernels() -> None:
 
 
 def check_graphs() -> None:
+    """CUDA-graph decode against eager decode, and asynchronous scheduling (steps launched one ahead of
+    the host) against synchronous steps: same tokens, logits equal up to rounding."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
     for name, (fmt, method, kv) in CONFIGS.items():
         runs = {}
-        for eager in (True, False):
+        for eager, overlap in ((True, False), (False, False), (False, True)):
             lm = random_model("tiny-llama", fmt, torch.float16, "cuda", seed=3)
             llm = LLM(lm, linear_method=method, kv_cache_dtype=kv, kv_cache_bytes=1 << 24, enforce_eager=eager,
-                      max_num_seqs=8, record_logits=True)
-            runs[eager] = llm.generate(prompts, params)
-        same = all(a.token_ids == b.token_ids for a, b in zip(runs[True], runs[False]))
-        err = max(rel(torch.stack(b.logits), torch.stack(a.logits)) for a, b in zip(runs[True], runs[False]))
-        report(f"{name}: CUDA-graph decode = eager", same and err < 1e-2, f"tokens equal {same}, logits rel {err:.1e}")
+                      max_num_seqs=8, record_logits=True, async_scheduling=overlap)
+            runs[eager, overlap] = llm.generate(prompts, params)
+        for label, got in (("CUDA-graph decode = eager", runs[False, False]),
+                           ("async CUDA-graph decode = eager", runs[False, True])):
+            want = runs[True, False]
+            same = all(a.token_ids == b.token_ids for a, b in zip(want, got))
+            err = max(rel(torch.stack(b.logits), torch.stack(a.logits)) for a, b in zip(want, got))
+            report(f"{name}: {label}", same and err < 1e-2, f"tokens equal {same}, logits rel {err:.1e}")
 
 
 def _replay_ms(engine, bsz: int, reps: int = 30) -> float:
@@ -142,7 +147,7 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
     t0 = time.perf_counter()
     lm = random_model(shape, fmt, torch.float16, "cuda", seed=0)
     llm = LLM(lm, linear_method=method, kv_cache_dtype=kv, gpu_memory_utilization=0.85, max_num_seqs=max(bsz, 1),
-              max_model_len=max_model_len or prompt_len + steps + 8)
+              max_model_len=max_model_len or prompt_len + steps + 8, async_scheduling=ASYNC)
     build_s = time.perf_counter() - t0
     eng = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
@@ -185,13 +190,15 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
     return row
 
 
+ASYNC: bool | None = None  # the engines' async_scheduling (None: the default, on for CUDA)
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
 def _apply_variant(spec: str) -> None:
-    """Decode settings for the next engines: programmatic dependent launch, the one-token GEMV, the fused
-    RoPE + KV store, the decode quantize's preloads."""
+    """Decode settings for the next engines: programmatic dependent launch, the one-token GEMV, the decode
+    quantize's preloads, the graphs' copy node, the split attention merge, the W8A8 row quantizer and
+    asynchronous scheduling."""
     import dataclasses
 
     from atomq.kernels import pdl
@@ -206,6 +213,8 @@ def _apply_variant(spec: str) -> None:
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
+    global ASYNC
+    ASYNC = None if "async" not in kv else kv["async"] == "1"
 
 
 def main() -> int:
@@ -219,8 +228,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1' (unset keys: "
-                    "defaults; preload: the decode quantize's constants before the wait, "
+                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1' (unset "
+                    "keys: defaults; async: decode steps launched one ahead of the host; preload: the decode quantize's constants before the wait, "
                     "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
                     "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
                     "every config and batch runs under each, "

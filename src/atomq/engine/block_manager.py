@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .sequence import Sequence
+from .sequence import PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -129,6 +129,8 @@ class BlockManager:
         parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            if PLACEHOLDER in tokens:  # a token still in flight (asynchronous steps): registered once it lands
+                break
             h = chain_hash(parent, tokens)
             blk = self.blocks[seq.block_table[i]]
             blk.hash, blk.token_ids = h, tokens

@@ -4,13 +4,21 @@ LLMEngine wires the parts: Scheduler (+ BlockManager) decides a step, ModelRunne
 KVPool, the sampler picks tokens, the detokenizer grows the text and stop rules finish requests.
 A bad request is refused by ``add_request`` with a ValueError before it touches any state, so the
 requests already in the engine keep running.
+
+Asynchronous scheduling (``async_scheduling``, on by default on CUDA): a plain decode step is launched
+before the host has seen the tokens of the step ahead of it. The runner takes those tokens from the
+device (the staging's gather, decode_staging.py), each sequence holds a PLACEHOLDER for its token in
+flight, and the host lands the step ahead (its tokens, stop rules, text) while the GPU computes the new
+one. The host's time per step hides behind the GPU's. A sequence that stops on a token (EOS, a stop
+string) is known to stop one step late: the one token computed for it meanwhile is dropped. Steps that
+prefill, and every step on the CPU by default, run synchronously.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,9 +29,9 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
-from .sampler import all_greedy, sample
+from .sampler import all_greedy, sample, sample_tokens
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence
+from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,8 @@ class EngineConfig:
     record_logits: keep each generated token's logits in RequestOutput.logits (tests, debugging);
     linear_method / linear_backend: how the linears run (model/methods.py: "auto" = the stored format,
     or float / fp8 / int8 / w4a16 / atom; backend "auto" = kernels on CUDA, reference ops on CPU);
-    enforce_eager: no CUDA graphs for decode steps."""
+    enforce_eager: no CUDA graphs for decode steps; async_scheduling: launch each decode step before
+    the host has the tokens of the one ahead (module docstring; None = on CUDA only)."""
 
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
@@ -47,6 +56,7 @@ class EngineConfig:
     linear_method: str = "auto"
     linear_backend: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -65,6 +75,20 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class InFlightStep:
+    """A decode step launched ahead of the host: its sampled tokens are on their way to ``host``."""
+
+    seqs: list[Sequence]  # the sequences it samples a token for, in row order
+    host: torch.Tensor  # int64 [>= len(seqs)]: the tokens, once ``copied`` has completed
+    copied: Any  # torch.cuda.Event (None on the CPU: the copy has run)
+    logits: torch.Tensor | None  # fp32 [len(seqs), V] copies when the engine records logits
+    sampled_rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row of the staging's ``sampled``
+
+    def __post_init__(self) -> None:
+        self.sampled_rows = {s.seq_id: i for i, s in enumerate(self.seqs)}
 
 
 class LLMEngine:
@@ -97,7 +121,14 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.block_manager)
-        self.runner = ModelRunner(model, self.kv_pool, config.max_num_seqs, max_len, not config.enforce_eager)
+        overlap = config.async_scheduling
+        self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
+        self.runner = ModelRunner(model, self.kv_pool, config.max_num_seqs, max_len, not config.enforce_eager,
+                                  gather_tokens=self.async_scheduling)
+        self._in_flight: InFlightStep | None = None
+        rows, pin = self.runner.staging.rows, self.device.type == "cuda"
+        self._token_buffers = [torch.zeros(rows, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._next_buffer = 0
         self.tokenizer = lm.tokenizer
         self.eos_token_id = getattr(lm.tokenizer, "eos_token_id", None)
         self._ids = itertools.count()
@@ -145,6 +176,8 @@ class LLMEngine:
         Returns False when it had already finished. Call between steps (the engine is single-threaded)."""
         if seq.is_finished:
             return False
+        seq.drop_pending()  # a step in flight may still compute its token: it is dropped when it lands
+        seq.final_pending = False
         self.scheduler.finish(seq, "abort")
         seq.finish_time = time.perf_counter()
         return True
@@ -184,8 +217,13 @@ class LLMEngine:
             seq.detok.push(token)
         return self._check_length(seq)
 
-    def _check_length(self, seq: Sequence) -> str | None:
+    def _length_reached(self, seq: Sequence) -> bool:
+        """The length limits allow no token after seq's last one (placeholders count)."""
         n = len(seq.token_ids)
+        return n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len
+
+    def _check_length(self, seq: Sequence) -> str | None:
+        n = len(seq.token_ids) - seq.num_pending  # up to the token just accepted
         if n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len:
             seq.detok.flush()
             return "length"
@@ -200,42 +238,126 @@ class LLMEngine:
             if caching and seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # once per block, not per token
                 bm.register_computed(seq)
 
+    def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor | None, now: float) -> Sequence | None:
+        """Apply the stop rules to ``tok``, already in seq.token_ids (logits: its fp32 [V] row when the
+        engine records them). Returns seq when it finished."""
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if seq.logits is not None:
+            seq.logits.append(logits)
+        p = seq.params
+        if p.stop_token_ids or p.stop or tok == self.eos_token_id:
+            reason = self._check_stop(seq, tok)
+        else:  # the common case: only the length limits can stop it
+            seq.detok.push(tok)
+            reason = self._check_length(seq)
+        if reason is None:
+            return None
+        seq.drop_pending()  # what a step in flight computes for it is not wanted any more
+        seq.final_pending = False
+        self.scheduler.finish(seq, reason)
+        seq.finish_time = now
+        return seq
+
     def _append_tokens(self, wanting: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         """Sample a token for each sequence of ``wanting`` (logits [len(wanting), V]), append it and apply
         the stop rules. Returns the sequences that finished."""
         params = [s.params for s in wanting]
         tokens = sample(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
-        now = time.perf_counter()
-        eos, finished = self.eos_token_id, []
-        for i, (seq, tok, p) in enumerate(zip(wanting, tokens, params)):
+        now, finished, record = time.perf_counter(), [], self.config.record_logits
+        for i, (seq, tok) in enumerate(zip(wanting, tokens)):
             seq.token_ids.append(tok)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.logits is not None:
-                seq.logits.append(logits[i].to(torch.float32, copy=True))
-            if p.stop_token_ids or p.stop or tok == eos:
-                reason = self._check_stop(seq, tok)
-            else:  # the common case: only the length limits can stop it
-                seq.detok.push(tok)
-                reason = self._check_length(seq)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                seq.finish_time = now
+            row = logits[i].to(torch.float32, copy=True) if record else None
+            if self._accept(seq, tok, row, now) is not None:
                 finished.append(seq)
+        return finished
+
+    # ------------------------------------------------------------------------ one step ahead
+    def _runs_ahead(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """Whether this step may be launched before the step in flight lands: a plain decode step
+        (every sequence computes its last token) of an engine with asynchronous scheduling."""
+        return (self.async_scheduling and bool(seqs) and sum(counts) == len(seqs)
+                and all(s.num_computed_tokens + 1 == len(s.token_ids) for s in seqs))
+
+    def _launch(self, seqs: list[Sequence], ahead: InFlightStep | None) -> InFlightStep:
+        """Run a decode step and sample on the device without waiting for either; each sequence gets a
+        PLACEHOLDER for its token. ``ahead``: the step still in flight, whose tokens feed this one."""
+        n = len(seqs)
+        _, logits = self.runner.run(seqs, [1] * n, ahead.sampled_rows if ahead is not None else None)
+        params = [s.params for s in seqs]
+        tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in seqs])
+        staging = self.runner.staging
+        staging.sampled[:n].copy_(tokens)  # where the next step's gather finds them
+        host = self._token_buffers[self._next_buffer]  # two: the other one may still be read by ``_land``
+        self._next_buffer ^= 1
+        host[:n].copy_(staging.sampled[:n], non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        recorded = logits.to(torch.float32, copy=True) if self.config.record_logits else None
+        self._advance(seqs, [1] * n)
+        for seq in seqs:
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.final_pending = self._length_reached(seq)
+        return InFlightStep(seqs, host, copied, recorded)
+
+    def _land(self, step: InFlightStep) -> list[Sequence]:
+        """Wait for the tokens of a step in flight, put them in place of their placeholders and apply the
+        stop rules. Returns the sequences that finished."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        tokens = step.host[:len(step.seqs)].tolist()
+        now, finished, bm, landed = time.perf_counter(), [], self.block_manager, 0
+        for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
+            if seq.is_finished:  # stopped (or aborted) while this token was computed: dropped
+                continue
+            landed += 1
+            seq.token_ids[len(seq.token_ids) - seq.num_pending] = tok  # the oldest placeholder
+            seq.num_pending -= 1
+            seq.final_pending = False
+            if seq.block_table and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:
+                bm.register_computed(seq)  # blocks whose last token was a placeholder until now
+            if self._accept(seq, tok, step.logits[i] if step.logits is not None else None, now) is not None:
+                finished.append(seq)
+        self.stats["generated_tokens"] += landed
+        self.stats["decode_tokens"] += landed
+        return finished
+
+    def _step_ahead(self, seqs: list[Sequence], ahead: InFlightStep | None) -> list[Sequence]:
+        """Launch a decode step, then land the one ahead while the GPU computes it."""
+        t0 = time.perf_counter()
+        self._in_flight = self._launch(seqs, ahead)
+        finished = self._land(ahead) if ahead is not None else []
+        st = self.stats
+        st["decode_s"] += time.perf_counter() - t0
+        st["decode_steps"] += 1
+        st["steps"] += 1
+        st["max_batch_tokens"] = max(st["max_batch_tokens"], len(seqs))
         return finished
 
     def step(self) -> list[Sequence]:
         """Schedule and run one step; returns the sequences that finished in it."""
         sched = self.scheduler.schedule()
         seqs, counts = sched.seqs, sched.num_new_tokens
+        ahead, self._in_flight = self._in_flight, None
+        if self._runs_ahead(seqs, counts):
+            return self._step_ahead(seqs, ahead)
+        finished = []
+        if ahead is not None:  # this step needs every token on the host: land the one in flight first
+            finished = self._land(ahead)
+            if finished:
+                kept = [(s, n) for s, n in zip(seqs, counts) if not s.is_finished]
+                seqs, counts = [s for s, _ in kept], [n for _, n in kept]
         if not seqs:
-            if self.has_unfinished():
+            if ahead is None and self.has_unfinished():
                 raise RuntimeError("nothing could be scheduled although requests are waiting")
-            return []
+            return finished
         t0 = time.perf_counter()
         wanting, logits = self.runner.run(seqs, counts)
         self._advance(seqs, counts)
-        finished = self._append_tokens(wanting, logits) if wanting else []
+        finished += self._append_tokens(wanting, logits) if wanting else []
         dt = time.perf_counter() - t0
         num_tokens = sum(counts)
         decode = num_tokens == len(seqs)  # one token each

@@ -67,6 +67,8 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
 
 
 GRAPH_COPIES = True  # the decode graphs copy the staged rows themselves (False: the host copies before replay)
+# (a staging that gathers tokens from the device is always copied by the host: its engine writes the next
+# step while a replay runs, so the copy must not wait for the whole replay; decode_staging.py)
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -78,7 +80,8 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """CUDA graphs of the decode forward, one per batch bucket, sharing one memory pool. Their static
     inputs are the device buffers of the runner's DecodeStaging; each graph begins with the copy of the
-    bucket's rows from the staging's pinned host buffer, so a decode step is the host's write and one
+    bucket's rows from the staging's pinned host buffer (unless the staging gathers tokens from the
+    device: then the host copies) and the token gather, so a decode step is the host's write and one
     replay."""
 
     def __init__(self, model: CausalLM, kv_pool: KVPool, staging: DecodeStaging, max_num_seqs: int):
@@ -88,7 +91,7 @@ class DecodeGraphs:
             raise ValueError(f"the staging buffers hold {staging.rows} rows, the largest bucket is {self.buckets[-1]}")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        self.copies = GRAPH_COPIES  # fixed for every graph of this set: captured with or without the copy
+        self.copies = GRAPH_COPIES and not staging.gather  # fixed for every graph of this set
 
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
@@ -111,6 +114,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             if self.copies:
                 st.copy(b, record=False)  # recorded, not run: every replay copies the host rows first
+            st.gather_tokens(b)
             out = forward_paged(self.model, batch, self.kv_pool)
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
@@ -119,39 +123,49 @@ class DecodeGraphs:
         """Replay the graph of ``bucket`` on the staged inputs; logits [bsz, vocab]."""
         graph, out = self.graphs[bucket]
         graph.replay()
-        self.staging.record_read()
+        if self.copies:  # the replay read the host buffer (else the host's copy was recorded already)
+            self.staging.record_read()
         return out[:bsz]
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_pool: KVPool, max_num_seqs: int = 64, max_model_len: int = 2048,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, gather_tokens: bool = False):
+        """gather_tokens: decode steps may take input tokens sampled on the device by the step before
+        (the engine's ``async_scheduling``; decode_staging.py)."""
         self.model = model
         self.kv_pool = kv_pool
         self.device = kv_pool.device
         bs = kv_pool.block_size
-        self.staging = DecodeStaging(graph_buckets(max_num_seqs)[-1], -(-max_model_len // bs), bs, self.device)
+        self.staging = DecodeStaging(graph_buckets(max_num_seqs)[-1], -(-max_model_len // bs), bs, self.device,
+                                     gather=gather_tokens)
         use = (cuda_graphs and self.device.type == "cuda" and kv_pool.ops.backend == "triton"
                and not model.args.is_moe)
         self.graphs = DecodeGraphs(model, kv_pool, self.staging, max_num_seqs) if use else None
 
-    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[StepBatch, int | None] | None:
+    def _prepare_decode(self, seqs: list[Sequence], sampled_rows: dict[int, int] | None
+                        ) -> tuple[StepBatch, int | None] | None:
         """A plain decode step through the staging buffers (padded to the graph bucket when one runs it);
         None when some sequence is not at its last token."""
         graphs = self.graphs
         bucket = graphs.bucket(len(seqs)) if graphs is not None else None
         if bucket is not None:
             graphs.ensure(bucket)
-        batch = self.staging.load(seqs, bucket, copy=bucket is None or not graphs.copies)  # a graph copies itself
+        batch = self.staging.load(seqs, bucket, copy=bucket is None or not graphs.copies,  # a graph copies itself
+                                  sampled_rows=sampled_rows)
         return None if batch is None else (batch, bucket)
 
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[StepBatch, int | None]:
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None
+                ) -> tuple[StepBatch, int | None]:
         """The host half of a step: the StepBatch on the device and, for a CUDA-graph decode step, the
-        bucket whose static buffers hold it padded (None = run eagerly)."""
+        bucket whose static buffers hold it padded (None = run eagerly). sampled_rows: seq_id -> row of
+        the staging's ``sampled`` for inputs sampled by the step before (only for a decode step)."""
         if sum(num_new_tokens) == len(seqs) <= self.staging.rows:  # one token each: maybe a decode step
-            out = self._prepare_decode(seqs)
+            out = self._prepare_decode(seqs, sampled_rows)
             if out is not None:
                 return out
+        if sampled_rows:
+            raise RuntimeError("tokens sampled on the device can only feed a decode step")
         return build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device), None
 
     def execute(self, batch: StepBatch, bucket: int | None) -> torch.Tensor:
@@ -160,9 +174,10 @@ class ModelRunner:
             return self.graphs.replay(bucket, batch.num_seqs)
         return forward_paged(self.model, batch, self.kv_pool)
 
-    def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> tuple[list[Sequence], torch.Tensor]:
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None
+            ) -> tuple[list[Sequence], torch.Tensor]:
         """Compute one step. Returns (sequences that get a next token, their logits [L, vocab], model dtype)."""
-        batch, bucket = self.prepare(seqs, num_new_tokens)
+        batch, bucket = self.prepare(seqs, num_new_tokens, sampled_rows)
         if batch.logits_indices.shape[0] == len(seqs):  # every sequence reached its end (decode steps)
             wanting = seqs
         else:

@@ -32,30 +32,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
         drop = before >= top_p
         drop[0] = False
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))  # no host sync
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """logits [B, V] (any float dtype) -> one token id per row.
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> token ids int64 [B] on the logits' device, without waiting for
+    the device (the engine may copy them to the host later).
 
     Greedy rows take the argmax (the first maximal id on ties). Others draw from
     softmax(filtered logits / temperature) with their generator (None = the global RNG).
     """
-    if all_greedy(params):  # the common serving case: one kernel, one copy to the host
-        return logits.argmax(dim=-1).tolist()
+    if all_greedy(params):  # the common serving case: one kernel
+        return logits.argmax(dim=-1)
     logits = logits.float()
-    out = [0] * logits.shape[0]
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
-        ids = logits[greedy].argmax(dim=-1).tolist()
-        for i, t in zip(greedy, ids):
-            out[i] = t
+    out = logits.argmax(dim=-1)  # the greedy rows' tokens; the others are drawn below
     for i, p in enumerate(params):
         if p.greedy:
             continue
         row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return out
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """``sample_tokens`` on the host: one token id per row."""
+    return sample_tokens(logits, params, generators).tolist()

@@ -5,7 +5,8 @@ its tokens to compute (1 when decoding, a chunk when a long prompt is still bein
 ``max_num_batched_tokens``. When a running sequence needs a new KV block and none is free, the newest
 running sequence is preempted: its blocks are freed and it goes back to the *front* of the waiting
 queue with all its tokens, to be recomputed later (the prefix cache usually makes that cheap).
-Then waiting sequences are admitted in arrival order while the token budget, ``max_num_seqs`` and free
+A sequence whose last allowed token is being sampled by a step still in flight (``final_pending``,
+asynchronous scheduling in llm.py) gets nothing more. Then waiting sequences are admitted in arrival order while the token budget, ``max_num_seqs`` and free
 blocks allow; admission allocates blocks for all of a sequence's tokens at once, and stops at the first
 sequence that does not fit, so no request overtakes an older one.
 """
@@ -91,6 +92,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
+            if seq.final_pending:  # its last token is being sampled by the step in flight
+                i += 1
+                continue
             done = seq.num_computed_tokens
             n = len(seq.token_ids) - done
             if n > budget:

@@ -4,6 +4,9 @@ A sequence's tokens are ``prompt + generated``. ``num_computed_tokens`` of them 
 paged cache; the scheduler gives each step a chunk of the rest (a prefill chunk, or the one token
 sampled last step). Preemption by recompute drops the blocks and sets ``num_computed_tokens`` back to 0:
 the tokens stay, so nothing generated is lost.
+
+When the engine runs decode steps ahead of the host (``async_scheduling``), the last ``num_pending``
+token ids are PLACEHOLDER: sampled on the device by a step in flight, filled in when its tokens arrive.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+PLACEHOLDER = -1  # a token id sampled on the device and not yet known to the host
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -83,6 +89,8 @@ class Sequence:
     num_hashed_blocks: int = 0  # leading full blocks registered in the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length"
+    num_pending: int = 0  # trailing PLACEHOLDER tokens (sampled by a step in flight)
+    final_pending: bool = False  # a step in flight samples the last token the length limits allow
     generator: Any = None  # torch.Generator when params.seed is set
     detok: Any = None  # IncrementalDetokenizer
     logits: list | None = None  # fp32 [V] rows, only when the engine records them
@@ -105,7 +113,14 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens the host knows (placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens - self.num_pending]
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still in flight (the sequence ended before they arrived)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def num_uncomputed(self) -> int:

@@ -1,0 +1,113 @@
+"""Asynchronous scheduling: decode steps launched before the step ahead has landed give exactly the
+outputs of the synchronous engine (tokens, text, finish reasons, logits), and no placeholder leaks into
+outputs, the prefix cache or the block bookkeeping. On the CPU the device work is synchronous, so these
+tests check the bookkeeping; the overlap itself is measured on a GPU (bench/gpu_engine_check.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atomq import LLM, SamplingParams
+from atomq.engine.decode_staging import DecodeStaging
+from atomq.engine.sequence import PLACEHOLDER, Sequence
+
+KW = dict(kv_cache_dtype="model", kv_cache_bytes=1 << 22, record_logits=True)
+
+
+def _same_outputs(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+        assert PLACEHOLDER not in x.token_ids
+        # equal up to float rounding: a sequence that stops on a token rides one extra step in a larger batch
+        torch.testing.assert_close(torch.stack(x.logits), torch.stack(y.logits), rtol=1e-4, atol=1e-4)
+
+
+def _both(lm, prompts, params, **kw):
+    outs = []
+    for overlap in (False, True):
+        llm = LLM(lm, async_scheduling=overlap, **{**KW, **kw})
+        assert llm.engine.async_scheduling is overlap
+        outs.append(llm.generate(prompts, params))
+        bm = llm.engine.block_manager
+        bm.check([])
+        assert bm.num_free_blocks == bm.num_blocks
+        assert all(PLACEHOLDER not in blk.token_ids for blk in bm.blocks)
+    return outs
+
+
+def test_greedy_lengths_and_stops_match_the_synchronous_engine(load, prompts):
+    lm = load("llama")
+    free = LLM(lm, **KW).generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[free.token_ids[4]])]
+    sync, overlap = _both(lm, [prompts[0], prompts[1], prompts[0]], params)
+    _same_outputs(overlap, sync)
+    stopped = free.token_ids.index(free.token_ids[4]) + 1
+    assert [len(o.token_ids) for o in overlap] == [12, 1, stopped] and overlap[2].finish_reason == "stop"
+
+
+def test_stop_strings_eos_and_seeded_sampling_match(load, prompts):
+    lm = load("llama")
+    free = LLM(lm, **KW).generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=stop),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10)]
+    outs = []
+    for overlap in (False, True):  # a pretend EOS: the fourth generated token of the free run
+        llm = LLM(lm, async_scheduling=overlap, **KW)
+        llm.engine.eos_token_id = free.token_ids[3]
+        outs.append(llm.generate([prompts[0], prompts[1], prompts[0]], params))
+    _same_outputs(outs[1], outs[0])
+    assert outs[1][0].finish_reason == "stop" and stop not in outs[1][0].text
+    eos_at = free.token_ids.index(free.token_ids[3]) + 1
+    assert outs[1][2].token_ids == free.token_ids[:eos_at] and outs[1][2].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kv", ["model", "int4"])
+def test_preemption_and_prefix_cache_under_async_steps(load, prompts, kv):
+    lm = load("llama", kv_bits=4)
+    prompts = [prompts[0], prompts[2], "seven wizards quietly", prompts[0]]  # the last one shares a prefix
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    per_block = LLM(lm, kv_cache_dtype=kv, kv_cache_bytes=1 << 22).engine.kv_pool.bytes_per_token * 16
+    sync, overlap = _both(lm, prompts, params, kv_cache_dtype=kv, kv_cache_bytes=4 * per_block, max_model_len=64,
+                          max_num_batched_tokens=16)
+    _same_outputs(overlap, sync)
+    assert sum(o.num_preemptions for o in overlap) > 0
+
+
+def test_arrivals_and_aborts_between_async_steps(load, prompts):
+    lm = load("llama")
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    alone = LLM(lm, **KW).generate(prompts, params)
+    llm = LLM(lm, async_scheduling=True, **KW)
+    eng = llm.engine
+    first = eng.add_request(prompts[0], params)
+    doomed = eng.add_request(prompts[2], params)
+    for _ in range(4):  # prefill, then decode steps in flight
+        eng.step()
+    assert eng._in_flight is not None and first.num_pending == 1 and PLACEHOLDER not in first.output_token_ids
+    late = eng.add_request(prompts[1], params)  # joins while a step is in flight: that step lands first
+    assert eng.abort_request(doomed) and doomed.num_pending == 0 and PLACEHOLDER not in doomed.token_ids
+    while eng.has_unfinished():
+        eng.step()
+    assert [first.output_token_ids, late.output_token_ids] == [alone[0].token_ids, alone[1].token_ids]
+    assert doomed.finish_reason == "abort" and doomed.output_token_ids == alone[2].token_ids[:len(doomed.output_token_ids)]
+    eng.block_manager.check([])
+    assert eng.stats["generated_tokens"] == 20 + len(doomed.output_token_ids)
+
+
+def test_staging_gathers_tokens_sampled_on_the_device():
+    staging = DecodeStaging(4, 2, 16, torch.device("cpu"), separate=True, gather=True)
+    seqs = [Sequence(i, [5, 6, 7], SamplingParams()) for i in range(3)]
+    for i, s in enumerate(seqs):
+        s.block_table, s.num_computed_tokens = [i], 2
+    seqs[1].token_ids[-1] = PLACEHOLDER
+    seqs[2].token_ids[-1] = PLACEHOLDER
+    staging.sampled[:3] = torch.tensor([101, 102, 103])
+    batch = staging.load(seqs, sampled_rows={1: 2, 2: 0})
+    assert batch.token_ids.tolist() == [7, 103, 101]
+    with pytest.raises(RuntimeError, match="not known"):
+        staging.load(seqs, sampled_rows={1: 2})
