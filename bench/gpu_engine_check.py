@@ -191,6 +191,40 @@ def decode_run(shape: str, config: str, bsz: int, prompt_len: int, steps: int, b
 
 
 ASYNC: bool | None = None  # the engines' async_scheduling (None: the default, on for CUDA)
+
+
+def _skipping(skip: set[str]) -> None:
+    """Upper bounds for fusions (timing only, the outputs are wrong): the named decode kernels are not run.
+    rope: RoPE of q and k; oquant: o_proj's input quantization (its first result reused); dquant: SiLU * up
+    + quantization of down_proj's input (likewise); store: the KV-cache write."""
+    from atomq.kernels import kv_cache
+    from atomq.model import methods, paged
+
+    def cached(fn):
+        memo = {}
+
+        def run(*args, **kw):
+            key = tuple(a.shape for a in args if isinstance(a, torch.Tensor))
+            if key not in memo:
+                memo[key] = fn(*args, **kw)
+            return memo[key]
+        return run
+
+    paged._rope_q_k = (lambda *a: None) if "rope" in skip else _ORIGINAL["rope"]
+    methods.AtomKernel.prepare_input = cached(_ORIGINAL["oquant"]) if "oquant" in skip else _ORIGINAL["oquant"]
+    _Q.silu_mul_quantize = cached(_ORIGINAL["dquant"]) if "dquant" in skip else _ORIGINAL["dquant"]
+    kv_cache.kv_store = (lambda *a: None) if "store" in skip else _ORIGINAL["store"]
+
+
+def _originals() -> dict:
+    from atomq.kernels import kv_cache
+    from atomq.model import methods, paged
+
+    return {"rope": paged._rope_q_k, "oquant": methods.AtomKernel.prepare_input, "dquant": _Q.silu_mul_quantize,
+            "store": kv_cache.kv_store}
+
+
+_ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
@@ -215,6 +249,7 @@ def _apply_variant(spec: str) -> None:
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
     global ASYNC
     ASYNC = None if "async" not in kv else kv["async"] == "1"
+    _skipping(set(kv.get("skip", "").split("+")) - {""})
 
 
 def main() -> int:
@@ -228,8 +263,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1' (unset "
-                    "keys: defaults; async: decode steps launched one ahead of the host; preload: the decode quantize's constants before the wait, "
+                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1,skip=rope+oquant+dquant+store' "
+                    "(unset keys: defaults; async: decode steps launched one ahead of the host; skip: named decode "
+                    "kernels not run, an upper bound for fusing them away, outputs wrong; preload: the decode quantize's constants before the wait, "
                     "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
                     "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
                     "every config and batch runs under each, "
