@@ -94,6 +94,22 @@ def test_split_merge_in_kernel_equals_merge_kernel(mode, hq, hkv, d, dot, device
     assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("mode,hq,hkv,d,dot", [("int4", 6, 2, 64, 2), ("int4", 4, 4, 128, 4), ("fp16", 8, 2, 64, 1)])
+def test_adaptive_splits_spread_short_sequences_over_a_long_plan(mode, hq, hkv, d, dot, device):
+    """A plan sized for 512 tokens (8 splits of 64): with adaptive splits a 130-token sequence uses five
+    splits of 32 tokens instead of three of 64 (the partial log-sum-exps show which splits had tokens);
+    both match the reference."""
+    lens = [1, 130, 47, 64]
+    cache, bt, sl, gen = make_batch(lens, hkv, d, mode, device)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(device, torch.float16)
+    want = ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5)
+    for adaptive, used in ((True, 5), (False, 3)):
+        plan = dec.plan_decode(len(lens), hq, hkv, d, 512, device, num_splits=8, block_n=16, dot=dot,
+                               adaptive=adaptive)
+        assert_close(dec.paged_decode_attention(q, cache, bt, sl, d**-0.5, plan=plan), want)
+        assert int(torch.isfinite(plan.partial_lse[1, 0]).sum()) == used
+
+
 @pytest.mark.parametrize("prefetch,block_n,acc_rows", [(True, 16, 16), (False, 64, 16), (True, 32, 8)])
 def test_decode_words_kernel_nhd_sharp_softmax_folded_rows(prefetch, block_n, acc_rows, device):
     """dot 4 on NHD pages with a sharp softmax (the running max moves), with and without prefetch, and

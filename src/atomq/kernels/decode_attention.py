@@ -123,8 +123,13 @@ def pv_tile(p, v, DOT: tl.constexpr):
 
 
 @triton.jit
-def _split_range(SEQ, b, s, tokens_per_split):
+def _split_range(SEQ, b, s, tokens_per_split, BLOCK_N: tl.constexpr, ADAPT: tl.constexpr):
+    """Tokens [start, end) of split s for sequence b. ADAPT: the sequence's own length is spread over all
+    splits in whole tiles (a short context in a plan sized for a long one still uses every split); else
+    tokens_per_split each. The last split takes any remainder."""
     seq_len = tl.load(SEQ + b)
+    if ADAPT:
+        tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     if s == tl.num_programs(2) - 1:  # the last split takes any remainder
@@ -257,13 +262,13 @@ def _decode_int4_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, DEQ: tl.constexpr, INTERPRET: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, ADAPT: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    start, end = _split_range(SEQ, b, s, tokens_per_split, BLOCK_N, ADAPT)
     g = tl.arange(0, BLOCK_G)
     gm = g < GROUP
     qh = h * GROUP + g
@@ -401,7 +406,7 @@ def _decode_int4_words_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     ACC_ROWS: tl.constexpr, INTERPRET: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, ADAPT: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
@@ -415,7 +420,7 @@ def _decode_int4_words_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    start, end = _split_range(SEQ, b, s, tokens_per_split, BLOCK_N, ADAPT)
     c = tl.arange(0, W)
     qp = Q + b * stride_qb + h * stride_qh + 8 * c[None, :]  # plane I holds elements 8c + I
     q0 = tl.load(qp).to(tl.float32)
@@ -480,13 +485,13 @@ def _decode_fp_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, ADAPT: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    start, end = _split_range(SEQ, b, s, tokens_per_split)
+    start, end = _split_range(SEQ, b, s, tokens_per_split, BLOCK_N, ADAPT)
     g = tl.arange(0, BLOCK_G)
     gm = g < GROUP
     qh = h * GROUP + g
@@ -540,6 +545,10 @@ def _merge_splits_kernel(
 # (7B shapes, max_model_len 4096, PDL on): Atom decode 5% faster at batch 4 and even at batch 1; the FP16
 # kernel 1-2% slower that way, so the other kernels keep the merge kernel (fused_merge=True forces it)
 FUSED_MERGE = True
+# splits sized by each sequence's length at run time (_split_range), not by the plan's max_seq_len
+ADAPTIVE_SPLITS = True
+# the fewest tokens a split is planned for (plan_decode)
+MIN_TOKENS_PER_SPLIT = 256
 
 
 @dataclass
@@ -553,7 +562,8 @@ class DecodePlan:
     load the next tile into registers while computing this one; acc_rows (dot 4): rows of the per-slot
     accumulators (token rows r, r + acc_rows, ... are summed into row r; the default, 8 * num_warps, is
     where the page loads' layout wraps, so the fold stays within a thread); fused_merge (num_splits > 1):
-    the last split program of each (sequence, kv head) merges the partials (no merge kernel).
+    the last split program of each (sequence, kv head) merges the partials (no merge kernel);
+    adaptive: each sequence's tokens are spread over all splits at run time (else tokens_per_split each).
     """
 
     batch: int
@@ -572,6 +582,7 @@ class DecodePlan:
     partial_out: torch.Tensor | None
     partial_lse: torch.Tensor | None
     fused_merge: bool = True
+    adaptive: bool = True
 
 
 def plan_decode(
@@ -579,7 +590,7 @@ def plan_decode(
     *, kv_mode: str = "int4", num_sms: int | None = None, num_splits: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     dot: int | None = None, deq: int = 1, prefetch: bool = True, acc_rows: int | None = None,
-    min_tokens_per_split: int = 256, fused_merge: bool | None = None,
+    min_tokens_per_split: int | None = None, fused_merge: bool | None = None, adaptive: bool | None = None,
 ) -> DecodePlan:
     """Choose the split count and tile sizes; allocate the split workspace.
 
@@ -604,6 +615,7 @@ def plan_decode(
         dev = torch.device(device)
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     if num_splits is None:
+        min_tokens_per_split = min_tokens_per_split or MIN_TOKENS_PER_SPLIT
         base = max(batch * num_kv_heads, 1)
         num_splits = max(1, min(-(-2 * num_sms // base), -(-max_seq_len // min_tokens_per_split)))
     tokens = -(-max(max_seq_len, 1) // num_splits)
@@ -619,8 +631,9 @@ def plan_decode(
     if block_n % acc_rows:
         raise ValueError(f"acc_rows {acc_rows} must divide block_n {block_n}")
     fused_merge = FUSED_MERGE and dot == 4 if fused_merge is None else fused_merge
+    adaptive = ADAPTIVE_SPLITS if adaptive is None else adaptive
     return DecodePlan(batch, num_qo_heads, num_kv_heads, head_dim, num_splits, tokens, block_n,
-                      num_warps, num_stages, dot, deq, prefetch, acc_rows, po, pl, fused_merge)
+                      num_warps, num_stages, dot, deq, prefetch, acc_rows, po, pl, fused_merge, adaptive)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -680,7 +693,7 @@ def paged_decode_attention(
     fused = locks is not None  # else (a graph capture without counters) the merge kernel runs after
     lock = locks if fused else pl
     common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
-                  DOT=plan.dot, INTERPRET=interpreting(), FUSED_MERGE=fused, num_warps=plan.num_warps,
+                  DOT=plan.dot, INTERPRET=interpreting(), FUSED_MERGE=fused, ADAPT=plan.adaptive, num_warps=plan.num_warps,
                   num_stages=plan.num_stages, **pdl)
     if cache.mode == "int4" and plan.dot == 4:
         mb, mh, ms = cache.meta_strides()
@@ -690,7 +703,7 @@ def paged_decode_attention(
             q.stride(0), q.stride(1), sb // 4, sh // 4, ss // 4, mb, mh, ms, block_table.stride(0),
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
-            ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(), FUSED_MERGE=fused,
+            ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(), FUSED_MERGE=fused, ADAPT=plan.adaptive,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
         )
     elif cache.mode == "int4":
