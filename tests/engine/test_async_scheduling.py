@@ -15,12 +15,13 @@ from atomq.engine.sequence import PLACEHOLDER, Sequence
 KW = dict(kv_cache_dtype="model", kv_cache_bytes=1 << 22, record_logits=True)
 
 
-def _same_outputs(a, b) -> None:
+def _same_outputs(a, b, tol: float = 1e-4) -> None:
+    """Same tokens, text and finish reasons; logits equal up to float rounding (the steps' batches differ:
+    a sequence that stops on a token rides one extra step, arrivals join other steps)."""
     for x, y in zip(a, b, strict=True):
         assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
         assert PLACEHOLDER not in x.token_ids
-        # equal up to float rounding: a sequence that stops on a token rides one extra step in a larger batch
-        torch.testing.assert_close(torch.stack(x.logits), torch.stack(y.logits), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.stack(x.logits), torch.stack(y.logits), rtol=tol, atol=tol)
 
 
 def _both(lm, prompts, params, **kw):
@@ -74,7 +75,9 @@ def test_preemption_and_prefix_cache_under_async_steps(load, prompts, kv):
     per_block = LLM(lm, kv_cache_dtype=kv, kv_cache_bytes=1 << 22).engine.kv_pool.bytes_per_token * 16
     sync, overlap = _both(lm, prompts, params, kv_cache_dtype=kv, kv_cache_bytes=4 * per_block, max_model_len=64,
                           max_num_batched_tokens=16)
-    _same_outputs(overlap, sync)
+    # INT4 pages: prefix-cache hits and recomputed chunks fall on other steps, and a K/V computed in a batch
+    # of another size can round to another 4-bit value
+    _same_outputs(overlap, sync, 1e-4 if kv == "model" else 2e-2)
     assert sum(o.num_preemptions for o in overlap) > 0
 
 
@@ -89,7 +92,7 @@ def test_arrivals_and_aborts_between_async_steps(load, prompts):
     for _ in range(4):  # prefill, then decode steps in flight
         eng.step()
     assert eng._in_flight is not None and first.num_pending == 1 and PLACEHOLDER not in first.output_token_ids
-    late = eng.add_request(prompts[1], params)  # joins while a step is in flight: that step lands first
+    late = eng.add_request(prompts[1], params)  # joins while a step is in flight: its prefill runs ahead too
     assert eng.abort_request(doomed) and doomed.num_pending == 0 and PLACEHOLDER not in doomed.token_ids
     while eng.has_unfinished():
         eng.step()
@@ -111,3 +114,17 @@ def test_staging_gathers_tokens_sampled_on_the_device():
     assert batch.token_ids.tolist() == [7, 103, 101]
     with pytest.raises(RuntimeError, match="not known"):
         staging.load(seqs, sampled_rows={1: 2})
+
+
+def test_general_step_batch_takes_placeholders_from_the_device():
+    from atomq.engine.model_runner import build_step_batch
+
+    sampled = torch.tensor([0, 201, 202, 0])
+    decode = Sequence(0, [5, 6, PLACEHOLDER], SamplingParams())
+    decode.block_table, decode.num_computed_tokens, decode.num_pending = [0], 2, 1
+    prefill = Sequence(1, [7, 8, 9], SamplingParams())
+    prefill.block_table = [1]
+    batch = build_step_batch([prefill, decode], [3, 1], 16, torch.device("cpu"), sampled, {0: 2})
+    assert batch.token_ids.tolist() == [7, 8, 9, 202] and batch.logits_indices.tolist() == [2, 3]
+    with pytest.raises(RuntimeError, match="not known"):
+        build_step_batch([decode], [1], 16, torch.device("cpu"), sampled, {})

@@ -139,6 +139,7 @@ def measure(engine: Any, workload: Workload, prompts: list[list[int]], time_limi
         running.append(engine.num_running + len(finished))
         durations.append(t_end - t_step)
         if time_limit_s is not None and t_end - t0 > time_limit_s:
+            engine.drain()  # keep the tokens of a step still in flight
             aborted = [s for s in seqs if engine.abort_request(s)]
             break
     elapsed = time.perf_counter() - t0

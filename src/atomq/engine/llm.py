@@ -5,13 +5,14 @@ KVPool, the sampler picks tokens, the detokenizer grows the text and stop rules 
 A bad request is refused by ``add_request`` with a ValueError before it touches any state, so the
 requests already in the engine keep running.
 
-Asynchronous scheduling (``async_scheduling``, on by default on CUDA): a plain decode step is launched
-before the host has seen the tokens of the step ahead of it. The runner takes those tokens from the
-device (the staging's gather, decode_staging.py), each sequence holds a PLACEHOLDER for its token in
-flight, and the host lands the step ahead (its tokens, stop rules, text) while the GPU computes the new
-one. The host's time per step hides behind the GPU's. A sequence that stops on a token (EOS, a stop
-string) is known to stop one step late: the one token computed for it meanwhile is dropped. Steps that
-prefill, and every step on the CPU by default, run synchronously.
+Asynchronous scheduling (``async_scheduling``, on by default on CUDA): each step is launched before
+the host has seen the tokens of the step ahead of it. The runner takes those tokens from the device
+(decode steps: the staging's gather, decode_staging.py; other steps: build_step_batch), each sequence
+holds a PLACEHOLDER for its token in flight, and the host lands the step ahead (its tokens, stop rules,
+text) while the GPU computes the new one, so the host's time per step hides behind the GPU's. A sequence
+that stops on a token (EOS, a stop string) is known to stop one step late: the one token computed for it
+meanwhile is dropped; the length limits are known ahead and cost nothing. On the CPU the device work is
+synchronous anyway, so steps run one at a time there by default.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class InFlightStep:
     host: torch.Tensor  # int64 [>= len(seqs)]: the tokens, once ``copied`` has completed
     copied: Any  # torch.cuda.Event (None on the CPU: the copy has run)
     logits: torch.Tensor | None  # fp32 [len(seqs), V] copies when the engine records logits
+    decode: bool = True  # a plain decode step (for the engine's statistics)
     sampled_rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row of the staging's ``sampled``
 
     def __post_init__(self) -> None:
@@ -182,6 +184,12 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         return True
 
+    def drain(self) -> list[Sequence]:
+        """Land the step in flight (asynchronous scheduling) so that every computed token is on the host;
+        returns the sequences that finished with it. Nothing to do after a synchronous step."""
+        step, self._in_flight = self._in_flight, None
+        return self._land(step) if step is not None else []
+
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
@@ -273,21 +281,19 @@ class LLMEngine:
         return finished
 
     # ------------------------------------------------------------------------ one step ahead
-    def _runs_ahead(self, seqs: list[Sequence], counts: list[int]) -> bool:
-        """Whether this step may be launched before the step in flight lands: a plain decode step
-        (every sequence computes its last token) of an engine with asynchronous scheduling."""
-        return (self.async_scheduling and bool(seqs) and sum(counts) == len(seqs)
-                and all(s.num_computed_tokens + 1 == len(s.token_ids) for s in seqs))
-
-    def _launch(self, seqs: list[Sequence], ahead: InFlightStep | None) -> InFlightStep:
-        """Run a decode step and sample on the device without waiting for either; each sequence gets a
-        PLACEHOLDER for its token. ``ahead``: the step still in flight, whose tokens feed this one."""
-        n = len(seqs)
-        _, logits = self.runner.run(seqs, [1] * n, ahead.sampled_rows if ahead is not None else None)
-        params = [s.params for s in seqs]
-        tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in seqs])
+    def _launch(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> InFlightStep:
+        """Run a step and sample on the device without waiting for either; each sequence that gets a token
+        holds a PLACEHOLDER for it. ``ahead``: the step still in flight, whose tokens feed this one."""
+        wanting, logits = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None)
+        self._advance(seqs, counts)
+        decode = sum(counts) == len(seqs)
+        n = len(wanting)
+        if not n:  # prefill chunks only: nothing to sample
+            return InFlightStep([], self._token_buffers[0], None, None, decode)
+        params = [s.params for s in wanting]
+        tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
         staging = self.runner.staging
-        staging.sampled[:n].copy_(tokens)  # where the next step's gather finds them
+        staging.sampled[:n].copy_(tokens)  # where the next step's inputs are gathered from
         host = self._token_buffers[self._next_buffer]  # two: the other one may still be read by ``_land``
         self._next_buffer ^= 1
         host[:n].copy_(staging.sampled[:n], non_blocking=True)
@@ -296,12 +302,11 @@ class LLMEngine:
             copied = torch.cuda.Event()
             copied.record()
         recorded = logits.to(torch.float32, copy=True) if self.config.record_logits else None
-        self._advance(seqs, [1] * n)
-        for seq in seqs:
+        for seq in wanting:
             seq.token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
             seq.final_pending = self._length_reached(seq)
-        return InFlightStep(seqs, host, copied, recorded)
+        return InFlightStep(wanting, host, copied, recorded, decode)
 
     def _land(self, step: InFlightStep) -> list[Sequence]:
         """Wait for the tokens of a step in flight, put them in place of their placeholders and apply the
@@ -322,42 +327,44 @@ class LLMEngine:
             if self._accept(seq, tok, step.logits[i] if step.logits is not None else None, now) is not None:
                 finished.append(seq)
         self.stats["generated_tokens"] += landed
-        self.stats["decode_tokens"] += landed
+        self.stats["decode_tokens"] += landed if step.decode else 0
         return finished
 
-    def _step_ahead(self, seqs: list[Sequence], ahead: InFlightStep | None) -> list[Sequence]:
-        """Launch a decode step, then land the one ahead while the GPU computes it."""
+    def _step_ahead(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> list[Sequence]:
+        """Launch this step, then land the one ahead while the GPU computes it."""
         t0 = time.perf_counter()
-        self._in_flight = self._launch(seqs, ahead)
+        if seqs:
+            self._in_flight = self._launch(seqs, counts, ahead)
         finished = self._land(ahead) if ahead is not None else []
-        st = self.stats
-        st["decode_s"] += time.perf_counter() - t0
-        st["decode_steps"] += 1
-        st["steps"] += 1
-        st["max_batch_tokens"] = max(st["max_batch_tokens"], len(seqs))
-        return finished
-
-    def step(self) -> list[Sequence]:
-        """Schedule and run one step; returns the sequences that finished in it."""
-        sched = self.scheduler.schedule()
-        seqs, counts = sched.seqs, sched.num_new_tokens
-        ahead, self._in_flight = self._in_flight, None
-        if self._runs_ahead(seqs, counts):
-            return self._step_ahead(seqs, ahead)
-        finished = []
-        if ahead is not None:  # this step needs every token on the host: land the one in flight first
-            finished = self._land(ahead)
-            if finished:
-                kept = [(s, n) for s, n in zip(seqs, counts) if not s.is_finished]
-                seqs, counts = [s for s, _ in kept], [n for _, n in kept]
         if not seqs:
             if ahead is None and self.has_unfinished():
                 raise RuntimeError("nothing could be scheduled although requests are waiting")
             return finished
+        num_tokens = sum(counts)
+        decode = num_tokens == len(seqs)
+        st = self.stats
+        st["decode_s" if decode else "prefill_s"] += time.perf_counter() - t0
+        st["decode_steps"] += decode
+        st["steps"] += 1
+        st["max_batch_tokens"] = max(st["max_batch_tokens"], num_tokens)
+        return finished
+
+    def step(self) -> list[Sequence]:
+        """Schedule and run one step; returns the sequences that finished in it (with asynchronous
+        scheduling: those whose last token arrived with the step before)."""
+        sched = self.scheduler.schedule()
+        seqs, counts = sched.seqs, sched.num_new_tokens
+        if self.async_scheduling:
+            ahead, self._in_flight = self._in_flight, None
+            return self._step_ahead(seqs, counts, ahead)
+        if not seqs:
+            if self.has_unfinished():
+                raise RuntimeError("nothing could be scheduled although requests are waiting")
+            return []
         t0 = time.perf_counter()
         wanting, logits = self.runner.run(seqs, counts)
         self._advance(seqs, counts)
-        finished += self._append_tokens(wanting, logits) if wanting else []
+        finished = self._append_tokens(wanting, logits) if wanting else []
         dt = time.perf_counter() - t0
         num_tokens = sum(counts)
         decode = num_tokens == len(seqs)  # one token each

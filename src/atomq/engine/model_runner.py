@@ -24,18 +24,29 @@ from .sequence import Sequence
 
 
 def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size: int,
-                     device: torch.device) -> StepBatch:
+                     device: torch.device, sampled: torch.Tensor | None = None,
+                     sampled_rows: dict[int, int] | None = None) -> StepBatch:
     """Tensors for one step. Sequence b computes tokens [num_computed, num_computed + n_b) and needs
-    logits when that reaches the end of its tokens (a finished prefill or a decode step)."""
+    logits when that reaches the end of its tokens (a finished prefill or a decode step).
+
+    A PLACEHOLDER token (sampled on the device by the step before, not yet known here) is taken from
+    ``sampled`` int64 [R] (device), row ``sampled_rows[seq_id]``, on the device."""
     tokens: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     cached, context, cu, logit_rows = [], [], [0], []
+    fill_at, fill_from = [], []  # rows of token_ids that take a sampled token, and its row of ``sampled``
     for seq, n in zip(seqs, num_new_tokens):
         start = seq.num_computed_tokens
         if n < 1 or start + n > seq.num_tokens or len(seq.block_table) * block_size < start + n:
             raise RuntimeError(f"sequence {seq.seq_id}: bad step ({n} tokens from {start}, "
                                f"{seq.num_tokens} tokens, {len(seq.block_table)} blocks)")
+        if seq.num_pending and start + n == seq.num_tokens:  # its last token is still in flight
+            if seq.num_pending > 1 or sampled_rows is None or seq.seq_id not in sampled_rows:
+                raise RuntimeError(f"sequence {seq.seq_id}: its input token is not known and was not "
+                                   f"sampled by the step ahead")
+            fill_at.append(len(tokens) + n - 1)
+            fill_from.append(sampled_rows[seq.seq_id])
         tokens += seq.token_ids[start:start + n]
         positions += range(start, start + n)
         slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
@@ -47,20 +58,25 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
     width = max(len(s.block_table) for s in seqs)
     tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]  # [B * max_blocks]
     # two host-to-device copies per step (int64 and int32 fields), sliced on the device
-    t, b = len(tokens), len(seqs)
-    wide = torch.tensor(tokens + positions + logit_rows, dtype=torch.int64).to(device, non_blocking=True)
+    t, b, nl, nf = len(tokens), len(seqs), len(logit_rows), len(fill_at)
+    wide = torch.tensor(tokens + positions + logit_rows + fill_at + fill_from,
+                        dtype=torch.int64).to(device, non_blocking=True)
     narrow = torch.tensor(slots + cached + context + cu + tables, dtype=torch.int32).to(device, non_blocking=True)
     cuts = [t, b, b, b + 1]
     slot_mapping, cached_lens, context_lens, cu_seqlens, flat_tables = narrow.split(cuts + [b * width])
+    token_ids = wide[:t]
+    if nf:  # the tokens sampled on the device by the step ahead
+        at, src = wide[2 * t + nl:2 * t + nl + nf], wide[2 * t + nl + nf:]
+        token_ids.index_copy_(0, at, sampled.index_select(0, src))
     return StepBatch(
-        token_ids=wide[:t],
+        token_ids=token_ids,
         positions=wide[t:2 * t],
         slot_mapping=slot_mapping,
         block_tables=flat_tables.view(b, width),
         cached_lens=cached_lens,
         context_lens=context_lens,
         cu_seqlens_q=cu_seqlens,
-        logits_indices=wide[2 * t:],
+        logits_indices=wide[2 * t:2 * t + nl],
         max_q_len=max(num_new_tokens),
         is_decode=all(n == 1 for n in num_new_tokens),
     )
@@ -159,14 +175,13 @@ class ModelRunner:
                 ) -> tuple[StepBatch, int | None]:
         """The host half of a step: the StepBatch on the device and, for a CUDA-graph decode step, the
         bucket whose static buffers hold it padded (None = run eagerly). sampled_rows: seq_id -> row of
-        the staging's ``sampled`` for inputs sampled by the step before (only for a decode step)."""
+        the staging's ``sampled`` for inputs sampled by the step before."""
         if sum(num_new_tokens) == len(seqs) <= self.staging.rows:  # one token each: maybe a decode step
             out = self._prepare_decode(seqs, sampled_rows)
             if out is not None:
                 return out
-        if sampled_rows:
-            raise RuntimeError("tokens sampled on the device can only feed a decode step")
-        return build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device), None
+        return build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device, self.staging.sampled,
+                                sampled_rows), None
 
     def execute(self, batch: StepBatch, bucket: int | None) -> torch.Tensor:
         """The model half: logits [L, vocab] in the model dtype (graph replay or eager forward)."""
