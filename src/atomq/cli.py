@@ -150,6 +150,15 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+ASYNC_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def _add_async_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async-scheduling", default="auto", choices=list(ASYNC_CHOICES),
+                        help="launch each engine step before the host has the tokens of the one ahead, so the host's "
+                             "work overlaps the GPU's (auto: on CUDA, off on the CPU)")
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     import resource
     import time
@@ -168,7 +177,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     llm = open_llm(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
               kv_cache_bytes=ns.kv_cache_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
               max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-              max_num_batched_tokens=ns.max_num_batched_tokens)
+              max_num_batched_tokens=ns.max_num_batched_tokens, async_scheduling=ASYNC_CHOICES[ns.async_scheduling])
     load_s = time.perf_counter() - t0
     eng = llm.engine
     prompts = [apply_chat_template(llm.tokenizer, p) if ns.chat else p for p in ns.prompt]
@@ -210,7 +219,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
                dtype=ns.dtype,
                device=ns.device, kv_cache_dtype=ns.kv_cache_dtype, kv_cache_bytes=ns.kv_cache_bytes,
                gpu_memory_utilization=ns.gpu_memory_utilization, max_model_len=ns.max_model_len,
-               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens)
+               max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+               async_scheduling=ASYNC_CHOICES[ns.async_scheduling])
     return 0
 
 
@@ -262,7 +272,8 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
     settings = RunSettings(device=device, dtype=dtype, max_num_batched_tokens=ns.max_num_batched_tokens,
                            max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
                            warmup=not ns.no_warmup, time_limit_s=ns.time_limit,
-                           total_time_limit_s=ns.total_time_limit, prompt_seed=ns.seed or 0)
+                           total_time_limit_s=ns.total_time_limit, prompt_seed=ns.seed or 0,
+                           async_scheduling=ASYNC_CHOICES[ns.async_scheduling])
     budgets = [parse_budget(b, int(ns.reserve_gb * GiB)) for b in _csv(ns.budgets)]
     batch_sizes = [int(b) for b in _csv(ns.max_num_seqs)]
     out = ResultFile(ns.out, "throughput", env_info(device), dataclasses.asdict(settings), workload.summary())
@@ -417,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    _add_async_flag(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: float32 on CPU, float16 on CUDA)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -447,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--max-num-seqs", type=int, default=64)
     sv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    _add_async_flag(sv)
     sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     sv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -475,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GiB of a capped budget kept for activations, workspaces, CUDA context (default 2)")
     bt.add_argument("--max-num-seqs", default="256", help="comma-separated sweep of the engine's batch limit")
     bt.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    _add_async_flag(bt)
     bt.add_argument("--max-model-len", type=int, default=None,
                     help="default: the workload's longest request rounded up to 16")
     bt.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the device for 'full'")

@@ -59,7 +59,8 @@ class RunSettings:
     (kernels compiled, CUDA graphs captured: otherwise the first steps of a run pay for it); time_limit_s:
     abort a run's unfinished requests after this many seconds (None = no limit); total_time_limit_s: for
     run_comparison as a whole: runs cut short at the end, later ones skipped (None = no limit);
-    prompt_seed: random prompt ids; model_seed: random weights."""
+    prompt_seed: random prompt ids; model_seed: random weights; async_scheduling: the engine's (None = its
+    default, on for CUDA)."""
 
     device: str = "cuda"
     dtype: torch.dtype | None = None
@@ -71,6 +72,7 @@ class RunSettings:
     total_time_limit_s: float | None = None
     prompt_seed: int = 0
     model_seed: int = 0
+    async_scheduling: bool | None = None
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -268,7 +270,8 @@ def _run_one(lm: Any, config: Config, plan: MemoryPlan, max_num_seqs: int, max_l
         reset_peak(device)
         t0 = time.perf_counter()
         llm = LLM(lm, **config.engine_kwargs, kv_cache_bytes=plan.kv_budget_bytes, max_model_len=max_len,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens)
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
+                  async_scheduling=s.async_scheduling)
         build_s = time.perf_counter() - t0
         eng = llm.engine
         warmup_s = warm_up(eng, vocab_size, s.prompt_seed + 1) if s.warmup else 0.0
