@@ -176,3 +176,24 @@ def test_request_metrics_are_ordered(load, prompts):
         assert m.arrival_time <= m.first_token_time <= m.finish_time
         assert m.num_output_tokens == len(o.token_ids) == 8
         assert m.ttft >= 0 and m.tpot >= 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logprobs_are_the_models_log_softmax(load, prompts, overlap):
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22, record_logits=True,
+              async_scheduling=overlap)
+    params = [SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=4, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)]
+    greedy, seeded, plain = llm.generate(prompts, params)
+    assert plain.logprobs is None and len(greedy.logprobs) == 5 and len(seeded.logprobs) == 4
+    for out, k in ((greedy, 3), (seeded, 0)):
+        for tok, entry, row in zip(out.token_ids, out.logprobs, out.logits):
+            want = torch.log_softmax(row, -1)
+            assert entry.token_id == tok and abs(entry.logprob - float(want[tok])) < 1e-5
+            assert [i for i, _ in entry.top] == want.topk(k).indices.tolist()
+            assert all(abs(lp - float(want[i])) < 1e-5 for i, lp in entry.top)
+    assert all(e.top[0][0] == e.token_id for e in greedy.logprobs)  # greedy picks the most likely token
+    for bad in (21, -1, True, 1.5):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=bad)

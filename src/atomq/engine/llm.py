@@ -30,9 +30,9 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
-from .sampler import all_greedy, sample, sample_tokens
+from .sampler import all_greedy, sample, sample_tokens, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence
+from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ class InFlightStep:
     host: torch.Tensor  # int64 [>= len(seqs)]: the tokens, once ``copied`` has completed
     copied: Any  # torch.cuda.Event (None on the CPU: the copy has run)
     logits: torch.Tensor | None  # fp32 [len(seqs), V] copies when the engine records logits
-    decode: bool = True  # a plain decode step (for the engine's statistics)
+    decode: bool = True
+    logprobs: tuple | None = None  # token_logprobs' three tensors on their way to the host, when asked for  # a plain decode step (for the engine's statistics)
     sampled_rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row of the staging's ``sampled``
 
     def __post_init__(self) -> None:
@@ -165,6 +166,8 @@ class LLMEngine:
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
         if self.config.record_logits:
             seq.logits = []
+        if params.logprobs is not None:
+            seq.logprobs = []
         return seq
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -246,13 +249,16 @@ class LLMEngine:
             if caching and seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # once per block, not per token
                 bm.register_computed(seq)
 
-    def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor | None, now: float) -> Sequence | None:
+    def _accept(self, seq: Sequence, tok: int, logits: torch.Tensor | None, now: float,
+                logprobs: TokenLogprobs | None = None) -> Sequence | None:
         """Apply the stop rules to ``tok``, already in seq.token_ids (logits: its fp32 [V] row when the
-        engine records them). Returns seq when it finished."""
+        engine records them; logprobs: when the request asked for them). Returns seq when it finished."""
         if seq.first_token_time is None:
             seq.first_token_time = now
         if seq.logits is not None:
             seq.logits.append(logits)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
         p = seq.params
         if p.stop_token_ids or p.stop or tok == self.eos_token_id:
             reason = self._check_stop(seq, tok)
@@ -271,12 +277,19 @@ class LLMEngine:
         """Sample a token for each sequence of ``wanting`` (logits [len(wanting), V]), append it and apply
         the stop rules. Returns the sequences that finished."""
         params = [s.params for s in wanting]
-        tokens = sample(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
+        generators = [] if all_greedy(params) else [s.generator for s in wanting]
+        lp = None
+        if any(p.logprobs is not None for p in params):
+            ids = sample_tokens(logits, params, generators)
+            lp = _logprob_entries(wanting, ids.tolist(), token_logprobs(logits, ids, _top_k(params)))
+            tokens = [e.token_id for e in lp]
+        else:
+            tokens = sample(logits, params, generators)
         now, finished, record = time.perf_counter(), [], self.config.record_logits
         for i, (seq, tok) in enumerate(zip(wanting, tokens)):
             seq.token_ids.append(tok)
             row = logits[i].to(torch.float32, copy=True) if record else None
-            if self._accept(seq, tok, row, now) is not None:
+            if self._accept(seq, tok, row, now, lp[i] if lp is not None else None) is not None:
                 finished.append(seq)
         return finished
 
@@ -292,6 +305,9 @@ class LLMEngine:
             return InFlightStep([], self._token_buffers[0], None, None, decode)
         params = [s.params for s in wanting]
         tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
+        lp = None
+        if any(p.logprobs is not None for p in params):  # copied to (pinned) host memory with the tokens
+            lp = tuple(t.to("cpu", non_blocking=True) for t in token_logprobs(logits, tokens, _top_k(params)))
         staging = self.runner.staging
         staging.sampled[:n].copy_(tokens)  # where the next step's inputs are gathered from
         host = self._token_buffers[self._next_buffer]  # two: the other one may still be read by ``_land``
@@ -306,7 +322,7 @@ class LLMEngine:
             seq.token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
             seq.final_pending = self._length_reached(seq)
-        return InFlightStep(wanting, host, copied, recorded, decode)
+        return InFlightStep(wanting, host, copied, recorded, decode, lp)
 
     def _land(self, step: InFlightStep) -> list[Sequence]:
         """Wait for the tokens of a step in flight, put them in place of their placeholders and apply the
@@ -314,6 +330,7 @@ class LLMEngine:
         if step.copied is not None:
             step.copied.synchronize()
         tokens = step.host[:len(step.seqs)].tolist()
+        lp = _logprob_entries(step.seqs, tokens, step.logprobs) if step.logprobs is not None else None
         now, finished, bm, landed = time.perf_counter(), [], self.block_manager, 0
         for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
             if seq.is_finished:  # stopped (or aborted) while this token was computed: dropped
@@ -324,7 +341,8 @@ class LLMEngine:
             seq.final_pending = False
             if seq.block_table and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:
                 bm.register_computed(seq)  # blocks whose last token was a placeholder until now
-            if self._accept(seq, tok, step.logits[i] if step.logits is not None else None, now) is not None:
+            row = step.logits[i] if step.logits is not None else None
+            if self._accept(seq, tok, row, now, lp[i] if lp is not None else None) is not None:
                 finished.append(seq)
         self.stats["generated_tokens"] += landed
         self.stats["decode_tokens"] += landed if step.decode else 0
@@ -382,7 +400,19 @@ class LLMEngine:
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), seq.detok.text,
                              list(seq.output_token_ids), seq.finish_reason, seq.num_cached_tokens,
-                             seq.num_preemptions, seq.logits, metrics)
+                             seq.num_preemptions, seq.logits, metrics, seq.logprobs)
+
+
+def _top_k(params: list[SamplingParams]) -> int:
+    return max(p.logprobs or 0 for p in params)
+
+
+def _logprob_entries(seqs: list[Sequence], tokens: list[int], logprobs: tuple) -> list[TokenLogprobs]:
+    """One TokenLogprobs per row from token_logprobs' three tensors (fp32 [B], fp32 [B, k], int64 [B, k]),
+    each row cut to its request's own number of top tokens."""
+    chosen, values, ids = (t.tolist() for t in logprobs)
+    return [TokenLogprobs(tok, lp, tuple(zip(top_ids[:s.params.logprobs or 0], top_lp[:s.params.logprobs or 0])))
+            for s, tok, lp, top_lp, top_ids in zip(seqs, tokens, chosen, values, ids)]
 
 
 def apply_chat_template(tokenizer: Any, prompt: str) -> str:

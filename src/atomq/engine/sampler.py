@@ -56,6 +56,15 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     return out
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V] (any float dtype), tokens int64 [B] -> (their logprobs fp32 [B], the k largest
+    logprobs fp32 [B, k] and their ids int64 [B, k], most likely first), on the logits' device, no sync."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    top = torch.topk(lp, k, dim=-1)  # k = 0 gives empty [B, 0] tensors
+    return chosen, top.values, top.indices
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """``sample_tokens`` on the host: one token id per row."""
     return sample_tokens(logits, params, generators).tolist()

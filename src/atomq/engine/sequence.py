@@ -16,6 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+MAX_LOGPROBS = 20  # most likely tokens reported per generated token
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one generated token: its own and ``top`` (token id, logprob) pairs, most
+    likely first (natural log, fp32 softmax of the model's logits)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops.
@@ -24,7 +37,9 @@ class SamplingParams:
     logits (0 = all); top_p: keep the smallest set of tokens whose probability reaches top_p (1 = all);
     seed: per-request generator (None = the process RNG); max_tokens: tokens to generate (> 0);
     stop: strings that end the output (not included); stop_token_ids: token ids that end it
-    (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS.
+    (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS; logprobs:
+    return each generated token's log-probability and those of the ``logprobs`` most likely tokens
+    (0..MAX_LOGPROBS; None = none), from the model's distribution before temperature, top-k and top-p.
     """
 
     temperature: float = 1.0
@@ -35,6 +50,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # lists are accepted and frozen into tuples; a single stop string is one stop string
@@ -55,6 +71,9 @@ class SamplingParams:
             raise ValueError(f"stop must hold non-empty strings, got {stop!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +113,7 @@ class Sequence:
     generator: Any = None  # torch.Generator when params.seed is set
     detok: Any = None  # IncrementalDetokenizer
     logits: list | None = None  # fp32 [V] rows, only when the engine records them
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set
     # time.perf_counter() stamps: queued, first output token sampled, finished (None until then)
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -145,6 +165,7 @@ class RequestOutput:
     num_preemptions: int = 0
     logits: list | None = None  # per generated token, fp32 [V], when the engine records logits
     metrics: "RequestMetrics | None" = None
+    logprobs: list[TokenLogprobs] | None = None  # per generated token, when the request asked for them
 
 
 @dataclass(frozen=True)
