@@ -128,3 +128,42 @@ def test_stop_strings_cut_the_text_and_never_stream_part_of_it(client, offline):
     assert res.choices[0].text == want and res.choices[0].finish_reason == "stop"
     pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
     assert "".join(pieces) == want  # streamed text is never taken back, so no piece of the stop string left
+
+
+def test_completion_logprobs_whole_and_streamed(client, offline):
+    want = offline(PROMPTS[:2], 6, logprobs=2)
+    res = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[:2], max_tokens=6, temperature=0, logprobs=2)
+    for choice, o in zip(res.choices, want):
+        lp = choice.logprobs
+        assert lp.token_logprobs == pytest.approx([e.logprob for e in o.logprobs], abs=1e-4)
+        assert len(lp.tokens) == len(lp.top_logprobs) == len(o.token_ids) and all(len(t) <= 2 for t in lp.top_logprobs)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        assert all(max(top.values()) == pytest.approx(chosen) for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = {0: [], 1: []}
+    for chunk in client.completions.create(model=MODEL_NAME, prompt=PROMPTS[:2], max_tokens=6, temperature=0,
+                                           logprobs=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.logprobs.token_logprobs if c.logprobs else []
+    assert [len(v) for v in streamed.values()] == [len(o.token_ids) for o in want]
+    assert streamed[0] == pytest.approx(res.choices[0].logprobs.token_logprobs, abs=1e-4)
+    assert client.completions.create(model=MODEL_NAME, prompt="a", max_tokens=2).choices[0].logprobs is None
+
+
+def test_chat_logprobs_whole_and_streamed(client):
+    messages = [{"role": "user", "content": "name a color"}]
+    res = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = res.choices[0].logprobs.content
+    assert len(content) == res.usage.completion_tokens
+    for entry in content:
+        assert bytes(entry.bytes).decode("utf-8") == entry.token and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the most likely token
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5, temperature=0,
+                                                logprobs=True, stream=True):
+        for c in chunk.choices:
+            streamed += c.logprobs.content if c.logprobs else []
+    assert [e.token for e in streamed] == [e.token for e in content] and all(not e.top_logprobs for e in streamed)
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None

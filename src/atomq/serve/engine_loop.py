@@ -56,13 +56,25 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenInfo:
+    """One generated token as the client sees it: its text, log-probability and the most likely tokens'
+    (text, log-probability), most likely first."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New output of one choice: ``text`` since the last delta, ``num_tokens`` generated so far."""
+    """New output of one choice: ``text`` since the last delta, ``num_tokens`` generated so far, and
+    the log-probabilities of the tokens generated since (when the request asked for them)."""
 
     index: int
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    logprobs: tuple[TokenInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,12 +122,16 @@ class RequestHandle:
             self.bridge._send(lambda: self.bridge._abort(self))
 
 
+LOGPROB_FLOOR = -9999.0  # reported for a probability that underflows fp32 (JSON has no -inf)
+
+
 class _Live:
     """The engine thread's side of one admitted request: its sequences and what was sent so far."""
 
-    def __init__(self, handle: RequestHandle, seqs: list[Sequence]):
-        self.handle, self.seqs = handle, seqs
+    def __init__(self, handle: RequestHandle, seqs: list[Sequence], tokenizer: Any = None):
+        self.handle, self.seqs, self.tokenizer = handle, seqs, tokenizer
         self.sent_chars = [0] * len(seqs)
+        self.sent_logprobs = [0] * len(seqs)
         self.counted_tokens = [0] * len(seqs)
         self.done = [False] * len(seqs)
         stops = handle.request.params.stop
@@ -132,8 +148,12 @@ class _Live:
             self.counted_tokens[i] = num
             end = len(text) if seq.is_finished else max(self.sent_chars[i], len(text) - self.holdback)
             chunk = text[self.sent_chars[i]:end]
-            if chunk or seq.is_finished:
-                deltas.append(Delta(i, chunk, num, seq.finish_reason if seq.is_finished else None))
+            infos = ()
+            if seq.logprobs is not None and len(seq.logprobs) > self.sent_logprobs[i]:
+                infos = tuple(self._info(e) for e in seq.logprobs[self.sent_logprobs[i]:])
+                self.sent_logprobs[i] = len(seq.logprobs)
+            if chunk or infos or seq.is_finished:
+                deltas.append(Delta(i, chunk, num, seq.finish_reason if seq.is_finished else None, infos))
                 self.sent_chars[i] = end
             if seq.is_finished:
                 self.done[i] = True
@@ -143,6 +163,12 @@ class _Live:
     @property
     def finished(self) -> bool:
         return all(self.done)
+
+    def _info(self, entry: Any) -> TokenInfo:
+        """A TokenLogprobs as texts (each token decoded alone) and finite log-probabilities."""
+        decode = self.tokenizer.decode
+        return TokenInfo(decode([entry.token_id]), max(entry.logprob, LOGPROB_FLOOR),
+                         tuple((decode([t]), max(lp, LOGPROB_FLOOR)) for t, lp in entry.top))
 
 
 class AsyncEngine:
@@ -282,7 +308,7 @@ class AsyncEngine:
                 seed = None if req.params.seed is None else req.params.seed + j
                 params = dataclasses.replace(req.params, max_tokens=max_tokens, seed=seed)
                 seqs.append(self.engine.add_request(ids, params, f"{handle.request_id}-{len(seqs)}"))
-        self._live[id(handle)] = _Live(handle, seqs)
+        self._live[id(handle)] = _Live(handle, seqs, self.engine.tokenizer)
         if self.metrics is not None:
             self.metrics.on_admitted(sum(len(ids) for ids, _ in batch))
         self._post([(handle, _Admitted([len(ids) for ids, _ in batch]))])

@@ -2,9 +2,11 @@
 
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
-known OpenAI fields this server does not implement (logprobs, echo, suffix, penalties, logit_bias, tools,
-response formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions
-beyond OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``.
+known OpenAI fields this server does not implement (echo, suffix, penalties, logit_bias, tools, response
+formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond
+OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``; ``logprobs`` / ``top_logprobs`` go
+up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the model's distribution
+before temperature, top-k and top-p; one that underflows fp32 is reported as -9999.0 (JSON has no -inf).
 
 (No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
 """
@@ -16,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       StrictStr, Tag, WithJsonSchema, model_serializer, model_validator)
 
 MAX_N = 128  # choices per prompt
+MAX_LOGPROBS = 20  # most likely tokens per generated token (engine.sequence.MAX_LOGPROBS)
 MAX_STOP = 16  # stop strings per request
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -137,8 +140,14 @@ class CompletionRequest(SamplingFields):
     max_tokens: Int(ge=1) | None = Field(16, description="tokens to generate per choice (null: up to the context)")
     best_of: Unsupported(1) = None
     echo: Unsupported(False) = None
-    logprobs: Unsupported() = None
+    logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="also return each token's log-probability and those of this many most likely tokens")
     suffix: NoSuffix = None
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """Top log-probabilities per token the engine should report (None: none at all)."""
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list each."""
@@ -171,8 +180,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int(ge=1) | None = Field(None, description="tokens per choice (default: up to the context)")
     max_completion_tokens: Int(ge=1) | None = Field(None, description="the newer name of max_tokens")
-    logprobs: Unsupported(False) = None
-    top_logprobs: Unsupported(0) = None
+    logprobs: bool | None = Field(None, description="return each output token's log-probability")
+    top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="with logprobs: also this many most likely tokens per position")
     tools: Unsupported([]) = None
     tool_choice: NoToolChoice = None
     response_format: TextFormat = None
@@ -182,7 +192,13 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -205,10 +221,21 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(BaseModel):
+    """Per generated token (legacy completions format): its text, log-probability, the most likely
+    tokens' texts and log-probabilities, and where its text starts in the choice's text (token texts
+    concatenated; a multi-byte character split over tokens shows as U+FFFD in each)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -226,10 +253,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's text in UTF-8")
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -256,7 +297,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

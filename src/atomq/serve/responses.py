@@ -2,7 +2,8 @@
 
 A format knows the request's id, creation time and model and turns the bridge's output into OpenAI
 objects: ``first()`` (the chunk that opens a stream, if any), ``chunk(deltas)``, ``usage_chunk(usage)``
-(the last chunk of a stream) and ``whole(choices, usage)`` (the non-streamed answer).
+(the last chunk of a stream) and ``whole(choices, usage)`` (the non-streamed answer). With ``logprobs``
+every choice carries its tokens' log-probabilities in the endpoint's own shape.
 """
 
 from __future__ import annotations
@@ -12,34 +13,50 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .engine_loop import Delta
+from .engine_loop import Delta, TokenInfo
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
-                       CompletionChoice, CompletionResponse, DeltaMessage, Usage, unix_now)
+                       ChatLogprob, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse,
+                       DeltaMessage, TopLogprob, Usage, unix_now)
 
 
 class CompletionFormat:
     prefix = "cmpl"
 
-    def __init__(self, model: str, num_choices: int):
+    def __init__(self, model: str, num_choices: int, logprobs: bool = False):
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created, self.model, self.num_choices = unix_now(), model, num_choices
+        self.created, self.model, self.num_choices, self.logprobs = unix_now(), model, num_choices, logprobs
+        self._offsets = [0] * num_choices  # per choice: where the next token's text starts
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def _logprobs(self, index: int, tokens: tuple[TokenInfo, ...] | list[TokenInfo]) -> CompletionLogprobs | None:
+        if not self.logprobs:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(t.text)
+        return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+                                  top_logprobs=[dict(t.top) for t in tokens], text_offset=offsets)
 
     def first(self) -> BaseModel | None:
         return None
 
     def chunk(self, deltas: list[Delta]) -> BaseModel:
-        return self._body([CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
-                           for d in deltas])
+        return self._body([CompletionChoice(index=d.index, text=d.text, logprobs=self._logprobs(d.index, d.logprobs),
+                                            finish_reason=d.finish_reason) for d in deltas])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._body([], usage)
 
     def whole(self, choices: list[Any], usage: Usage) -> BaseModel:
-        return self._body([CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
-                           for i, c in enumerate(choices)], usage)
+        return self._body([CompletionChoice(index=i, text=c.text, logprobs=self._logprobs(i, c.logprobs),
+                                            finish_reason=c.finish_reason) for i, c in enumerate(choices)], usage)
+
+
+def _top(text: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
 
 class ChatFormat(CompletionFormat):
@@ -48,6 +65,12 @@ class ChatFormat(CompletionFormat):
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
+    def _logprobs(self, index: int, tokens: tuple[TokenInfo, ...] | list[TokenInfo]) -> ChatLogprobs | None:
+        if not self.logprobs:
+            return None
+        return ChatLogprobs(content=[ChatLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode("utf-8")),
+                                                 top_logprobs=[_top(*x) for x in t.top]) for t in tokens])
+
     def first(self) -> BaseModel:
         """The assistant's role for every choice, as OpenAI opens a chat stream."""
         return self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -55,7 +78,8 @@ class ChatFormat(CompletionFormat):
 
     def chunk(self, deltas: list[Delta]) -> BaseModel:
         return self._chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                            finish_reason=d.finish_reason) for d in deltas])
+                                            logprobs=self._logprobs(d.index, d.logprobs), finish_reason=d.finish_reason)
+                            for d in deltas])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._chunk([], usage)
@@ -63,5 +87,5 @@ class ChatFormat(CompletionFormat):
     def whole(self, choices: list[Any], usage: Usage) -> BaseModel:
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=usage,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-                     for i, c in enumerate(choices)])
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), logprobs=self._logprobs(i, c.logprobs),
+                                finish_reason=c.finish_reason) for i, c in enumerate(choices)])

@@ -110,7 +110,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     s = _state(request)
     _check_model(s, body.model)
     gen = completion_request(body)
-    return await _generate(request, body, gen, CompletionFormat(s.model_name, gen.num_sequences))
+    fmt = CompletionFormat(s.model_name, gen.num_sequences, logprobs=body.wanted_logprobs is not None)
+    return await _generate(request, body, gen, fmt)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **_SSE})
@@ -118,4 +119,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     s = _state(request)
     _check_model(s, body.model)
     gen = chat_request(body, s.tokenizer, s.chat_template)
-    return await _generate(request, body, gen, ChatFormat(s.model_name, gen.num_sequences))
+    fmt = ChatFormat(s.model_name, gen.num_sequences, logprobs=body.wanted_logprobs is not None)
+    return await _generate(request, body, gen, fmt)

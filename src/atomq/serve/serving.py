@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from pydantic import BaseModel
 
 from ..engine.sequence import SamplingParams
-from .engine_loop import Delta, GenerationRequest, RequestHandle
+from .engine_loop import Delta, GenerationRequest, RequestHandle, TokenInfo
 from .errors import APIError, InvalidRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from .responses import CompletionFormat
@@ -35,7 +35,7 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
         return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                               stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
@@ -70,11 +70,13 @@ class ChoiceResult:
     text: str = ""
     num_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenInfo] = field(default_factory=list)
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         self.num_tokens = delta.num_tokens
         self.finish_reason = delta.finish_reason or self.finish_reason
+        self.logprobs += delta.logprobs
 
 
 def usage_of(handle: RequestHandle, choices: list[ChoiceResult]) -> Usage:
