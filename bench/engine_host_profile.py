@@ -100,8 +100,10 @@ def build_engine(ns: argparse.Namespace, bsz: int, max_len: int, budget: int) ->
     cuda = ns.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32  # CPU half matmuls would dominate the forward
     lm = random_model(ns.model, fmt, dtype, ns.device, seed=0)
+    # synchronous steps: the parts are timed one after the other (asynchronous scheduling overlaps the
+    # host parts with the forward of the step after; bench/gpu_engine_check.py --variants async=0|1 times that)
     kw = dict(linear_method=method, kv_cache_dtype=kv, max_num_seqs=bsz, max_model_len=max_len,
-              max_num_batched_tokens=max(budget, max_len), enforce_eager=ns.eager)
+              max_num_batched_tokens=max(budget, max_len), enforce_eager=ns.eager, async_scheduling=False)
     if cuda:
         kw["gpu_memory_utilization"] = 0.85
     else:

@@ -128,3 +128,29 @@ def test_general_step_batch_takes_placeholders_from_the_device():
     assert batch.token_ids.tolist() == [7, 8, 9, 202] and batch.logits_indices.tolist() == [2, 3]
     with pytest.raises(RuntimeError, match="not known"):
         build_step_batch([decode], [1], 16, torch.device("cpu"), sampled, {})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, kv", [("atom", "int4"), ("float", "fp16")])
+def test_async_steps_on_cuda_equal_synchronous_steps(fmt, kv):
+    """On the GPU (CUDA graphs, pinned copies, the device-side gather): tokens, logits and logprobs of
+    greedy and seeded requests equal the synchronous engine's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from atomq.model.random_weights import random_model
+
+    prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=10 + i, ignore_eos=True, logprobs=2) for i in range(4)]
+    params.append(SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=9, ignore_eos=True, logprobs=0))
+    outs = []
+    for overlap in (False, True):
+        lm = random_model("tiny-llama", fmt, torch.float16, "cuda", seed=3)
+        llm = LLM(lm, kv_cache_dtype=kv, kv_cache_bytes=1 << 24, max_num_seqs=8, record_logits=True,
+                  async_scheduling=overlap)
+        outs.append(llm.generate(prompts, params))
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids and PLACEHOLDER not in b.token_ids
+        torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), rtol=1e-3, atol=1e-3)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-3
+            assert [i for i, _ in x.top] == [i for i, _ in y.top]
