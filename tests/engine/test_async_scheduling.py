@@ -81,6 +81,42 @@ def test_preemption_and_prefix_cache_under_async_steps(load, prompts, kv):
     assert sum(o.num_preemptions for o in overlap) > 0
 
 
+def test_length_limits_cost_no_extra_step(load, prompts):
+    """A request stopped by max_tokens is not computed past it: the same steps, tokens and KV blocks as
+    the synchronous engine."""
+    lm = load("llama")
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 6, 17)]
+    stats, peak_blocks = [], []
+    for overlap in (False, True):
+        llm = LLM(lm, async_scheduling=overlap, **KW)
+        eng, used = llm.engine, []
+        for p, sp in zip(prompts, params):
+            eng.add_request(p, sp)
+        while eng.has_unfinished():
+            eng.step()
+            used.append(eng.block_manager.num_blocks - eng.block_manager.num_free_blocks)
+        stats.append({k: eng.stats[k] for k in ("steps", "decode_steps", "decode_tokens", "generated_tokens")})
+        peak_blocks.append(max(used))
+    assert stats[0] == stats[1] and peak_blocks[0] == peak_blocks[1]
+
+
+def test_a_failing_step_still_lands_the_one_ahead(load, prompts, monkeypatch):
+    llm = LLM(load("llama"), async_scheduling=True, **KW)
+    eng = llm.engine
+    seq = eng.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert seq.num_pending == 1
+    monkeypatch.setattr(eng.runner, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.step()
+    assert seq.num_pending == 0 and PLACEHOLDER not in seq.token_ids and len(seq.output_token_ids) == 2
+    monkeypatch.undo()
+    while eng.has_unfinished():
+        eng.step()
+    assert len(seq.output_token_ids) == 8
+
+
 def test_arrivals_and_aborts_between_async_steps(load, prompts):
     lm = load("llama")
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

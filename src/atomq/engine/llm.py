@@ -42,8 +42,8 @@ class EngineConfig:
     record_logits: keep each generated token's logits in RequestOutput.logits (tests, debugging);
     linear_method / linear_backend: how the linears run (model/methods.py: "auto" = the stored format,
     or float / fp8 / int8 / w4a16 / atom; backend "auto" = kernels on CUDA, reference ops on CPU);
-    enforce_eager: no CUDA graphs for decode steps; async_scheduling: launch each decode step before
-    the host has the tokens of the one ahead (module docstring; None = on CUDA only)."""
+    enforce_eager: no CUDA graphs for decode steps; async_scheduling: launch each step before the host
+    has the tokens of the one ahead (module docstring; None = on CUDA only)."""
 
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
@@ -80,7 +80,7 @@ class EngineConfig:
 
 @dataclass
 class InFlightStep:
-    """A decode step launched ahead of the host: its sampled tokens are on their way to ``host``."""
+    """A step launched ahead of the host: its sampled tokens are on their way to ``host``."""
 
     seqs: list[Sequence]  # the sequences it samples a token for, in row order
     host: torch.Tensor  # int64 [>= len(seqs)]: the tokens, once ``copied`` has completed
@@ -88,7 +88,7 @@ class InFlightStep:
     logits: torch.Tensor | None  # fp32 [len(seqs), V] copies when the engine records logits
     decode: bool = True
     logprobs: tuple | None = None  # token_logprobs' three tensors on their way to the host, when asked for  # a plain decode step (for the engine's statistics)
-    sampled_rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row of the staging's ``sampled``
+    sampled_rows: dict[int, int] = field(init=False)  # seq_id -> row of the staging's ``sampled``
 
     def __post_init__(self) -> None:
         self.sampled_rows = {s.seq_id: i for i, s in enumerate(self.seqs)}
@@ -228,14 +228,14 @@ class LLMEngine:
             seq.detok.push(token)
         return self._check_length(seq)
 
-    def _length_reached(self, seq: Sequence) -> bool:
-        """The length limits allow no token after seq's last one (placeholders count)."""
-        n = len(seq.token_ids)
+    def _length_reached(self, seq: Sequence, num_tokens: int | None = None) -> bool:
+        """The length limits allow no token after the first ``num_tokens`` of seq (default: all of them,
+        placeholders included)."""
+        n = len(seq.token_ids) if num_tokens is None else num_tokens
         return n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len
 
     def _check_length(self, seq: Sequence) -> str | None:
-        n = len(seq.token_ids) - seq.num_pending  # up to the token just accepted
-        if n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len:
+        if self._length_reached(seq, len(seq.token_ids) - seq.num_pending):  # up to the token just accepted
             seq.detok.flush()
             return "length"
         return None
@@ -302,7 +302,7 @@ class LLMEngine:
         decode = sum(counts) == len(seqs)
         n = len(wanting)
         if not n:  # prefill chunks only: nothing to sample
-            return InFlightStep([], self._token_buffers[0], None, None, decode)
+            return InFlightStep([], torch.empty(0, dtype=torch.int64), None, None, decode)
         params = [s.params for s in wanting]
         tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
         lp = None
@@ -338,10 +338,11 @@ class LLMEngine:
             landed += 1
             seq.token_ids[len(seq.token_ids) - seq.num_pending] = tok  # the oldest placeholder
             seq.num_pending -= 1
-            seq.final_pending = False
+            if not seq.num_pending:  # (else the newer placeholder's flag stands)
+                seq.final_pending = False
             if seq.block_table and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:
                 bm.register_computed(seq)  # blocks whose last token was a placeholder until now
-            row = step.logits[i] if step.logits is not None else None
+            row = step.logits[i].clone() if step.logits is not None else None
             if self._accept(seq, tok, row, now, lp[i] if lp is not None else None) is not None:
                 finished.append(seq)
         self.stats["generated_tokens"] += landed
@@ -349,22 +350,28 @@ class LLMEngine:
         return finished
 
     def _step_ahead(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> list[Sequence]:
-        """Launch this step, then land the one ahead while the GPU computes it."""
+        """Launch this step, then land the one ahead while the GPU computes it. The call's time counts
+        for the kind (prefill / decode) of the step that landed in it: that step's GPU time is what the
+        call waited for."""
         t0 = time.perf_counter()
-        if seqs:
-            self._in_flight = self._launch(seqs, counts, ahead)
+        try:
+            if seqs:
+                self._in_flight = self._launch(seqs, counts, ahead)
+        except BaseException:
+            if ahead is not None:  # this step failed; the one ahead still lands (its tokens are not lost)
+                self._land(ahead)
+            raise
         finished = self._land(ahead) if ahead is not None else []
-        if not seqs:
-            if ahead is None and self.has_unfinished():
-                raise RuntimeError("nothing could be scheduled although requests are waiting")
-            return finished
-        num_tokens = sum(counts)
-        decode = num_tokens == len(seqs)
+        if not seqs and ahead is None and self.has_unfinished():
+            raise RuntimeError("nothing could be scheduled although requests are waiting")
         st = self.stats
+        num_tokens = sum(counts)
+        decode = ahead.decode if ahead is not None else num_tokens == len(seqs)
         st["decode_s" if decode else "prefill_s"] += time.perf_counter() - t0
-        st["decode_steps"] += decode
-        st["steps"] += 1
-        st["max_batch_tokens"] = max(st["max_batch_tokens"], num_tokens)
+        if seqs:
+            st["decode_steps"] += num_tokens == len(seqs)
+            st["steps"] += 1
+            st["max_batch_tokens"] = max(st["max_batch_tokens"], num_tokens)
         return finished
 
     def step(self) -> list[Sequence]:

@@ -6,9 +6,10 @@ its tokens to compute (1 when decoding, a chunk when a long prompt is still bein
 running sequence is preempted: its blocks are freed and it goes back to the *front* of the waiting
 queue with all its tokens, to be recomputed later (the prefix cache usually makes that cheap).
 A sequence whose last allowed token is being sampled by a step still in flight (``final_pending``,
-asynchronous scheduling in llm.py) gets nothing more. Then waiting sequences are admitted in arrival order while the token budget, ``max_num_seqs`` and free
-blocks allow; admission allocates blocks for all of a sequence's tokens at once, and stops at the first
-sequence that does not fit, so no request overtakes an older one.
+asynchronous scheduling in llm.py) gets nothing more. Then waiting sequences are admitted in arrival
+order while the token budget, ``max_num_seqs`` and free blocks allow; admission allocates blocks for all
+of a sequence's tokens at once, and stops at the first sequence that does not fit, so no request
+overtakes an older one.
 """
 
 from __future__ import annotations

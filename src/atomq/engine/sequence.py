@@ -5,7 +5,7 @@ paged cache; the scheduler gives each step a chunk of the rest (a prefill chunk,
 sampled last step). Preemption by recompute drops the blocks and sets ``num_computed_tokens`` back to 0:
 the tokens stay, so nothing generated is lost.
 
-When the engine runs decode steps ahead of the host (``async_scheduling``), the last ``num_pending``
+When the engine runs steps ahead of the host (``async_scheduling``), the last ``num_pending``
 token ids are PLACEHOLDER: sampled on the device by a step in flight, filled in when its tokens arrive.
 """
 

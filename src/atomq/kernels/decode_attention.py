@@ -615,7 +615,7 @@ def plan_decode(
         dev = torch.device(device)
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     if num_splits is None:
-        min_tokens_per_split = min_tokens_per_split or MIN_TOKENS_PER_SPLIT
+        min_tokens_per_split = MIN_TOKENS_PER_SPLIT if min_tokens_per_split is None else min_tokens_per_split
         base = max(batch * num_kv_heads, 1)
         num_splits = max(1, min(-(-2 * num_sms // base), -(-max_seq_len // min_tokens_per_split)))
     tokens = -(-max(max_seq_len, 1) // num_splits)
@@ -693,8 +693,8 @@ def paged_decode_attention(
     fused = locks is not None  # else (a graph capture without counters) the merge kernel runs after
     lock = locks if fused else pl
     common = dict(GROUP=group, BLOCK_G=block_g, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split,
-                  DOT=plan.dot, INTERPRET=interpreting(), FUSED_MERGE=fused, ADAPT=plan.adaptive, num_warps=plan.num_warps,
-                  num_stages=plan.num_stages, **pdl)
+                  DOT=plan.dot, INTERPRET=interpreting(), FUSED_MERGE=fused, ADAPT=plan.adaptive,
+                  num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl)
     if cache.mode == "int4" and plan.dot == 4:
         mb, mh, ms = cache.meta_strides()
         _decode_int4_words_kernel[grid](
