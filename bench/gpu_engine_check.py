@@ -241,7 +241,8 @@ def _apply_variant(spec: str) -> None:
     os.environ["ATOMQ_PDL"] = kv.get("pdl", _PDL_DEFAULT)
     pdl._enabled.cache_clear()
     _W.GEMV_CONFIG = dataclasses.replace(_GEMV_DEFAULT, k_blocks=int(kv.get("kb", _GEMV_DEFAULT.k_blocks)),
-                                        ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)))
+                                        ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)),
+                                        waves=float(kv.get("waves", _GEMV_DEFAULT.waves)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
     _runner.GRAPH_COPIES = kv.get("gcopy", "1") == "1"
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
@@ -265,11 +266,12 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1,asplit=0|1,minsplit=N,"
+                    "'pdl=0|1,kb=K,ahead=1|2,waves=W,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1,asplit=0|1,minsplit=N,"
                     "skip=rope+oquant+dquant+store' "
                     "(unset keys: defaults; async: decode steps launched one ahead of the host; asplit: decode attention "
                     "splits sized by each sequence's length; minsplit: fewest tokens per planned split; skip: named decode "
-                    "kernels not run, an upper bound for fusing them away, outputs wrong; preload: the decode quantize's constants before the wait, "
+                    "kernels not run, an upper bound for fusing them away, outputs wrong; waves: GEMV programs per SM the "
+                    "K split aims at; preload: the decode quantize's constants before the wait, "
                     "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
                     "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
                     "every config and batch runs under each, "
