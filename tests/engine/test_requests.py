@@ -197,3 +197,31 @@ def test_logprobs_are_the_models_log_softmax(load, prompts, overlap):
     for bad in (21, -1, True, 1.5):
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=bad)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_penalties_steer_greedy_choices_as_specified(load, prompts, overlap):
+    """Each greedy token is the argmax of the raw logits with the penalties of the history before it:
+    repetition (prompt and output tokens), presence and frequency (output tokens)."""
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22, record_logits=True,
+              async_scheduling=overlap)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, presence_penalty=0.5,
+                             frequency_penalty=0.3),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.8),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)]
+    outs = llm.generate(prompts, params)
+    for out, p in zip(outs, params):
+        for j, (tok, row) in enumerate(zip(out.token_ids, out.logits)):
+            history = out.token_ids[:j]
+            want = row.clone()
+            seen = sorted(set(out.prompt_token_ids + history)) if p.repetition_penalty != 1.0 else []
+            want[seen] = torch.where(want[seen] > 0, want[seen] / p.repetition_penalty, want[seen] * p.repetition_penalty)
+            for t in set(history):
+                want[t] -= p.presence_penalty + p.frequency_penalty * history.count(t)
+            assert tok == int(want.argmax())
+    plain = [llm.generate(q, params[2])[0].token_ids for q in prompts[:2]]
+    assert plain != [o.token_ids for o in outs[:2]]  # the penalties did change something
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(repetition_penalty=0.0), dict(repetition_penalty=1e4),
+                dict(presence_penalty=float("nan"))):
+        with pytest.raises(ValueError, match="penalty"):
+            SamplingParams(**bad)

@@ -30,7 +30,7 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
-from .sampler import all_greedy, sample, sample_tokens, token_logprobs
+from .sampler import all_greedy, apply_penalties, sample, sample_tokens, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
 
@@ -278,20 +278,54 @@ class LLMEngine:
         the stop rules. Returns the sequences that finished."""
         params = [s.params for s in wanting]
         generators = [] if all_greedy(params) else [s.generator for s in wanting]
-        lp = None
+        lp, raw = None, logits
+        if any(p.penalized for p in params):
+            logits = self._penalize(wanting, logits, None)
         if any(p.logprobs is not None for p in params):
             ids = sample_tokens(logits, params, generators)
-            lp = _logprob_entries(wanting, ids.tolist(), token_logprobs(logits, ids, _top_k(params)))
+            lp = _logprob_entries(wanting, ids.tolist(), token_logprobs(raw, ids, _top_k(params)))
             tokens = [e.token_id for e in lp]
         else:
             tokens = sample(logits, params, generators)
         now, finished, record = time.perf_counter(), [], self.config.record_logits
         for i, (seq, tok) in enumerate(zip(wanting, tokens)):
             seq.token_ids.append(tok)
-            row = logits[i].to(torch.float32, copy=True) if record else None
+            row = raw[i].to(torch.float32, copy=True) if record else None
             if self._accept(seq, tok, row, now, lp[i] if lp is not None else None) is not None:
                 finished.append(seq)
         return finished
+
+    def _penalize(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
+        """logits [B, V] of ``seqs`` -> fp32 with their penalties applied (sampler.apply_penalties). The
+        output counts are built on the device from the host's tokens, plus the token still in flight (in
+        the staging's ``sampled``, row ``ahead.sampled_rows``) of a sequence that has one."""
+        rows, toks, prompt_rows, prompt_toks, pending_rows, pending_src = [], [], [], [], [], []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if not p.penalized:
+                continue
+            out = s.output_token_ids
+            rows += [i] * len(out)
+            toks += out
+            if p.repetition_penalty != 1.0:
+                prompt_rows += [i] * s.num_prompt_tokens
+                prompt_toks += s.prompt_token_ids
+            if s.num_pending:
+                pending_rows.append(i)
+                pending_src.append(ahead.sampled_rows[s.seq_id])
+        dev = logits.device
+        idx = torch.tensor(rows + toks + prompt_rows + prompt_toks + pending_rows + pending_src,
+                           dtype=torch.int64).to(dev, non_blocking=True)
+        n, m, k = len(rows), len(prompt_rows), len(pending_rows)
+        counts = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
+        one = torch.ones((), dtype=torch.float32, device=dev)
+        counts.index_put_((idx[:n], idx[n:2 * n]), one.expand(n), accumulate=True)
+        if k:
+            src = self.runner.staging.sampled.index_select(0, idx[2 * n + 2 * m + k:])
+            counts.index_put_((idx[2 * n + 2 * m:2 * n + 2 * m + k], src), one.expand(k), accumulate=True)
+        seen = counts > 0
+        seen[idx[2 * n:2 * n + m], idx[2 * n + m:2 * n + 2 * m]] = True
+        return apply_penalties(logits, [s.params for s in seqs], counts, seen)
 
     # ------------------------------------------------------------------------ one step ahead
     def _launch(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> InFlightStep:
@@ -304,7 +338,8 @@ class LLMEngine:
         if not n:  # prefill chunks only: nothing to sample
             return InFlightStep([], torch.empty(0, dtype=torch.int64), None, None, decode)
         params = [s.params for s in wanting]
-        tokens = sample_tokens(logits, params, [] if all_greedy(params) else [s.generator for s in wanting])
+        scores = self._penalize(wanting, logits, ahead) if any(p.penalized for p in params) else logits
+        tokens = sample_tokens(scores, params, [] if all_greedy(params) else [s.generator for s in wanting])
         lp = None
         if any(p.logprobs is not None for p in params):  # copied to (pinned) host memory with the tokens
             lp = tuple(t.to("cpu", non_blocking=True) for t in token_logprobs(logits, tokens, _top_k(params)))

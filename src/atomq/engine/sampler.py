@@ -36,6 +36,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], output_counts: torch.Tensor,
+                    seen: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> fp32 [B, V] with each row's penalties (SamplingParams) applied. output_counts fp32
+    [B, V]: how often each token occurs in the row's output so far; seen bool [B, V]: in its prompt or
+    output. Rows without penalties are unchanged. No host sync."""
+    dev = logits.device
+    rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+    logits = logits.float()
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - pres * (output_counts > 0) - freq * output_counts
+
+
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> token ids int64 [B] on the logits' device, without waiting for
     the device (the engine may copy them to the host later).

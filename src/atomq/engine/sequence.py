@@ -17,6 +17,7 @@ from typing import Any
 
 
 MAX_LOGPROBS = 20  # most likely tokens reported per generated token
+MIN_REPETITION_PENALTY = 1e-3  # and 1 / it at most: beyond, penalized logits can overflow to inf
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class SamplingParams:
     stop: strings that end the output (not included); stop_token_ids: token ids that end it
     (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS; logprobs:
     return each generated token's log-probability and those of the ``logprobs`` most likely tokens
-    (0..MAX_LOGPROBS; None = none), from the model's distribution before temperature, top-k and top-p.
+    (0..MAX_LOGPROBS; None = none), from the model's distribution before penalties, temperature, top-k and
+    top-p. Penalties (as in vLLM): repetition_penalty (1e-3..1e3, 1 = off) divides the positive logits and
+    multiplies the negative ones of every token in the prompt or the output; presence_penalty and
+    frequency_penalty (-2..2, 0 = off) subtract p and f * count from the logits of the output's tokens.
     """
 
     temperature: float = 1.0
@@ -51,6 +55,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # lists are accepted and frozen into tuples; a single stop string is one stop string
@@ -74,10 +81,20 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1.0 / MIN_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
+                             f"(1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 PLACEHOLDER = -1  # a token id sampled on the device and not yet known to the host

@@ -2,11 +2,12 @@
 
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
-known OpenAI fields this server does not implement (echo, suffix, penalties, logit_bias, tools, response
-formats) are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond
-OpenAI's API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``; ``logprobs`` / ``top_logprobs`` go
-up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the model's distribution
-before temperature, top-k and top-p; one that underflows fp32 is reported as -9999.0 (JSON has no -inf).
+known OpenAI fields this server does not implement (echo, suffix, logit_bias, tools, response formats)
+are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond OpenAI's
+API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``; ``logprobs`` /
+``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the
+model's distribution before penalties, temperature, top-k and top-p; one that underflows fp32 is
+reported as -9999.0 (JSON has no -inf).
 
 (No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
 """
@@ -104,8 +105,12 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: Stop | None = Field(None, description="strings that end a choice (not included in its text)")
     seed: Int(ge=-(2**63), le=2**63 - 1) | None = Field(None, description="choice i samples with seed + i")
-    presence_penalty: Unsupported(0) = None
-    frequency_penalty: Unsupported(0) = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtract from the logits of tokens "
+                                           "already in the output (default 0)")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtract, times their count, from "
+                                            "the logits of tokens already in the output (default 0)")
+    repetition_penalty: float | None = Field(None, ge=1e-3, le=1e3, description="extension: divide positive "
+                                             "(multiply negative) logits of prompt and output tokens (default 1 = off)")
     logit_bias: Unsupported({}) = None
     user: str | None = None
     top_k: Int(ge=0) = Field(0, description="extension: keep the k most likely tokens (0 = off)")

@@ -35,7 +35,9 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
         return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                               stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
-                              ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs)
+                              ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs,
+                              presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
