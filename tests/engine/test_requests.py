@@ -225,3 +225,24 @@ def test_penalties_steer_greedy_choices_as_specified(load, prompts, overlap):
                 dict(presence_penalty=float("nan"))):
         with pytest.raises(ValueError, match="penalty"):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_min_tokens_hold_back_eos_and_stop_ids(load, prompts, overlap):
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22, async_scheduling=overlap)
+    free = llm.generate(prompts[0], GREEDY)[0].token_ids
+    llm.engine.eos_token_id = free[0]  # pretend the first greedy token is EOS, the second a stop id
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=4, stop_token_ids=[free[1]])
+    out = llm.generate(prompts[0], params)[0]
+    assert len(out.token_ids) >= 4 and not {free[0], free[1]} & set(out.token_ids[:4])
+    assert llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))[0].token_ids == free[:1]
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert (~torch.isinf(filter_logits(logits, 0, 1.0, 0.25))).tolist() == [True, True, True, False]
+    assert (~torch.isinf(filter_logits(logits, 0, 1.0, 1.0))).tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)

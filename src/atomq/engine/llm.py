@@ -279,8 +279,7 @@ class LLMEngine:
         params = [s.params for s in wanting]
         generators = [] if all_greedy(params) else [s.generator for s in wanting]
         lp, raw = None, logits
-        if any(p.penalized for p in params):
-            logits = self._penalize(wanting, logits, None)
+        logits = self._scores(wanting, logits, None)
         if any(p.logprobs is not None for p in params):
             ids = sample_tokens(logits, params, generators)
             lp = _logprob_entries(wanting, ids.tolist(), token_logprobs(raw, ids, _top_k(params)))
@@ -294,6 +293,27 @@ class LLMEngine:
             if self._accept(seq, tok, row, now, lp[i] if lp is not None else None) is not None:
                 finished.append(seq)
         return finished
+
+    def _scores(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
+        """What the sampler draws from: logits [B, V] of ``seqs`` with their penalties applied and, for a
+        sequence short of its min_tokens, EOS and its stop token ids at -inf (logits themselves when no
+        request asks for either)."""
+        if any(s.params.penalized for s in seqs):
+            logits = self._penalize(seqs, logits, ahead)
+        rows, cols = [], []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:  # placeholders count
+                stops = list(p.stop_token_ids)
+                if self.eos_token_id is not None and not p.ignore_eos:
+                    stops.append(self.eos_token_id)
+                rows += [i] * len(stops)
+                cols += stops
+        if rows:
+            idx = torch.tensor(rows + cols, dtype=torch.int64).to(logits.device, non_blocking=True)
+            logits = logits.float().clone()  # the raw logits stay as they are (logprobs, recorded logits)
+            logits[idx[:len(rows)], idx[len(rows):]] = float("-inf")
+        return logits
 
     def _penalize(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
         """logits [B, V] of ``seqs`` -> fp32 with their penalties applied (sampler.apply_penalties). The
@@ -338,7 +358,7 @@ class LLMEngine:
         if not n:  # prefill chunks only: nothing to sample
             return InFlightStep([], torch.empty(0, dtype=torch.int64), None, None, decode)
         params = [s.params for s in wanting]
-        scores = self._penalize(wanting, logits, ahead) if any(p.penalized for p in params) else logits
+        scores = self._scores(wanting, logits, ahead)
         tokens = sample_tokens(scores, params, [] if all_greedy(params) else [s.generator for s in wanting])
         lp = None
         if any(p.logprobs is not None for p in params):  # copied to (pinned) host memory with the tokens

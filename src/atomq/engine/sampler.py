@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from operator import attrgetter
 
 import torch
@@ -17,12 +18,15 @@ def all_greedy(params: list[SamplingParams]) -> bool:
     return not any(map(_temperature, params))
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
     """logits fp32 [V] (already divided by the temperature) -> the same with dropped tokens at -inf.
 
     top_k keeps the k largest (0 = all); top_p keeps the smallest set of most likely tokens whose
-    probability sum reaches top_p (the most likely token always stays).
+    probability sum reaches top_p (the most likely token always stays); min_p keeps the tokens at least
+    min_p times as likely as the most likely one (0 = all).
     """
+    if min_p > 0.0:  # p >= min_p * p_max  <=>  logit >= max logit + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,7 +68,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(row, dim=-1)
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return out

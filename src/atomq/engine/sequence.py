@@ -36,9 +36,11 @@ class SamplingParams:
 
     temperature: 0 = greedy (argmax), else softmax(logits / temperature); top_k: keep the k largest
     logits (0 = all); top_p: keep the smallest set of tokens whose probability reaches top_p (1 = all);
+    min_p: keep the tokens at least min_p times as likely as the most likely one (0 = all);
     seed: per-request generator (None = the process RNG); max_tokens: tokens to generate (> 0);
     stop: strings that end the output (not included); stop_token_ids: token ids that end it
-    (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS; logprobs:
+    (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS; min_tokens: EOS
+    and the stop token ids cannot be sampled before this many tokens (<= max_tokens); logprobs:
     return each generated token's log-probability and those of the ``logprobs`` most likely tokens
     (0..MAX_LOGPROBS; None = none), from the model's distribution before penalties, temperature, top-k and
     top-p. Penalties (as in vLLM): repetition_penalty (1e-3..1e3, 1 = off) divides the positive logits and
@@ -55,6 +57,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    min_p: float = 0.0
+    min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -81,6 +85,12 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
+                or not 0 <= self.min_tokens <= self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

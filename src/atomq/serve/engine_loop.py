@@ -329,7 +329,11 @@ class AsyncEngine:
         if req.max_tokens is not None and req.max_tokens > room:
             raise ValueError(f"max_tokens {req.max_tokens} + the prompt's {len(ids)} tokens exceed the model's "
                              f"context of {eng.max_model_len} tokens")
-        return ids, room if req.max_tokens is None else req.max_tokens
+        max_tokens = room if req.max_tokens is None else req.max_tokens
+        if req.params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens {req.params.min_tokens} is more than the {max_tokens} tokens this "
+                             f"prompt may generate")
+        return ids, max_tokens
 
     def _abort(self, handle: RequestHandle) -> None:
         live = self._live.pop(id(handle), None)

@@ -4,10 +4,10 @@ Requests are validated strictly (a string is not a number, a bool is not an inte
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
 known OpenAI fields this server does not implement (echo, suffix, logit_bias, tools, response formats)
 are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond OpenAI's
-API, as in vLLM: ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``; ``logprobs`` /
-``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the
-model's distribution before penalties, temperature, top-k and top-p; one that underflows fp32 is
-reported as -9999.0 (JSON has no -inf).
+API, as in vLLM: ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``repetition_penalty``; ``logprobs`` / ``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions
+take 5). Log-probabilities are of the model's distribution before penalties, temperature, top-k and
+top-p; one that underflows fp32 is reported as -9999.0 (JSON has no -inf).
 
 (No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
 """
@@ -114,6 +114,10 @@ class SamplingFields(_Request):
     logit_bias: Unsupported({}) = None
     user: str | None = None
     top_k: Int(ge=0) = Field(0, description="extension: keep the k most likely tokens (0 = off)")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension: keep the tokens at least min_p times as "
+                                "likely as the most likely one (default 0 = off)")
+    min_tokens: Int(ge=0) = Field(0, description="extension: no end-of-sequence or stop token id before this many "
+                                  "tokens")
     ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-sequence token")
     stop_token_ids: list[TokenId] | None = Field(
         None, max_length=MAX_STOP, description="extension: token ids that end a choice")

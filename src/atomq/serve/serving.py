@@ -32,7 +32,9 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
     """The engine's SamplingParams of a request (max_tokens and seed are set per choice by the bridge)."""
     temperature = 1.0 if req.temperature is None else req.temperature
     try:
-        return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        # max_tokens is set per choice by the bridge (which checks min_tokens against it): a stand-in here
+        return SamplingParams(max_tokens=max(req.min_tokens, 1), min_tokens=req.min_tokens,
+                              min_p=req.min_p or 0.0, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                               stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
                               ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs,
