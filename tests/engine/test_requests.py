@@ -246,3 +246,14 @@ def test_min_p_keeps_tokens_near_the_top():
     assert (~torch.isinf(filter_logits(logits, 0, 1.0, 1.0))).tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(min_p=1.5)
+
+
+def test_min_tokens_hold_back_stop_strings_and_bad_stop_ids_are_refused(load, prompts):
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22)
+    free = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+    stop = free.text[:2]  # would end the output after its first token or two
+    out = llm.generate(prompts[0], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=stop,
+                                                  min_tokens=6))[0]
+    assert len(out.token_ids) >= 6
+    with pytest.raises(ValueError, match="stop_token_ids must be in"):
+        llm.engine.add_request(prompts[0], SamplingParams(stop_token_ids=[10**6], min_tokens=1))

@@ -30,9 +30,11 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .model_runner import ModelRunner
-from .sampler import all_greedy, apply_penalties, sample, sample_tokens, token_logprobs
+from .penalties import penalized_logits
+from .sampler import all_greedy, sample, sample_tokens, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ class InFlightStep:
     host: torch.Tensor  # int64 [>= len(seqs)]: the tokens, once ``copied`` has completed
     copied: Any  # torch.cuda.Event (None on the CPU: the copy has run)
     logits: torch.Tensor | None  # fp32 [len(seqs), V] copies when the engine records logits
-    decode: bool = True
-    logprobs: tuple | None = None  # token_logprobs' three tensors on their way to the host, when asked for  # a plain decode step (for the engine's statistics)
+    decode: bool = True  # a plain decode step (for the engine's statistics)
+    logprobs: tuple | None = None  # token_logprobs' three tensors on their way to the host, when asked for
     sampled_rows: dict[int, int] = field(init=False)  # seq_id -> row of the staging's ``sampled``
 
     def __post_init__(self) -> None:
@@ -152,6 +154,8 @@ class LLMEngine:
         vocab = self.lm.model.args.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
         if len(ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context "
                              f"(max_model_len {self.max_model_len})")
@@ -234,6 +238,12 @@ class LLMEngine:
         n = len(seq.token_ids) if num_tokens is None else num_tokens
         return n - len(seq.prompt_token_ids) >= seq.params.max_tokens or n >= self.max_model_len
 
+    @staticmethod
+    def _before_min_tokens(seq: Sequence) -> bool:
+        """Fewer than min_tokens output tokens up to the one just accepted: no stop token or stop string
+        may end it yet (the length limits still do)."""
+        return len(seq.token_ids) - seq.num_pending - seq.num_prompt_tokens < seq.params.min_tokens
+
     def _check_length(self, seq: Sequence) -> str | None:
         if self._length_reached(seq, len(seq.token_ids) - seq.num_pending):  # up to the token just accepted
             seq.detok.flush()
@@ -260,7 +270,7 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
         p = seq.params
-        if p.stop_token_ids or p.stop or tok == self.eos_token_id:
+        if (p.stop_token_ids or p.stop or tok == self.eos_token_id) and not self._before_min_tokens(seq):
             reason = self._check_stop(seq, tok)
         else:  # the common case: only the length limits can stop it
             seq.detok.push(tok)
@@ -299,7 +309,8 @@ class LLMEngine:
         sequence short of its min_tokens, EOS and its stop token ids at -inf (logits themselves when no
         request asks for either)."""
         if any(s.params.penalized for s in seqs):
-            logits = self._penalize(seqs, logits, ahead)
+            logits = penalized_logits(logits, seqs, self.runner.staging.sampled,
+                                      ahead.sampled_rows if ahead is not None else None)
         rows, cols = [], []
         for i, s in enumerate(seqs):
             p = s.params
@@ -310,42 +321,10 @@ class LLMEngine:
                 rows += [i] * len(stops)
                 cols += stops
         if rows:
-            idx = torch.tensor(rows + cols, dtype=torch.int64).to(logits.device, non_blocking=True)
+            idx = to_device(rows + cols, torch.int64, logits.device)
             logits = logits.float().clone()  # the raw logits stay as they are (logprobs, recorded logits)
             logits[idx[:len(rows)], idx[len(rows):]] = float("-inf")
         return logits
-
-    def _penalize(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
-        """logits [B, V] of ``seqs`` -> fp32 with their penalties applied (sampler.apply_penalties). The
-        output counts are built on the device from the host's tokens, plus the token still in flight (in
-        the staging's ``sampled``, row ``ahead.sampled_rows``) of a sequence that has one."""
-        rows, toks, prompt_rows, prompt_toks, pending_rows, pending_src = [], [], [], [], [], []
-        for i, s in enumerate(seqs):
-            p = s.params
-            if not p.penalized:
-                continue
-            out = s.output_token_ids
-            rows += [i] * len(out)
-            toks += out
-            if p.repetition_penalty != 1.0:
-                prompt_rows += [i] * s.num_prompt_tokens
-                prompt_toks += s.prompt_token_ids
-            if s.num_pending:
-                pending_rows.append(i)
-                pending_src.append(ahead.sampled_rows[s.seq_id])
-        dev = logits.device
-        idx = torch.tensor(rows + toks + prompt_rows + prompt_toks + pending_rows + pending_src,
-                           dtype=torch.int64).to(dev, non_blocking=True)
-        n, m, k = len(rows), len(prompt_rows), len(pending_rows)
-        counts = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
-        one = torch.ones((), dtype=torch.float32, device=dev)
-        counts.index_put_((idx[:n], idx[n:2 * n]), one.expand(n), accumulate=True)
-        if k:
-            src = self.runner.staging.sampled.index_select(0, idx[2 * n + 2 * m + k:])
-            counts.index_put_((idx[2 * n + 2 * m:2 * n + 2 * m + k], src), one.expand(k), accumulate=True)
-        seen = counts > 0
-        seen[idx[2 * n:2 * n + m], idx[2 * n + m:2 * n + 2 * m]] = True
-        return apply_penalties(logits, [s.params for s in seqs], counts, seen)
 
     # ------------------------------------------------------------------------ one step ahead
     def _launch(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> InFlightStep:

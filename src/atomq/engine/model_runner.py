@@ -21,6 +21,7 @@ from ..model.paged import StepBatch, forward_paged
 from .decode_staging import DecodeStaging
 from .kv_pool import KVPool
 from .sequence import Sequence
+from .transfer import to_device
 
 
 def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size: int,
@@ -59,9 +60,8 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
     tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]  # [B * max_blocks]
     # two host-to-device copies per step (int64 and int32 fields), sliced on the device
     t, b, nl, nf = len(tokens), len(seqs), len(logit_rows), len(fill_at)
-    wide = torch.tensor(tokens + positions + logit_rows + fill_at + fill_from,
-                        dtype=torch.int64).to(device, non_blocking=True)
-    narrow = torch.tensor(slots + cached + context + cu + tables, dtype=torch.int32).to(device, non_blocking=True)
+    wide = to_device(tokens + positions + logit_rows + fill_at + fill_from, torch.int64, device)
+    narrow = to_device(slots + cached + context + cu + tables, torch.int32, device)
     cuts = [t, b, b, b + 1]
     slot_mapping, cached_lens, context_lens, cu_seqlens, flat_tables = narrow.split(cuts + [b * width])
     token_ids = wide[:t]

@@ -45,10 +45,11 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], output_c
     """logits [B, V] -> fp32 [B, V] with each row's penalties (SamplingParams) applied. output_counts fp32
     [B, V]: how often each token occurs in the row's output so far; seen bool [B, V]: in its prompt or
     output. Rows without penalties are unchanged. No host sync."""
-    dev = logits.device
-    rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
-    freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+    values = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params])
+    if logits.is_cuda:
+        values = values.pin_memory()  # transfer.py: a copy from pageable memory may wait for the queued work
+    rep, pres, freq = values.to(logits.device, non_blocking=True).unbind(1)
+    rep, pres, freq = rep[:, None], pres[:, None], freq[:, None]
     logits = logits.float()
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - pres * (output_counts > 0) - freq * output_counts

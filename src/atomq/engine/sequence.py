@@ -141,6 +141,7 @@ class Sequence:
     detok: Any = None  # IncrementalDetokenizer
     logits: list | None = None  # fp32 [V] rows, only when the engine records them
     logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set
+    penalty: Any = None  # penalties.PenaltyState on the device, once a penalized step has run
     # time.perf_counter() stamps: queued, first output token sampled, finished (None until then)
     arrival_time: float = 0.0
     first_token_time: float | None = None

@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
                       StrictStr, Tag, WithJsonSchema, model_serializer, model_validator)
 
+from ..engine.sequence import MAX_LOGPROBS
+
 MAX_N = 128  # choices per prompt
-MAX_LOGPROBS = 20  # most likely tokens per generated token (engine.sequence.MAX_LOGPROBS)
 MAX_STOP = 16  # stop strings per request
 
 FinishReason = Literal["stop", "length", "abort"]

@@ -38,7 +38,7 @@ class CompletionFormat:
             offsets.append(self._offsets[index])
             self._offsets[index] += len(t.text)
         return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
-                                  top_logprobs=[dict(t.top) for t in tokens], text_offset=offsets)
+                                  top_logprobs=[_top_dict(t) for t in tokens], text_offset=offsets)
 
     def first(self) -> BaseModel | None:
         return None
@@ -53,6 +53,15 @@ class CompletionFormat:
     def whole(self, choices: list[Any], usage: Usage) -> BaseModel:
         return self._body([CompletionChoice(index=i, text=c.text, logprobs=self._logprobs(i, c.logprobs),
                                             finish_reason=c.finish_reason) for i, c in enumerate(choices)], usage)
+
+
+def _top_dict(t: TokenInfo) -> dict[str, float]:
+    """The legacy completions shape: text -> logprob of the most likely tokens and the sampled one (as
+    OpenAI and vLLM give it); tokens with the same text keep the most likely one's value."""
+    top: dict[str, float] = {}
+    for text, logprob in (*t.top, (t.text, t.logprob)):
+        top.setdefault(text, logprob)
+    return top
 
 
 def _top(text: str, logprob: float) -> TopLogprob:
