@@ -152,11 +152,13 @@ def test_completion_logprobs_whole_and_streamed(client, offline):
 def test_chat_logprobs_whole_and_streamed(client):
     messages = [{"role": "user", "content": "name a color"}]
     res = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=5, temperature=0,
-                                         logprobs=True, top_logprobs=3)
+                                         logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     content = res.choices[0].logprobs.content
     assert len(content) == res.usage.completion_tokens
+    # the tokens' bytes add up to the answer exactly, also where one token holds part of a character
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace") == res.choices[0].message.content
     for entry in content:
-        assert bytes(entry.bytes).decode("utf-8") == entry.token and len(entry.top_logprobs) == 3
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the most likely token
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     streamed = []

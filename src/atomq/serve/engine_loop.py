@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..engine.sequence import SamplingParams, Sequence
 from .errors import EngineFailure, InvalidRequest, QueueFull, ServiceUnavailable
+from .token_text import TokenText
 
 if TYPE_CHECKING:
     from ..engine.llm import LLMEngine
@@ -57,12 +58,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """One generated token as the client sees it: its text, log-probability and the most likely tokens'
-    (text, log-probability), most likely first."""
+    """One generated token as the client sees it: its text, exact bytes, log-probability, and the most
+    likely tokens' (text, bytes, log-probability), most likely first (token_text.py)."""
 
     text: str
+    raw: bytes
     logprob: float
-    top: tuple[tuple[str, float], ...]
+    top: tuple[tuple[str, bytes, float], ...]
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,8 @@ LOGPROB_FLOOR = -9999.0  # reported for a probability that underflows fp32 (JSON
 class _Live:
     """The engine thread's side of one admitted request: its sequences and what was sent so far."""
 
-    def __init__(self, handle: RequestHandle, seqs: list[Sequence], tokenizer: Any = None):
-        self.handle, self.seqs, self.tokenizer = handle, seqs, tokenizer
+    def __init__(self, handle: RequestHandle, seqs: list[Sequence], token_text: Any = None):
+        self.handle, self.seqs, self.token_text = handle, seqs, token_text
         self.sent_chars = [0] * len(seqs)
         self.sent_logprobs = [0] * len(seqs)
         self.counted_tokens = [0] * len(seqs)
@@ -165,10 +167,10 @@ class _Live:
         return all(self.done)
 
     def _info(self, entry: Any) -> TokenInfo:
-        """A TokenLogprobs as texts (each token decoded alone) and finite log-probabilities."""
-        decode = self.tokenizer.decode
-        return TokenInfo(decode([entry.token_id]), max(entry.logprob, LOGPROB_FLOOR),
-                         tuple((decode([t]), max(lp, LOGPROB_FLOOR)) for t, lp in entry.top))
+        """A TokenLogprobs as texts and bytes (token_text.TokenText) and finite log-probabilities."""
+        text = self.token_text
+        return TokenInfo(*text(entry.token_id), max(entry.logprob, LOGPROB_FLOOR),
+                         tuple((*text(t), max(lp, LOGPROB_FLOOR)) for t, lp in entry.top))
 
 
 class AsyncEngine:
@@ -188,6 +190,7 @@ class AsyncEngine:
         self._inbox: deque[Callable[[], None]] = deque()
         self._cond = threading.Condition()
         self._live: dict[int, _Live] = {}  # id(handle) -> state (engine thread only)
+        self._token_text: TokenText | None = None  # made by the engine thread on the first logprobs request
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -308,7 +311,9 @@ class AsyncEngine:
                 seed = None if req.params.seed is None else req.params.seed + j
                 params = dataclasses.replace(req.params, max_tokens=max_tokens, seed=seed)
                 seqs.append(self.engine.add_request(ids, params, f"{handle.request_id}-{len(seqs)}"))
-        self._live[id(handle)] = _Live(handle, seqs, self.engine.tokenizer)
+        if self._token_text is None and req.params.logprobs is not None:
+            self._token_text = TokenText(self.engine.tokenizer)
+        self._live[id(handle)] = _Live(handle, seqs, self._token_text)
         if self.metrics is not None:
             self.metrics.on_admitted(sum(len(ids) for ids, _ in batch))
         self._post([(handle, _Admitted([len(ids) for ids, _ in batch]))])

@@ -233,8 +233,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """Per generated token (legacy completions format): its text, log-probability, the most likely
-    tokens' texts and log-probabilities, and where its text starts in the choice's text (token texts
-    concatenated; a multi-byte character split over tokens shows as U+FFFD in each)."""
+    tokens' texts and log-probabilities (with the sampled token's), and where its text starts in the
+    token texts concatenated (a multi-byte character split over tokens shows as U+FFFD in each)."""
 
     tokens: list[str]
     token_logprobs: list[float]
@@ -266,7 +266,8 @@ class AssistantMessage(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int] = Field(description="the token's text in UTF-8")
+    bytes: list[int] = Field(description="the token's exact bytes (part of a UTF-8 character, where the text "
+                                         "shows U+FFFD)")
 
 
 class ChatLogprob(TopLogprob):

@@ -59,13 +59,13 @@ def _top_dict(t: TokenInfo) -> dict[str, float]:
     """The legacy completions shape: text -> logprob of the most likely tokens and the sampled one (as
     OpenAI and vLLM give it); tokens with the same text keep the most likely one's value."""
     top: dict[str, float] = {}
-    for text, logprob in (*t.top, (t.text, t.logprob)):
+    for text, _, logprob in (*t.top, (t.text, t.raw, t.logprob)):
         top.setdefault(text, logprob)
     return top
 
 
-def _top(text: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+def _top(text: str, raw: bytes, logprob: float) -> TopLogprob:
+    return TopLogprob(token=text, logprob=logprob, bytes=list(raw))
 
 
 class ChatFormat(CompletionFormat):
@@ -77,7 +77,7 @@ class ChatFormat(CompletionFormat):
     def _logprobs(self, index: int, tokens: tuple[TokenInfo, ...] | list[TokenInfo]) -> ChatLogprobs | None:
         if not self.logprobs:
             return None
-        return ChatLogprobs(content=[ChatLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode("utf-8")),
+        return ChatLogprobs(content=[ChatLogprob(token=t.text, logprob=t.logprob, bytes=list(t.raw),
                                                  top_logprobs=[_top(*x) for x in t.top]) for t in tokens])
 
     def first(self) -> BaseModel:
