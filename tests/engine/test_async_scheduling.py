@@ -170,14 +170,15 @@ def test_general_step_batch_takes_placeholders_from_the_device():
 @pytest.mark.parametrize("fmt, kv", [("atom", "int4"), ("float", "fp16")])
 def test_async_steps_on_cuda_equal_synchronous_steps(fmt, kv):
     """On the GPU (CUDA graphs, pinned copies, the device-side gather): tokens, logits and logprobs of
-    greedy and seeded requests equal the synchronous engine's."""
+    greedy and seeded requests (one with penalties and min_tokens) equal the synchronous engine's."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from atomq.model.random_weights import random_model
 
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
     params = [SamplingParams(temperature=0.0, max_tokens=10 + i, ignore_eos=True, logprobs=2) for i in range(4)]
-    params.append(SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=9, ignore_eos=True, logprobs=0))
+    params.append(SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=9, ignore_eos=True, logprobs=0,
+                                 presence_penalty=0.5, frequency_penalty=0.2, repetition_penalty=1.3, min_tokens=3))
     outs = []
     for overlap in (False, True):
         lm = random_model("tiny-llama", fmt, torch.float16, "cuda", seed=3)
