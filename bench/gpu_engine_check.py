@@ -196,8 +196,10 @@ ASYNC: bool | None = None  # the engines' async_scheduling (None: the default, o
 def _skipping(skip: set[str]) -> None:
     """Upper bounds for fusions (timing only, the outputs are wrong): the named decode kernels are not run.
     rope: RoPE of q and k; oquant: o_proj's input quantization (its first result reused); dquant: SiLU * up
-    + quantization of down_proj's input (likewise); store: the KV-cache write."""
-    from atomq.kernels import kv_cache
+    + quantization of down_proj's input (likewise); store: the KV-cache write; attn: decode attention (q
+    passes through); norm: residual + RMSNorm + quantization of the q/k/v and gate/up inputs (first result
+    reused)."""
+    from atomq.kernels import decode_attention, kv_cache
     from atomq.model import methods, paged
 
     def cached(fn):
@@ -214,14 +216,18 @@ def _skipping(skip: set[str]) -> None:
     methods.AtomKernel.prepare_input = cached(_ORIGINAL["oquant"]) if "oquant" in skip else _ORIGINAL["oquant"]
     _Q.silu_mul_quantize = cached(_ORIGINAL["dquant"]) if "dquant" in skip else _ORIGINAL["dquant"]
     kv_cache.kv_store = (lambda *a: None) if "store" in skip else _ORIGINAL["store"]
+    decode_attention.paged_decode_attention = ((lambda q, *a, **k: q) if "attn" in skip
+                                               else _ORIGINAL["attn"])
+    _Q.rmsnorm_quantize = cached(_ORIGINAL["norm"]) if "norm" in skip else _ORIGINAL["norm"]
 
 
 def _originals() -> dict:
-    from atomq.kernels import kv_cache
+    from atomq.kernels import decode_attention, kv_cache
     from atomq.model import methods, paged
 
     return {"rope": paged._rope_q_k, "oquant": methods.AtomKernel.prepare_input, "dquant": _Q.silu_mul_quantize,
-            "store": kv_cache.kv_store}
+            "store": kv_cache.kv_store, "attn": decode_attention.paged_decode_attention,
+            "norm": _Q.rmsnorm_quantize}
 
 
 _ORIGINAL = _originals()
@@ -267,7 +273,7 @@ def main() -> int:
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
                     "'pdl=0|1,kb=K,ahead=1|2,waves=W,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1,asplit=0|1,minsplit=N,"
-                    "skip=rope+oquant+dquant+store' "
+                    "skip=rope+oquant+dquant+store+attn+norm' "
                     "(unset keys: defaults; async: decode steps launched one ahead of the host; asplit: decode attention "
                     "splits sized by each sequence's length; minsplit: fewest tokens per planned split; skip: named decode "
                     "kernels not run, an upper bound for fusing them away, outputs wrong; waves: GEMV programs per SM the "
