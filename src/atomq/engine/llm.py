@@ -29,12 +29,11 @@ from .detokenizer import IncrementalDetokenizer, find_stop
 from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_bytes, bytes_per_token, num_blocks_for,
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
+from .logits_processors import sampling_scores
 from .model_runner import ModelRunner
-from .penalties import penalized_logits
-from .sampler import all_greedy, sample, sample_tokens, token_logprobs
+from .sampler import all_greedy, logprob_entries, sample, sample_tokens, token_logprobs, top_logprobs_wanted
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
-from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -292,7 +291,7 @@ class LLMEngine:
         logits = self._scores(wanting, logits, None)
         if any(p.logprobs is not None for p in params):
             ids = sample_tokens(logits, params, generators)
-            lp = _logprob_entries(wanting, ids.tolist(), token_logprobs(raw, ids, _top_k(params)))
+            lp = logprob_entries(wanting, ids.tolist(), token_logprobs(raw, ids, top_logprobs_wanted(params)))
             tokens = [e.token_id for e in lp]
         else:
             tokens = sample(logits, params, generators)
@@ -305,26 +304,8 @@ class LLMEngine:
         return finished
 
     def _scores(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
-        """What the sampler draws from: logits [B, V] of ``seqs`` with their penalties applied and, for a
-        sequence short of its min_tokens, EOS and its stop token ids at -inf (logits themselves when no
-        request asks for either)."""
-        if any(s.params.penalized for s in seqs):
-            logits = penalized_logits(logits, seqs, self.runner.staging.sampled,
-                                      ahead.sampled_rows if ahead is not None else None)
-        rows, cols = [], []
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:  # placeholders count
-                stops = list(p.stop_token_ids)
-                if self.eos_token_id is not None and not p.ignore_eos:
-                    stops.append(self.eos_token_id)
-                rows += [i] * len(stops)
-                cols += stops
-        if rows:
-            idx = to_device(rows + cols, torch.int64, logits.device)
-            logits = logits.float().clone()  # the raw logits stay as they are (logprobs, recorded logits)
-            logits[idx[:len(rows)], idx[len(rows):]] = float("-inf")
-        return logits
+        return sampling_scores(logits, seqs, self.eos_token_id, self.runner.staging.sampled,
+                               ahead.sampled_rows if ahead is not None else None)
 
     # ------------------------------------------------------------------------ one step ahead
     def _launch(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> InFlightStep:
@@ -341,7 +322,7 @@ class LLMEngine:
         tokens = sample_tokens(scores, params, [] if all_greedy(params) else [s.generator for s in wanting])
         lp = None
         if any(p.logprobs is not None for p in params):  # copied to (pinned) host memory with the tokens
-            lp = tuple(t.to("cpu", non_blocking=True) for t in token_logprobs(logits, tokens, _top_k(params)))
+            lp = tuple(t.to("cpu", non_blocking=True) for t in token_logprobs(logits, tokens, top_logprobs_wanted(params)))
         staging = self.runner.staging
         staging.sampled[:n].copy_(tokens)  # where the next step's inputs are gathered from
         host = self._token_buffers[self._next_buffer]  # two: the other one may still be read by ``_land``
@@ -364,7 +345,7 @@ class LLMEngine:
         if step.copied is not None:
             step.copied.synchronize()
         tokens = step.host[:len(step.seqs)].tolist()
-        lp = _logprob_entries(step.seqs, tokens, step.logprobs) if step.logprobs is not None else None
+        lp = logprob_entries(step.seqs, tokens, step.logprobs) if step.logprobs is not None else None
         now, finished, bm, landed = time.perf_counter(), [], self.block_manager, 0
         for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
             if seq.is_finished:  # stopped (or aborted) while this token was computed: dropped
@@ -442,18 +423,6 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), seq.detok.text,
                              list(seq.output_token_ids), seq.finish_reason, seq.num_cached_tokens,
                              seq.num_preemptions, seq.logits, metrics, seq.logprobs)
-
-
-def _top_k(params: list[SamplingParams]) -> int:
-    return max(p.logprobs or 0 for p in params)
-
-
-def _logprob_entries(seqs: list[Sequence], tokens: list[int], logprobs: tuple) -> list[TokenLogprobs]:
-    """One TokenLogprobs per row from token_logprobs' three tensors (fp32 [B], fp32 [B, k], int64 [B, k]),
-    each row cut to its request's own number of top tokens."""
-    chosen, values, ids = (t.tolist() for t in logprobs)
-    return [TokenLogprobs(tok, lp, tuple(zip(top_ids[:s.params.logprobs or 0], top_lp[:s.params.logprobs or 0])))
-            for s, tok, lp, top_lp, top_ids in zip(seqs, tokens, chosen, values, ids)]
 
 
 def apply_chat_template(tokenizer: Any, prompt: str) -> str:

@@ -7,7 +7,7 @@ from operator import attrgetter
 
 import torch
 
-from .sequence import SamplingParams
+from .sequence import SamplingParams, Sequence, TokenLogprobs
 
 _temperature = attrgetter("temperature")
 
@@ -87,3 +87,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """``sample_tokens`` on the host: one token id per row."""
     return sample_tokens(logits, params, generators).tolist()
+
+
+def top_logprobs_wanted(params: list[SamplingParams]) -> int:
+    """The most top tokens any of the requests asks for (0 when none asks for logprobs)."""
+    return max(p.logprobs or 0 for p in params)
+
+
+def logprob_entries(seqs: list[Sequence], tokens: list[int], logprobs: tuple) -> list[TokenLogprobs]:
+    """One TokenLogprobs per row from token_logprobs' three tensors (fp32 [B], fp32 [B, k], int64 [B, k]),
+    each row cut to its request's own number of top tokens."""
+    chosen, values, ids = (t.tolist() for t in logprobs)
+    return [TokenLogprobs(tok, lp, tuple(zip(top_ids[:s.params.logprobs or 0], top_lp[:s.params.logprobs or 0])))
+            for s, tok, lp, top_lp, top_ids in zip(seqs, tokens, chosen, values, ids)]

@@ -1,6 +1,6 @@
-"""Sampling penalties' state, kept on the device per sequence.
+"""What the sampler draws from: the logits with each request's penalties and min_tokens applied.
 
-A penalized sequence (SamplingParams.penalized) holds how often each token occurs in its output and, with
+Penalties keep their state on the device per sequence. A penalized sequence (SamplingParams.penalized) holds how often each token occurs in its output and, with
 a repetition penalty, which tokens its prompt holds. Each step adds only the output tokens that are new
 since the last step, the one still in flight under asynchronous scheduling read from the device (the
 staging's ``sampled``), so the host's work per step does not grow with the history.
@@ -73,3 +73,32 @@ def penalized_logits(logits: torch.Tensor, seqs: list[Sequence], sampled: torch.
         prompts = torch.stack([none if s.penalty.prompt is None else s.penalty.prompt for _, s in pen])
         seen.index_copy_(0, at, seen.index_select(0, at) | prompts)
     return apply_penalties(logits, [s.params for s in seqs], counts, seen)
+
+
+def suppress_stops(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> torch.Tensor:
+    """logits [B, V] -> the same with EOS and the stop token ids at -inf for every sequence short of its
+    min_tokens (its placeholders count as output), as a new fp32 tensor; ``logits`` itself when none is."""
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
+            stops = list(p.stop_token_ids)
+            if eos_token_id is not None and not p.ignore_eos:
+                stops.append(eos_token_id)
+            rows += [i] * len(stops)
+            cols += stops
+    if not rows:
+        return logits
+    idx = to_device(rows + cols, torch.int64, logits.device)
+    logits = logits.float().clone()  # the raw logits stay as they are (logprobs, recorded logits)
+    logits[idx[:len(rows)], idx[len(rows):]] = float("-inf")
+    return logits
+
+
+def sampling_scores(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None, sampled: torch.Tensor,
+                    sampled_rows: dict[int, int] | None) -> torch.Tensor:
+    """logits [B, V] of ``seqs`` -> what the sampler draws from (penalties, then min_tokens); ``logits``
+    itself when no request asks for either. sampled / sampled_rows: as for penalized_logits."""
+    if any(s.params.penalized for s in seqs):
+        logits = penalized_logits(logits, seqs, sampled, sampled_rows)
+    return suppress_stops(logits, seqs, eos_token_id)
