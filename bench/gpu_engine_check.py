@@ -271,17 +271,16 @@ def main() -> int:
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a host profile of decode steps at batch >= 64")
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
-    ap.add_argument("--variants", default="", help="A/B of decode settings, ';'-separated, each "
-                    "'pdl=0|1,kb=K,ahead=1|2,waves=W,maxn=N,preload=0|1,gcopy=0|1,merge=0|1,rowq=0|1,async=0|1,asplit=0|1,minsplit=N,"
-                    "skip=rope+oquant+dquant+store+attn+norm' "
-                    "(unset keys: defaults; async: decode steps launched one ahead of the host; asplit: decode attention "
-                    "splits sized by each sequence's length; minsplit: fewest tokens per planned split; skip: named decode "
-                    "kernels not run, an upper bound for fusing them away, outputs wrong; waves: GEMV programs per SM the "
-                    "K split aims at; preload: the decode quantize's constants before the wait, "
-                    "gcopy: the decode graphs copy the staged metadata themselves, merge: split attention merged "
-                    "in the kernel, rowq: the FP8 / INT8 activations quantized by one kernel); "
-                    "every config and batch runs under each, "
-                    "the list --repeat times")
+    ap.add_argument("--variants", default="", help=(
+        "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
+        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, "
+        "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
+        "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
+        "planned split; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
+        "wrong); waves: GEMV programs per SM the K split aims at; preload: the decode quantize's constants "
+        "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
+        "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel. Every config and "
+        "batch runs under each, the list --repeat times"))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=0,
                     help="the engine's max_model_len (0: just the run's tokens); it sizes the decode split plan")

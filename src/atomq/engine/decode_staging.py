@@ -201,8 +201,8 @@ class DecodeStaging:
         """Write (+ copy + gather) one decode step. rows=None: an eager step, returns ``eager_batch`` of the
         len(seqs) rows; rows = a graph bucket: padded to it, returns ``batch(len(seqs))`` (the graph
         reads the static buffers, and gathers the tokens itself). copy=False: the caller's graph copies
-        (then it calls record_read after the replay; never with ``gather``). sampled_rows: as in ``write``. None when the step is not a plain
-        decode step (the caller builds it the general way)."""
+        (then it calls record_read after the replay; never with ``gather``). sampled_rows: as in
+        ``write``. None when the step is not a plain decode step (the caller builds it the general way)."""
         bsz = len(seqs)
         if not self.write(seqs, rows or bsz, sampled_rows):
             return None

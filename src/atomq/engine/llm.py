@@ -322,7 +322,8 @@ class LLMEngine:
         tokens = sample_tokens(scores, params, [] if all_greedy(params) else [s.generator for s in wanting])
         lp = None
         if any(p.logprobs is not None for p in params):  # copied to (pinned) host memory with the tokens
-            lp = tuple(t.to("cpu", non_blocking=True) for t in token_logprobs(logits, tokens, top_logprobs_wanted(params)))
+            raw = token_logprobs(logits, tokens, top_logprobs_wanted(params))
+            lp = tuple(t.to("cpu", non_blocking=True) for t in raw)
         staging = self.runner.staging
         staging.sampled[:n].copy_(tokens)  # where the next step's inputs are gathered from
         host = self._token_buffers[self._next_buffer]  # two: the other one may still be read by ``_land``

@@ -1,9 +1,10 @@
 """What the sampler draws from: the logits with each request's penalties and min_tokens applied.
 
-Penalties keep their state on the device per sequence. A penalized sequence (SamplingParams.penalized) holds how often each token occurs in its output and, with
-a repetition penalty, which tokens its prompt holds. Each step adds only the output tokens that are new
-since the last step, the one still in flight under asynchronous scheduling read from the device (the
-staging's ``sampled``), so the host's work per step does not grow with the history.
+Penalties keep their state on the device per sequence. A penalized sequence (SamplingParams.penalized)
+holds how often each token occurs in its output and, with a repetition penalty, which tokens its prompt
+holds. Each step adds only the output tokens that are new since the last step, the one still in flight
+under asynchronous scheduling read from the device (the staging's ``sampled``), so the host's work per
+step does not grow with the history.
 """
 
 from __future__ import annotations

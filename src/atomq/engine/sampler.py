@@ -75,7 +75,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     return out
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype), tokens int64 [B] -> (their logprobs fp32 [B], the k largest
     logprobs fp32 [B, k] and their ids int64 [B, k], most likely first), on the logits' device, no sync."""
     lp = torch.log_softmax(logits.float(), dim=-1)

@@ -95,8 +95,8 @@ class SamplingParams:
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1.0 / MIN_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
-                             f"(1 = off), got {self.repetition_penalty}")
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                             f"{1 / MIN_REPETITION_PENALTY:g}] (1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
