@@ -406,7 +406,7 @@ def _decode_int4_words_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     ACC_ROWS: tl.constexpr, INTERPRET: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, ADAPT: tl.constexpr, USE_GDC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, ADAPT: tl.constexpr, PRELOAD: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """INT4 decode for one query head per kv head (no GQA) on CUDA cores, no tensor-core operands.
 
@@ -415,12 +415,21 @@ def _decode_int4_words_kernel(
     ([ACC_ROWS, D] fp32 in 8 planes; the tile's rows r, r + ACC_ROWS, ... add into row r inside one
     thread) and summed over rows once at the end, so the loop's only cross-thread step is the tile's
     score max. The accumulators are rescaled only when the running max grows by 2**8.
+
+    PRELOAD (with PREFETCH, under programmatic dependent launch): the first tile's pages load before the
+    wait for the kernel ahead, which in a decode step writes only each sequence's newest token (the KV
+    store); that token is masked out there and its tile loaded again after the wait when it holds it.
     """
-    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    start, end = _split_range(SEQ, b, s, tokens_per_split, BLOCK_N, ADAPT)
+    start, end = _split_range(SEQ, b, s, tokens_per_split, BLOCK_N, ADAPT)  # lengths: staged before the step
+    bt = BT + b * stride_bt
+    args = (K, V, KS, KZ, VS, VZ, bt, h, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms)
+    if PRELOAD:  # pages of older tokens only; tl.load(SEQ + b) - 1 is the newest token's position
+        old_end = tl.minimum(end, tl.load(SEQ + b) - 1)
+        tile = _words_load(start, old_end, *args, W, PAGE, BLOCK_N)
+    gdc_enter(USE_GDC)
     c = tl.arange(0, W)
     qp = Q + b * stride_qb + h * stride_qh + 8 * c[None, :]  # plane I holds elements 8c + I
     q0 = tl.load(qp).to(tl.float32)
@@ -441,8 +450,6 @@ def _decode_int4_words_kernel(
     wz_acc = tl.zeros([BLOCK_N], tl.float32)
     z = tl.zeros([ACC_ROWS, W], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
-    bt = BT + b * stride_bt
-    args = (K, V, KS, KZ, VS, VZ, bt, h, stride_kb, stride_kh, stride_ks, stride_mb, stride_mh, stride_ms)
     if INTERPRET:  # the interpreter cannot run a for loop with tensor bounds
         n0 = start
         while n0 < end:
@@ -450,7 +457,11 @@ def _decode_int4_words_kernel(
             m_i, l_acc, wz_acc, acc = _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale)
             n0 += BLOCK_N
     elif PREFETCH:  # registers hold the next tile while this one is computed
-        tile = _words_load(start, end, *args, W, PAGE, BLOCK_N)
+        if PRELOAD:
+            if old_end < tl.minimum(end, start + BLOCK_N):  # the first tile holds the newest token
+                tile = _words_load(start, end, *args, W, PAGE, BLOCK_N)
+        else:
+            tile = _words_load(start, end, *args, W, PAGE, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
             nxt = _words_load(n0 + BLOCK_N, end, *args, W, PAGE, BLOCK_N)
             m_i, l_acc, wz_acc, acc = _words_step(tile, q, q_sum, m_i, l_acc, wz_acc, acc, qk_scale)
@@ -549,6 +560,8 @@ FUSED_MERGE = True
 ADAPTIVE_SPLITS = True
 # the fewest tokens a split is planned for (plan_decode)
 MIN_TOKENS_PER_SPLIT = 256
+# words kernel under programmatic dependent launch: the first tile of older tokens loads before the wait
+PRELOAD_PAGES = True
 
 
 @dataclass
@@ -704,6 +717,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), ps[0], ps[1], ps[2], ls[0], ls[1],
             W=d // 8, PAGE=cache.block_size, BLOCK_N=plan.block_n, SPLIT=split, PREFETCH=plan.prefetch,
             ACC_ROWS=plan.acc_rows, INTERPRET=interpreting(), FUSED_MERGE=fused, ADAPT=plan.adaptive,
+            PRELOAD=PRELOAD_PAGES and plan.prefetch and pdl["USE_GDC"] and not interpreting(),
             num_warps=plan.num_warps, num_stages=plan.num_stages, **pdl,
         )
     elif cache.mode == "int4":
