@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import interpreter_compat
+from . import pdl
 from .pdl import launch_options
 
 try:  # guarded: atomq imports without triton
@@ -61,7 +62,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         raise ValueError(f"cos / sin must be fp32 [{t}, {d}]")
     if t:
         _rope_kernel[(t,)](x, cos.contiguous(), sin.contiguous(), h, x.stride(0), x.stride(1),
-                           HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), num_warps=4, **launch_options(x.device))
+                           HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), PRELOAD=pdl.PRELOAD_STAGED, num_warps=4,
+                           **launch_options(x.device))
     return x
 
 
@@ -102,19 +104,23 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                     USE_GDC: tl.constexpr):
-        gdc_enter(USE_GDC)
+                     PRELOAD: tl.constexpr, USE_GDC: tl.constexpr):
+        """PRELOAD: cos / sin (made from the positions at the step's start) load before the wait."""
         t = tl.program_id(0)
         heads = tl.arange(0, BLOCK_H)[:, None]
         offs = tl.arange(0, HALF)[None, :]
         mask = heads < H
-        lo_ptr = x_ptr + t * stride_t + heads * stride_h + offs
-        x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        if not PRELOAD:
+            gdc_enter(USE_GDC)
         c1 = tl.load(cos_ptr + t * 2 * HALF + offs)
         c2 = tl.load(cos_ptr + t * 2 * HALF + HALF + offs)
         s1 = tl.load(sin_ptr + t * 2 * HALF + offs)
         s2 = tl.load(sin_ptr + t * 2 * HALF + HALF + offs)
+        if PRELOAD:
+            gdc_enter(USE_GDC)
+        lo_ptr = x_ptr + t * stride_t + heads * stride_h + offs
+        x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
         dt = x_ptr.dtype.element_ty
         tl.store(lo_ptr, (x1 * c1 - x2 * s1).to(dt), mask=mask)
         tl.store(lo_ptr + HALF, (x2 * c2 + x1 * s2).to(dt), mask=mask)

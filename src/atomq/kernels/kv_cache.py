@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .kv_layout import BLOCK_SIZE, KV_LAYOUTS, KV_MODES, PagedKVCache, kv_bytes_per_token  # noqa: F401
+from . import pdl
 from .pdl import gdc_enter, launch_options
 
 FP8_MAX = 448.0
@@ -138,12 +139,16 @@ def _kv_store_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    PRELOAD: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    gdc_enter(USE_GDC)
+    """PRELOAD: the slot (staged before the step) loads before the wait for the kernel ahead."""
+    if not PRELOAD:
+        gdc_enter(USE_GDC)
     t = tl.program_id(0)
     h0 = tl.program_id(1) * BLOCK_H  # a few tokens: their heads are spread over programs
     slot = tl.load(SLOT + t)
+    if PRELOAD:
+        gdc_enter(USE_GDC)
     valid = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
     blk = slot // PAGE
@@ -203,6 +208,6 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
         cache.v_zero if cache.v_zero is not None else dummy,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         sb, sh, ss, mb, mh, ms,
-        H=h, BLOCK_H=block_h, D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode],
+        H=h, BLOCK_H=block_h, D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode], PRELOAD=pdl.PRELOAD_STAGED,
         num_warps=4 if block_h * d >= 4096 else (2 if block_h * d >= 512 else 1), **launch_options(k.device),
     )

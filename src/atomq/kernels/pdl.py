@@ -40,6 +40,10 @@ def _enabled(device_type: str, index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+# RoPE and the KV store load their staged inputs (cos / sin, slots) before the wait (False: after it, for A/B)
+PRELOAD_STAGED = True
+
+
 def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch on ``device``: ``USE_GDC`` (the kernel's constexpr) and,
     when programmatic dependent launch is on, ``launch_pdl``."""
