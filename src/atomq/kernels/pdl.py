@@ -7,8 +7,8 @@ each paying a launch and a ramp-up; this hides them behind the tail of the kerne
 keep the dependency). Every kernel launched this way (``USE_GDC``) keeps one protocol:
 
 - before ``gdc_wait`` it stores nothing and loads only what the kernel ahead does not write: weights,
-  metadata staged before the step, and (decode attention) the pages of tokens older than the step's own,
-  whose newest token the KV store ahead writes;
+  inputs made at the step's start (staged metadata, RoPE's cos / sin), and (decode attention) the pages
+  of tokens older than the step's own, whose newest token the KV store ahead writes;
 - right after it, ``gdc_launch_dependents`` lets the next kernel launch, which in turn waits for this
   one: the chain of waits still orders every kernel after all those before it.
 
