@@ -171,8 +171,10 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
-                            max_tokens=ns.max_tokens, stop=tuple(ns.stop or ()), ignore_eos=ns.ignore_eos)
+    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, min_p=ns.min_p, seed=ns.seed,
+                            max_tokens=ns.max_tokens, min_tokens=ns.min_tokens, stop=tuple(ns.stop or ()),
+                            ignore_eos=ns.ignore_eos, logprobs=ns.logprobs, presence_penalty=ns.presence_penalty,
+                            frequency_penalty=ns.frequency_penalty, repetition_penalty=ns.repetition_penalty)
     t0 = time.perf_counter()
     llm = open_llm(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
               kv_cache_bytes=ns.kv_cache_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
@@ -187,6 +189,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     for prompt, out in zip(ns.prompt, outs):
         print(f"--- {prompt!r} -> ({len(out.token_ids)} tokens, {out.finish_reason})")
         print(out.text)
+        if out.logprobs is not None:
+            _print_logprobs(out.logprobs, llm.tokenizer)
     st = eng.stats
     gen = sum(len(o.token_ids) for o in outs)
     model = eng.lm.model
@@ -206,6 +210,16 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
     print(f"--- peak memory {peak}")
     return 0
+
+
+def _print_logprobs(logprobs: list, tokenizer: typing.Any) -> None:
+    """One line per generated token: its text and log-probability, then the most likely alternatives."""
+    from .serve.token_text import TokenText
+
+    text = TokenText(tokenizer)
+    for i, e in enumerate(logprobs):
+        top = ", ".join(f"{text(t)[0]!r} {lp:.3f}" for t, lp in e.top)
+        print(f"  {i:3d} {text(e.token_id)[0]!r} {e.logprob:.3f}" + (f"  | {top}" if top else ""))
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
@@ -415,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this times as likely as the top one")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many tokens")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--logprobs", type=int, default=None,
+                   help="print each token's log-probability and this many most likely alternatives (0-20)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")

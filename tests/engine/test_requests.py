@@ -144,6 +144,10 @@ def test_cli_generate(tiny_model, capsys):
     assert "tok/s" in out and "peak memory" in out
     assert main(["generate", "--model", model, "--prompt", "x", "--max-tokens", "0"]) == 2
     assert "max_tokens must be a positive integer" in capsys.readouterr().err
+    assert main(["generate", "--model", model, "--prompt", "the quick brown", "--max-tokens", "3", "--dtype", "float32",
+                 "--logprobs", "2", "--repetition-penalty", "1.3", "--min-tokens", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("    ")]
+    assert len(lines) == 3 and all(ln.count("|") == 1 for ln in lines)  # each token: itself | two alternatives
 
 
 def test_abort_frees_blocks_and_the_others_finish_unchanged(load, prompts):

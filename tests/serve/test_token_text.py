@@ -37,3 +37,10 @@ def test_sentencepiece_pieces_and_byte_fallback():
     assert text(3) == (" the", b" the") and text(7) == ("ing", b"ing") and text(2) == ("</s>", b"</s>")
     assert b"".join(text(i)[1] for i in (4, 5, 6)).decode("utf-8") == "\u4f60"
     assert text(4)[0] == "\ufffd"
+
+
+def test_a_tokenizer_without_a_vocabulary_decodes_each_id():
+    from atomq.model.random_weights import ByteTokenizer
+
+    text = TokenText(ByteTokenizer())
+    assert text(104) == ("h", b"h") and text(300)[1] == ByteTokenizer().decode([300]).encode()

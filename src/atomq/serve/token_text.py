@@ -35,7 +35,8 @@ class TokenText:
         self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
         self._special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         self._byte_level = _byte_level_decoder()
-        sample = [p for p in self._pieces(range(min(len(tokenizer), 2000))) if p]
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 0) or 0
+        sample = [p for p in self._pieces(range(min(size, 2000))) if p]
         self._mode = ("byte-level" if sample and all(all(c in self._byte_level for c in p) for p in sample)
                       else "sentencepiece" if any(p.startswith("▁") for p in sample) else "decode")
 
