@@ -185,7 +185,6 @@ class LLMEngine:
         if seq.is_finished:
             return False
         seq.drop_pending()  # a step in flight may still compute its token: it is dropped when it lands
-        seq.final_pending = False
         self.scheduler.finish(seq, "abort")
         seq.finish_time = time.perf_counter()
         return True
@@ -277,7 +276,6 @@ class LLMEngine:
         if reason is None:
             return None
         seq.drop_pending()  # what a step in flight computes for it is not wanted any more
-        seq.final_pending = False
         self.scheduler.finish(seq, reason)
         seq.finish_time = now
         return seq

@@ -8,6 +8,7 @@ from operator import attrgetter
 import torch
 
 from .sequence import SamplingParams, Sequence, TokenLogprobs
+from .transfer import to_device
 
 _temperature = attrgetter("temperature")
 
@@ -45,10 +46,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], output_c
     """logits [B, V] -> fp32 [B, V] with each row's penalties (SamplingParams) applied. output_counts fp32
     [B, V]: how often each token occurs in the row's output so far; seen bool [B, V]: in its prompt or
     output. Rows without penalties are unchanged. No host sync."""
-    values = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params])
-    if logits.is_cuda:
-        values = values.pin_memory()  # transfer.py: a copy from pageable memory may wait for the queued work
-    rep, pres, freq = values.to(logits.device, non_blocking=True).unbind(1)
+    values = [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params]
+    rep, pres, freq = to_device(values, torch.float32, logits.device).unbind(1)
     rep, pres, freq = rep[:, None], pres[:, None], freq[:, None]
     logits = logits.float()
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)

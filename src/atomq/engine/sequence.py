@@ -169,6 +169,7 @@ class Sequence:
         if self.num_pending:
             del self.token_ids[-self.num_pending:]
             self.num_pending = 0
+        self.final_pending = False
 
     @property
     def num_uncomputed(self) -> int:
