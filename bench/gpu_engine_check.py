@@ -26,6 +26,7 @@ from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
 from atomq.kernels import decode_attention as _dec
 from atomq.kernels import decode_fused as _fused
+from atomq.kernels import pdl as _pdl
 from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
@@ -255,6 +256,7 @@ def _originals() -> dict:
 
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
+_EARLY_DEFAULT = _pdl.EARLY_TRIGGER
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
@@ -280,6 +282,7 @@ def _apply_variant(spec: str) -> None:
     _dec.PRELOAD_PAGES = kv.get("apre", "1") == "1"
     _fused.ENABLED = kv.get("fused", "1") == "1"
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
+    pdl.EARLY_TRIGGER = kv.get("early", "1" if _EARLY_DEFAULT else "0") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
     global ASYNC
@@ -299,11 +302,11 @@ def main() -> int:
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
-        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, fused=0|1, "
+        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, fused=0|1, early=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
-        "load their staged inputs before the wait; fused: RoPE, KV store and INT4 decode attention in one kernel (no GQA); skip: named decode kernels not run, an upper bound for fusing them away (rope / store / attn: with fused=0; outputs "
+        "load their staged inputs before the wait; fused: RoPE, KV store and INT4 decode attention in one kernel (no GQA); early: the activation quantize kernels let the GEMM behind them launch before their wait; skip: named decode kernels not run, an upper bound for fusing them away (rope / store / attn: with fused=0; outputs "
         "wrong); waves: GEMV programs per SM the K split aims at; preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel. Every config and "
