@@ -25,8 +25,6 @@ import torch
 from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
 from atomq.kernels import decode_attention as _dec
-from atomq.kernels import decode_fused as _fused
-from atomq.kernels import pdl as _pdl
 from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
@@ -77,12 +75,10 @@ def check_graphs() -> None:
     the host) against synchronous steps: same tokens, logits equal up to rounding."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
-    cases = [(name, "tiny-llama", spec) for name, spec in CONFIGS.items()]
-    cases.append(("atom (no GQA: fused RoPE + store + attention)", "tiny-llama-mha", CONFIGS["atom"]))
-    for name, shape, (fmt, method, kv) in cases:
+    for name, (fmt, method, kv) in CONFIGS.items():
         runs = {}
         for eager, overlap in ((True, False), (False, False), (False, True)):
-            lm = random_model(shape, fmt, torch.float16, "cuda", seed=3)
+            lm = random_model("tiny-llama", fmt, torch.float16, "cuda", seed=3)
             llm = LLM(lm, linear_method=method, kv_cache_dtype=kv, kv_cache_bytes=1 << 24, enforce_eager=eager,
                       max_num_seqs=8, record_logits=True, async_scheduling=overlap)
             runs[eager, overlap] = llm.generate(prompts, params)
@@ -92,26 +88,6 @@ def check_graphs() -> None:
             same = all(a.token_ids == b.token_ids for a, b in zip(want, got))
             err = max(rel(torch.stack(b.logits), torch.stack(a.logits)) for a, b in zip(want, got))
             report(f"{name}: {label}", same and err < 1e-2, f"tokens equal {same}, logits rel {err:.1e}")
-
-
-def check_fused() -> None:
-    """The one-kernel RoPE + KV store + INT4 decode attention (no GQA) against the three separate kernels:
-    same tokens, logits equal up to rounding (eager and CUDA-graph decode)."""
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    prompts = [[(11 * i + j) % 500 for j in range(3 + 21 * i)] for i in range(4)]
-    for eager in (True, False):
-        runs = {}
-        for fused in (False, True):
-            _fused.ENABLED = fused
-            lm = random_model("tiny-llama-mha", "atom", torch.float16, "cuda", seed=4)
-            llm = LLM(lm, kv_cache_dtype="int4", kv_cache_bytes=1 << 24, enforce_eager=eager, max_num_seqs=8,
-                      record_logits=True)
-            runs[fused] = llm.generate(prompts, params)
-        _fused.ENABLED = True
-        same = all(a.token_ids == b.token_ids for a, b in zip(runs[False], runs[True]))
-        err = max(rel(torch.stack(b.logits), torch.stack(a.logits)) for a, b in zip(runs[False], runs[True]))
-        report(f"fused decode attention = separate kernels ({'eager' if eager else 'CUDA graphs'})",
-               same and err < 1e-2, f"tokens equal {same}, logits rel {err:.1e}")
 
 
 def _replay_ms(engine, bsz: int, reps: int = 30) -> float:
@@ -256,7 +232,6 @@ def _originals() -> dict:
 
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
-_EARLY_DEFAULT = _pdl.EARLY_TRIGGER
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
@@ -280,9 +255,7 @@ def _apply_variant(spec: str) -> None:
     _dec.ADAPTIVE_SPLITS = kv.get("asplit", "1") == "1"
     _dec.MIN_TOKENS_PER_SPLIT = int(kv.get("minsplit", 256))
     _dec.PRELOAD_PAGES = kv.get("apre", "1") == "1"
-    _fused.ENABLED = kv.get("fused", "1") == "1"
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
-    pdl.EARLY_TRIGGER = kv.get("early", "1" if _EARLY_DEFAULT else "0") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
     global ASYNC
@@ -302,11 +275,11 @@ def main() -> int:
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
-        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, fused=0|1, early=0|1, "
+        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
-        "load their staged inputs before the wait; fused: RoPE, KV store and INT4 decode attention in one kernel (no GQA); early: the activation quantize kernels let the GEMM behind them launch before their wait; skip: named decode kernels not run, an upper bound for fusing them away (rope / store / attn: with fused=0; outputs "
+        "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
         "wrong); waves: GEMV programs per SM the K split aims at; preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel. Every config and "
@@ -320,7 +293,6 @@ def main() -> int:
     if not ns.no_checks:
         check_kernels()
         check_graphs()
-        check_fused()
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []

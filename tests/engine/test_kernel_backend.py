@@ -86,34 +86,3 @@ def test_fp8_engine_from_float_weights(prompts):
     assert llm.engine.linear_kernels == {"fp8": 8}
     out = llm.generate([[1, 2, 3, 4, 5]] * 2, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     assert out[0].token_ids == out[1].token_ids and len(out[0].token_ids) == 5
-
-
-def test_fused_decode_kernel_serves_decode_steps(tiny_model, prompts, monkeypatch):
-    """INT4 pages without GQA and head_dim 64: decode steps run RoPE, the KV store and attention as one
-    kernel (kernels/decode_fused.py), giving the tokens of the reference ops and the logits of the three
-    separate kernels up to float rounding."""
-    pytest.importorskip("triton")
-    from atomq.kernels import decode_fused, interpreter_compat
-    from atomq.model.loader import load_model
-
-    interpreter_compat()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = tiny_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=2)
-    calls = []
-    real = decode_fused.rope_store_decode_attention
-    monkeypatch.setattr(decode_fused, "rope_store_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    runs = {}
-    for name, backend, fused in (("ref", "ref", False), ("separate", "triton", False), ("fused", "triton", True)):
-        monkeypatch.setattr(decode_fused, "ENABLED", fused)
-        lm = load_model(str(path), torch.float16, device, kv_bits=4)
-        llm = LLM(lm, kv_cache_dtype="int4", kv_cache_bytes=1 << 21, attention_backend=backend, record_logits=True,
-                  enforce_eager=True)
-        runs[name] = llm.generate([prompts[0], prompts[2]], params)
-        if name == "separate":
-            assert not calls
-    assert len(calls) == 3 * 2  # 3 decode steps x 2 layers
-    for r, s, f in zip(runs["ref"], runs["separate"], runs["fused"]):
-        assert f.token_ids == s.token_ids == r.token_ids
-        got, want = torch.stack(f.logits).float(), torch.stack(s.logits).float()
-        assert ((got - want).norm() / want.norm()).item() < 1e-3

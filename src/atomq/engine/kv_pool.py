@@ -32,9 +32,7 @@ class PagedOps:
     """The ops of the serving forward, Triton kernels or their ref.py twins (same signatures):
     store(cache, k, v, slot_mapping); decode(q, cache, block_table, seq_lens, sm_scale);
     prefill(q, cache, cu_seqlens_q, cached_lens, block_table, sm_scale); rmsnorm(x, weight, eps, residual);
-    rope_(x, cos, sin) in place; silu_mul(gate_up). Triton only: rope_store_decode(q, k, v, cos, sin, cache,
-    slot_mapping, block_table, seq_lens, sm_scale), RoPE + store + decode attention in one kernel, for the
-    caches where fuses_decode(cache, num_qo_heads) holds (kernels/decode_fused.py)."""
+    rope_(x, cos, sin) in place; silu_mul(gate_up)."""
 
     store: Callable[..., Any]
     decode: Callable[..., Any]
@@ -43,8 +41,6 @@ class PagedOps:
     rmsnorm: Callable[..., Any] = ref.rmsnorm
     rope_: Callable[..., Any] = ref.rope_
     silu_mul: Callable[..., Any] = ref.silu_mul
-    rope_store_decode: Callable[..., Any] | None = None
-    fuses_decode: Callable[[Any, int], bool] = lambda cache, num_qo_heads: False
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "ref")
@@ -57,15 +53,13 @@ def paged_ops(device: torch.device, backend: str = "auto") -> PagedOps:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
         try:
-            from ..kernels import decode_fused
             from ..kernels import elementwise as E
             from ..kernels.decode_attention import paged_decode_attention
             from ..kernels.kv_cache import kv_store
             from ..kernels.prefill_attention import paged_prefill_attention
 
             return PagedOps(kv_store, paged_decode_attention, paged_prefill_attention, "triton",
-                            E.rmsnorm, E.rope_, E.silu_mul, decode_fused.rope_store_decode_attention,
-                            decode_fused.fuses)
+                            E.rmsnorm, E.rope_, E.silu_mul)
         except ImportError:
             if backend == "triton":
                 raise ValueError("attention backend 'triton' needs the triton package") from None

@@ -42,8 +42,6 @@ def _enabled(device_type: str, index: int) -> bool:
 
 # RoPE and the KV store load their staged inputs (cos / sin, slots) before the wait (False: after it, for A/B)
 PRELOAD_STAGED = True
-# the activation quantize kernels let the GEMM behind them launch before their own wait (EARLY_TRIGGER)
-EARLY_TRIGGER = False
 
 
 def launch_options(device: torch.device) -> dict:
@@ -56,13 +54,6 @@ def launch_options(device: torch.device) -> dict:
 
 
 if triton is not None:
-
-    @triton.jit
-    def gdc_trigger(USE_GDC: tl.constexpr):
-        """Let the next kernel launch now, before this one's wait: only where the next kernel's part before
-        its own wait reads what no earlier kernel of the step writes (a GEMM's weights)."""
-        if USE_GDC:
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def gdc_enter(USE_GDC: tl.constexpr):

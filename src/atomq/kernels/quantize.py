@@ -31,7 +31,6 @@ import torch
 
 from ..quant import Split, pack_int4
 from . import interpreter_compat
-from . import pdl
 from .pdl import launch_options
 from .ref import ActQ
 
@@ -209,8 +208,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, EARLY=pdl.EARLY_TRIGGER,
-        num_warps=4 if block <= 1024 else 8, **launch_options(dev),
+        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 
@@ -285,7 +283,7 @@ def quantize_rows(x: torch.Tensor, kind: str, clip: float = 1.0) -> tuple[torch.
 if triton is not None:
     from triton.language.extra import libdevice
 
-    from .pdl import gdc_enter, gdc_trigger
+    from .pdl import gdc_enter
 
     @triton.jit
     def _rint(t):
@@ -369,7 +367,7 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        EARLY: tl.constexpr, USE_GDC: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -383,8 +381,6 @@ if triton is not None:
         ONE_BLOCK (CHUNK == BLOCK, with groups): the program's reorder index and norm weight load before
         the wait for the kernel ahead (USE_GDC, kernels/pdl.py).
         """
-        if EARLY:  # the GEMM behind reads only weights before its wait (pdl.EARLY_TRIGGER)
-            gdc_trigger(USE_GDC)
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         c_begin = chunk * CHUNK

@@ -268,19 +268,6 @@ def paged_decode_attention_ref(
     return out
 
 
-def rope_store_decode_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
-    slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
-    out: torch.Tensor | None = None, plan=None,
-) -> torch.Tensor:
-    """A decode step's attention from the q/k/v before RoPE: rope_ on copies of q [B, H, D] and k, then
-    kv_store_ref of the rotated k and v [B, H, D] (slot_mapping int32 [B]), then paged_decode_attention_ref.
-    q, k, v are not modified. Returns out [B, H, D] in q's dtype."""
-    q, k = rope_(q.clone(), cos, sin), rope_(k.clone(), cos, sin)
-    kv_store_ref(cache, k, v, slot_mapping)
-    return paged_decode_attention_ref(q, cache, block_table, seq_lens, sm_scale, out)
-
-
 def paged_prefill_attention_ref(
     q: torch.Tensor, cache, cu_seqlens_q: torch.Tensor, cached_lens: torch.Tensor, block_table: torch.Tensor,
     sm_scale: float, out: torch.Tensor | None = None, plan=None,

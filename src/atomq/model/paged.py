@@ -10,9 +10,6 @@ stores the new tokens' K/V into their pages
 exactly the K/V later steps will see (docs/KERNELS.md, "store first"). With an INT4 cache this is the
 numerics of the full-sequence forward built with ``kv_bits=4`` (fake-quantized K after RoPE and V);
 with ``kv_rotate`` queries and keys are Hadamard-rotated after RoPE before storing and attending.
-Decode steps over INT4 pages without GQA run RoPE, the store and attention as one Triton kernel
-(``ops.rope_store_decode``, kernels/decode_fused.py) with the same numerics: the newest token's K/V are
-the ones it stores.
 The full-sequence forward (``CausalLM.forward``) is untouched.
 """
 
@@ -117,16 +114,11 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
     q = q.view(t, attn.n_heads, attn.head_dim)  # [T, Hq, D]
     k = k.view(t, attn.n_kv_heads, attn.head_dim)  # [T, Hkv, D]
     v = v.view(t, attn.n_kv_heads, attn.head_dim)
-    sm_scale = default_sm_scale(attn.head_dim)
-    if (batch.is_decode and attn.kv_hadamard is None and q.dtype in (torch.float16, torch.bfloat16)
-            and ops.fuses_decode(cache, attn.n_heads)):  # RoPE, store and attention in one kernel
-        o = ops.rope_store_decode(q, k, v, cos, sin, cache, batch.slot_mapping, batch.block_tables,
-                                  batch.context_lens, sm_scale)
-        return attn.o_proj(o.to(dtype).reshape(t, attn.n_heads * attn.head_dim))
     _rope_q_k(q, k, cos, sin, ops)
     if attn.kv_hadamard is not None:
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
     ops.store(cache, k, v, batch.slot_mapping)
+    sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
         q = q.half()  # the kernels take fp16 / bf16 queries
     if batch.is_decode:

@@ -39,9 +39,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                        max_position_embeddings=1024),
-    "tiny-llama-mha": dict(architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
-                           max_position_embeddings=1024),  # no GQA, head_dim 64: the fused INT4 decode kernel
     "tiny-mixtral": dict(architectures=["MixtralForCausalLM"], hidden_size=256, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                          max_position_embeddings=1024, num_local_experts=4, num_experts_per_tok=2),
