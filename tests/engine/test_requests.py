@@ -261,3 +261,62 @@ def test_min_tokens_hold_back_stop_strings_and_bad_stop_ids_are_refused(load, pr
     assert len(out.token_ids) >= 6
     with pytest.raises(ValueError, match="stop_token_ids must be in"):
         llm.engine.add_request(prompts[0], SamplingParams(stop_token_ids=[10**6], min_tokens=1))
+
+
+def _full_forward_logprobs(lm, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the full-sequence forward's logits, fp32 [len(ids), V]."""
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(torch.tensor([ids]))[0].float(), -1)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompt_logprobs_score_every_prompt_token(load, prompts, overlap):
+    """Chunked prefill (8-token budget) and a request without prompt logprobs in the same steps: each prompt
+    token after the first gets the full forward's log-probability and top tokens; the first gets None."""
+    lm = load("llama")
+    llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22, max_num_batched_tokens=8, async_scheduling=overlap)
+    params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=0, logprobs=1)]
+    scored, plain, short = llm.generate([prompts[1], prompts[0], prompts[0]], params)
+    assert plain.prompt_logprobs is None
+    assert plain.token_ids[:2] == short.token_ids and len(short.logprobs) == 2
+    for out, k in ((scored, 2), (short, 0)):
+        ids = out.prompt_token_ids
+        want = _full_forward_logprobs(lm, ids)
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        for p, entry in enumerate(out.prompt_logprobs[1:]):
+            assert entry.token_id == ids[p + 1]
+            assert abs(entry.logprob - float(want[p, ids[p + 1]])) < 1e-4
+            assert [i for i, _ in entry.top] == want[p].topk(k).indices.tolist()
+    for bad in (21, -1, True):
+        with pytest.raises(ValueError, match="prompt_logprobs"):
+            SamplingParams(prompt_logprobs=bad)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(load, prompts):
+    """A prompt whose prefix is cached is still computed (and scored) whole; a request preempted and
+    recomputed scores each prompt token once."""
+    lm = load("llama")
+    long_prompt = prompts[1]
+    llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22)
+    first = llm.generate(long_prompt, GREEDY)[0]
+    again = llm.generate(long_prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                     prompt_logprobs=1))[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 0
+    assert again.token_ids == first.token_ids
+    assert len(again.prompt_logprobs) == len(again.prompt_token_ids)
+    cached = llm.generate(long_prompt, GREEDY)[0]
+    assert cached.num_cached_tokens > 0  # the cache itself still serves requests without prompt logprobs
+
+    # 4 blocks of 16 tokens: the three requests together preempt each other
+    per_block = llm.engine.kv_pool.bytes_per_token * 16
+    tight = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=4 * per_block, max_model_len=64, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
+    outs = tight.generate([prompts[0], prompts[2], "seven wizards quietly"], params)
+    assert sum(o.num_preemptions for o in outs) > 0
+    for out in outs:
+        ids = out.prompt_token_ids
+        want = _full_forward_logprobs(lm, ids)
+        assert len(out.prompt_logprobs) == len(ids)
+        assert all(abs(e.logprob - float(want[p, ids[p + 1]])) < 1e-4 for p, e in enumerate(out.prompt_logprobs[1:]))

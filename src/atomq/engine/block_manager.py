@@ -55,7 +55,7 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest registered prefix of seq's tokens, leaving >= 1 token to compute."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:  # scores every prompt token
             return []
         hits, parent, bs = [], None, self.block_size
         for i in range((seq.num_tokens - 1) // bs):

@@ -30,9 +30,11 @@ from .kv_pool import (ATTENTION_BACKENDS, KV_CACHE_DTYPES, KVPool, available_byt
                       resolve_kv_dtype)
 from ..model.methods import LINEAR_METHODS, prepare_linears
 from .logits_processors import sampling_scores
-from .model_runner import ModelRunner
-from .sampler import all_greedy, logprob_entries, sample, sample_tokens, token_logprobs, top_logprobs_wanted
+from .model_runner import ModelRunner, prompt_logprob_spans
+from .sampler import (all_greedy, logprob_entries, output_tops, sample, sample_tokens, token_logprobs,
+                      top_logprobs_wanted)
 from .scheduler import Scheduler, SchedulerConfig
+from .transfer import to_device
 from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
 
 
@@ -171,6 +173,8 @@ class LLMEngine:
             seq.logits = []
         if params.logprobs is not None:
             seq.logprobs = []
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # nothing predicts the first prompt token
         return seq
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -289,7 +293,7 @@ class LLMEngine:
         logits = self._scores(wanting, logits, None)
         if any(p.logprobs is not None for p in params):
             ids = sample_tokens(logits, params, generators)
-            lp = logprob_entries(wanting, ids.tolist(), token_logprobs(raw, ids, top_logprobs_wanted(params)))
+            lp = logprob_entries(output_tops(wanting), ids.tolist(), token_logprobs(raw, ids, top_logprobs_wanted(params)))
             tokens = [e.token_id for e in lp]
         else:
             tokens = sample(logits, params, generators)
@@ -301,6 +305,24 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
+    @staticmethod
+    def _score_prompts(seqs: list[Sequence], spans: list[tuple[int, int, int]], logits: torch.Tensor,
+                       n: int) -> torch.Tensor:
+        """Append the prompt logprobs of ``spans`` (prompt_logprob_spans) from their rows of ``logits``
+        [n + P, V] (they follow the n rows of the sequences that get a token); returns those n rows.
+        Waits for the step (prompt logprobs are read on the host now, even with asynchronous steps)."""
+        if not spans:
+            return logits
+        owners = [seqs[i] for i, _, count in spans for _ in range(count)]
+        targets = [seqs[i].prompt_token_ids[p + 1] for i, first, count in spans for p in range(first, first + count)]
+        k = max(s.params.prompt_logprobs for s in owners)
+        ids = to_device(targets, torch.int64, logits.device)
+        entries = logprob_entries([s.params.prompt_logprobs for s in owners], targets,
+                                  token_logprobs(logits[n:], ids, k))
+        for seq, entry in zip(owners, entries):
+            seq.prompt_logprobs.append(entry)
+        return logits[:n]
+
     def _scores(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
         return sampling_scores(logits, seqs, self.eos_token_id, self.runner.staging.sampled,
                                ahead.sampled_rows if ahead is not None else None)
@@ -309,7 +331,9 @@ class LLMEngine:
     def _launch(self, seqs: list[Sequence], counts: list[int], ahead: InFlightStep | None) -> InFlightStep:
         """Run a step and sample on the device without waiting for either; each sequence that gets a token
         holds a PLACEHOLDER for it. ``ahead``: the step still in flight, whose tokens feed this one."""
-        wanting, logits = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None)
+        spans = prompt_logprob_spans(seqs, counts)
+        wanting, logits = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None, spans)
+        logits = self._score_prompts(seqs, spans, logits, len(wanting))
         self._advance(seqs, counts)
         decode = sum(counts) == len(seqs)
         n = len(wanting)
@@ -344,7 +368,7 @@ class LLMEngine:
         if step.copied is not None:
             step.copied.synchronize()
         tokens = step.host[:len(step.seqs)].tolist()
-        lp = logprob_entries(step.seqs, tokens, step.logprobs) if step.logprobs is not None else None
+        lp = logprob_entries(output_tops(step.seqs), tokens, step.logprobs) if step.logprobs is not None else None
         now, finished, bm, landed = time.perf_counter(), [], self.block_manager, 0
         for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
             if seq.is_finished:  # stopped (or aborted) while this token was computed: dropped
@@ -401,7 +425,9 @@ class LLMEngine:
                 raise RuntimeError("nothing could be scheduled although requests are waiting")
             return []
         t0 = time.perf_counter()
-        wanting, logits = self.runner.run(seqs, counts)
+        spans = prompt_logprob_spans(seqs, counts)
+        wanting, logits = self.runner.run(seqs, counts, None, spans)
+        logits = self._score_prompts(seqs, spans, logits, len(wanting))
         self._advance(seqs, counts)
         finished = self._append_tokens(wanting, logits) if wanting else []
         dt = time.perf_counter() - t0
@@ -421,7 +447,7 @@ class LLMEngine:
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, len(seq.output_token_ids))
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), seq.detok.text,
                              list(seq.output_token_ids), seq.finish_reason, seq.num_cached_tokens,
-                             seq.num_preemptions, seq.logits, metrics, seq.logprobs)
+                             seq.num_preemptions, seq.logits, metrics, seq.logprobs, seq.prompt_logprobs)
 
 
 def apply_chat_template(tokenizer: Any, prompt: str) -> str:

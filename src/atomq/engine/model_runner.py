@@ -24,11 +24,29 @@ from .sequence import Sequence
 from .transfer import to_device
 
 
+def prompt_logprob_spans(seqs: list[Sequence], num_new_tokens: list[int]) -> list[tuple[int, int, int]]:
+    """(index in seqs, first position, count) of the prompt positions this step scores for requests with
+    ``prompt_logprobs``: the logits at position p give the log-probabilities of prompt token p + 1, so
+    positions below num_prompt_tokens - 1 that were not scored before (a recompute after preemption
+    scores nothing twice). Call before the step advances num_computed_tokens."""
+    spans = []
+    for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
+        if seq.params.prompt_logprobs is None:
+            continue
+        first = max(seq.num_computed_tokens, len(seq.prompt_logprobs) - 1)
+        end = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+        if end > first:
+            spans.append((i, first, end - first))
+    return spans
+
+
 def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size: int,
                      device: torch.device, sampled: torch.Tensor | None = None,
-                     sampled_rows: dict[int, int] | None = None) -> StepBatch:
+                     sampled_rows: dict[int, int] | None = None,
+                     prompt_spans: list[tuple[int, int, int]] = ()) -> StepBatch:
     """Tensors for one step. Sequence b computes tokens [num_computed, num_computed + n_b) and needs
-    logits when that reaches the end of its tokens (a finished prefill or a decode step).
+    logits when that reaches the end of its tokens (a finished prefill or a decode step). The logit rows
+    of ``prompt_spans`` (prompt_logprob_spans) follow those, in span order.
 
     A PLACEHOLDER token (sampled on the device by the step before, not yet known here) is taken from
     ``sampled`` int64 [R] (device), row ``sampled_rows[seq_id]``, on the device."""
@@ -56,6 +74,9 @@ def build_step_batch(seqs: list[Sequence], num_new_tokens: list[int], block_size
         cu.append(cu[-1] + n)
         if start + n == seq.num_tokens:
             logit_rows.append(cu[-1] - 1)
+    for i, first, count in prompt_spans:  # rows of the prompt positions scored for prompt_logprobs
+        row = cu[i] + first - seqs[i].num_computed_tokens
+        logit_rows += range(row, row + count)
     width = max(len(s.block_table) for s in seqs)
     tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]  # [B * max_blocks]
     # two host-to-device copies per step (int64 and int32 fields), sliced on the device
@@ -171,17 +192,17 @@ class ModelRunner:
                                   sampled_rows=sampled_rows)
         return None if batch is None else (batch, bucket)
 
-    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None
-                ) -> tuple[StepBatch, int | None]:
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None,
+                prompt_spans: list[tuple[int, int, int]] = ()) -> tuple[StepBatch, int | None]:
         """The host half of a step: the StepBatch on the device and, for a CUDA-graph decode step, the
         bucket whose static buffers hold it padded (None = run eagerly). sampled_rows: seq_id -> row of
-        the staging's ``sampled`` for inputs sampled by the step before."""
-        if sum(num_new_tokens) == len(seqs) <= self.staging.rows:  # one token each: maybe a decode step
+        the staging's ``sampled`` for inputs sampled by the step before; prompt_spans: prompt_logprob_spans."""
+        if not prompt_spans and sum(num_new_tokens) == len(seqs) <= self.staging.rows:  # maybe a decode step
             out = self._prepare_decode(seqs, sampled_rows)
             if out is not None:
                 return out
         return build_step_batch(seqs, num_new_tokens, self.kv_pool.block_size, self.device, self.staging.sampled,
-                                sampled_rows), None
+                                sampled_rows, prompt_spans), None
 
     def execute(self, batch: StepBatch, bucket: int | None) -> torch.Tensor:
         """The model half: logits [L, vocab] in the model dtype (graph replay or eager forward)."""
@@ -189,11 +210,14 @@ class ModelRunner:
             return self.graphs.replay(bucket, batch.num_seqs)
         return forward_paged(self.model, batch, self.kv_pool)
 
-    def run(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None
-            ) -> tuple[list[Sequence], torch.Tensor]:
-        """Compute one step. Returns (sequences that get a next token, their logits [L, vocab], model dtype)."""
-        batch, bucket = self.prepare(seqs, num_new_tokens, sampled_rows)
-        if batch.logits_indices.shape[0] == len(seqs):  # every sequence reached its end (decode steps)
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None,
+            prompt_spans: list[tuple[int, int, int]] = ()) -> tuple[list[Sequence], torch.Tensor]:
+        """Compute one step. Returns (the sequences that get a next token, logits [L + P, vocab] in the
+        model dtype): first one row per such sequence, then the P rows of ``prompt_spans``
+        (prompt_logprob_spans of this step, computed before it)."""
+        batch, bucket = self.prepare(seqs, num_new_tokens, sampled_rows, prompt_spans)
+        num_prompt_rows = sum(count for _, _, count in prompt_spans)
+        if batch.logits_indices.shape[0] - num_prompt_rows == len(seqs):  # all reached their end (decode)
             wanting = seqs
         else:
             wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]

@@ -94,9 +94,14 @@ def top_logprobs_wanted(params: list[SamplingParams]) -> int:
     return max(p.logprobs or 0 for p in params)
 
 
-def logprob_entries(seqs: list[Sequence], tokens: list[int], logprobs: tuple) -> list[TokenLogprobs]:
+def logprob_entries(tops: list[int], tokens: list[int], logprobs: tuple) -> list[TokenLogprobs]:
     """One TokenLogprobs per row from token_logprobs' three tensors (fp32 [B], fp32 [B, k], int64 [B, k]),
-    each row cut to its request's own number of top tokens."""
+    row i cut to its request's own number of top tokens ``tops[i]``."""
     chosen, values, ids = (t.tolist() for t in logprobs)
-    return [TokenLogprobs(tok, lp, tuple(zip(top_ids[:s.params.logprobs or 0], top_lp[:s.params.logprobs or 0])))
-            for s, tok, lp, top_lp, top_ids in zip(seqs, tokens, chosen, values, ids)]
+    return [TokenLogprobs(tok, lp, tuple(zip(top_ids[:k], top_lp[:k])))
+            for k, tok, lp, top_lp, top_ids in zip(tops, tokens, chosen, values, ids)]
+
+
+def output_tops(seqs: list[Sequence]) -> list[int]:
+    """Top tokens each sequence's generated-token logprobs report (0 when it asked for none)."""
+    return [s.params.logprobs or 0 for s in seqs]

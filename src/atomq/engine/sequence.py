@@ -62,6 +62,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # lists are accepted and frozen into tuples; a single stop string is one stop string
@@ -82,9 +83,10 @@ class SamplingParams:
             raise ValueError(f"stop must hold non-empty strings, got {stop!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
@@ -141,6 +143,8 @@ class Sequence:
     detok: Any = None  # IncrementalDetokenizer
     logits: list | None = None  # fp32 [V] rows, only when the engine records them
     logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set
+    # one per prompt token scored so far when params.prompt_logprobs is set; [0] is None (nothing predicts it)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     penalty: Any = None  # penalties.PenaltyState on the device, once a penalized step has run
     # time.perf_counter() stamps: queued, first output token sampled, finished (None until then)
     arrival_time: float = 0.0
@@ -195,6 +199,8 @@ class RequestOutput:
     logits: list | None = None  # per generated token, fp32 [V], when the engine records logits
     metrics: "RequestMetrics | None" = None
     logprobs: list[TokenLogprobs] | None = None  # per generated token, when the request asked for them
+    # per prompt token ([0] is None), when the request asked for prompt_logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
