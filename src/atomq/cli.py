@@ -8,6 +8,7 @@ a flag left unset takes the preset's value.
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import json
 import sys
@@ -174,7 +175,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, min_p=ns.min_p, seed=ns.seed,
                             max_tokens=ns.max_tokens, min_tokens=ns.min_tokens, stop=tuple(ns.stop or ()),
                             ignore_eos=ns.ignore_eos, logprobs=ns.logprobs, presence_penalty=ns.presence_penalty,
-                            frequency_penalty=ns.frequency_penalty, repetition_penalty=ns.repetition_penalty)
+                            frequency_penalty=ns.frequency_penalty, repetition_penalty=ns.repetition_penalty,
+                            prompt_logprobs=ns.prompt_logprobs)
     t0 = time.perf_counter()
     llm = open_llm(ns.model, dtype=ns.dtype, device=ns.device, kv_cache_dtype=ns.kv_cache_dtype,
               kv_cache_bytes=ns.kv_cache_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
@@ -188,6 +190,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     for prompt, out in zip(ns.prompt, outs):
         print(f"--- {prompt!r} -> ({len(out.token_ids)} tokens, {out.finish_reason})")
+        if out.prompt_logprobs is not None:
+            _print_prompt_logprobs(out.prompt_logprobs, llm.tokenizer)
         print(out.text)
         if out.logprobs is not None:
             _print_logprobs(out.logprobs, llm.tokenizer)
@@ -220,6 +224,16 @@ def _print_logprobs(logprobs: list, tokenizer: typing.Any) -> None:
     for i, e in enumerate(logprobs):
         top = ", ".join(f"{text(t)[0]!r} {lp:.3f}" for t, lp in e.top)
         print(f"  {i:3d} {text(e.token_id)[0]!r} {e.logprob:.3f}" + (f"  | {top}" if top else ""))
+
+
+def _print_prompt_logprobs(prompt_logprobs: list, tokenizer: typing.Any) -> None:
+    """The prompt tokens' lines (as _print_logprobs; the first token has none), then their perplexity."""
+    scored = prompt_logprobs[1:]
+    print("  prompt:")
+    _print_logprobs(scored, tokenizer)
+    if scored:
+        nll = -sum(e.logprob for e in scored) / len(scored)
+        print(f"  prompt: {len(scored)} tokens scored, mean NLL {nll:.4f}, perplexity {math.exp(nll):.3f}")
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
@@ -436,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--logprobs", type=int, default=None,
                    help="print each token's log-probability and this many most likely alternatives (0-20)")
+    g.add_argument("--prompt-logprobs", type=int, default=None,
+                   help="print each prompt token's log-probability (given the tokens before it), this many "
+                        "alternatives (0-20), and the prompt's perplexity")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")

@@ -148,6 +148,10 @@ def test_cli_generate(tiny_model, capsys):
                  "--logprobs", "2", "--repetition-penalty", "1.3", "--min-tokens", "2"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("    ")]
     assert len(lines) == 3 and all(ln.count("|") == 1 for ln in lines)  # each token: itself | two alternatives
+    assert main(["generate", "--model", model, "--prompt", "the quick brown", "--max-tokens", "1", "--dtype", "float32",
+                 "--prompt-logprobs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt:" in out and "perplexity" in out
 
 
 def test_abort_frees_blocks_and_the_others_finish_unchanged(load, prompts):
