@@ -274,9 +274,11 @@ def _full_forward_logprobs(lm, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_prompt_logprobs_score_every_prompt_token(load, prompts, overlap):
-    """Chunked prefill (8-token budget) and a request without prompt logprobs in the same steps: each prompt
-    token after the first gets the full forward's log-probability and top tokens; the first gets None."""
+def test_prompt_logprobs_score_every_prompt_token(load, prompts, overlap, monkeypatch):
+    """Chunked prefill (8-token budget, scored 3 rows at a time) and a request without prompt logprobs in the
+    same steps: each prompt token after the first gets the full forward's log-probability and top tokens;
+    the first gets None."""
+    monkeypatch.setattr("atomq.engine.llm.PROMPT_LOGPROB_ROWS", 3)
     lm = load("llama")
     llm = LLM(lm, kv_cache_dtype="model", kv_cache_bytes=1 << 22, max_num_batched_tokens=8, async_scheduling=overlap)
     params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2),

@@ -81,6 +81,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+PROMPT_LOGPROB_ROWS = 1024  # prompt positions scored per log-softmax (an fp32 [rows, vocab] buffer)
+
+
 @dataclass
 class InFlightStep:
     """A step launched ahead of the host: its sampled tokens are on their way to ``host``."""
@@ -317,10 +320,12 @@ class LLMEngine:
         targets = [seqs[i].prompt_token_ids[p + 1] for i, first, count in spans for p in range(first, first + count)]
         k = max(s.params.prompt_logprobs for s in owners)
         ids = to_device(targets, torch.int64, logits.device)
-        entries = logprob_entries([s.params.prompt_logprobs for s in owners], targets,
-                                  token_logprobs(logits[n:], ids, k))
-        for seq, entry in zip(owners, entries):
-            seq.prompt_logprobs.append(entry)
+        tops = [s.params.prompt_logprobs for s in owners]
+        for lo in range(0, len(owners), PROMPT_LOGPROB_ROWS):  # bounded fp32 log-softmax memory
+            hi = lo + PROMPT_LOGPROB_ROWS
+            entries = logprob_entries(tops[lo:hi], targets[lo:hi], token_logprobs(logits[n + lo:n + hi], ids[lo:hi], k))
+            for seq, entry in zip(owners[lo:hi], entries):
+                seq.prompt_logprobs.append(entry)
         return logits[:n]
 
     def _scores(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
