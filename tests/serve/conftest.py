@@ -50,3 +50,11 @@ def server(tiny_lm):
     """A default server shared by a module's tests."""
     with serving(tiny_lm) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of the module's server."""
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c

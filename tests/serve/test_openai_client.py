@@ -16,12 +16,6 @@ PROMPTS = ["the quick brown fox jumps", "seven wizards quietly judge boxing matc
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def offline(tiny_lm):
     """Greedy offline outputs: offline(prompts, max_tokens, chat=False) -> list[RequestOutput]."""
     llm = LLM(tiny_lm, **ENGINE)

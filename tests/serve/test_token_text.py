@@ -11,6 +11,7 @@ def test_byte_level_pieces_give_exact_bytes(tiny_lm):
     ids = tok("caf\u00e9 \u4f60\u597d over", add_special_tokens=False)["input_ids"]
     raw = b"".join(text(i)[1] for i in ids)
     assert raw.decode("utf-8") == "caf\u00e9 \u4f60\u597d over"  # the bytes join up even where one token's text is U+FFFD
+    assert text.join(ids) == "caf\u00e9 \u4f60\u597d over"
     assert all(text(i)[0] == text(i)[1].decode("utf-8", errors="replace") for i in ids)
     eos = tok.eos_token_id
     assert text(eos) == (tok.eos_token, tok.eos_token.encode())

@@ -11,6 +11,10 @@ request that would go past that is refused with QueueFull (429) instead of growi
 Streaming text never shows part of a stop string: while a choice with stop strings is unfinished, its
 last ``len(longest stop) - 1`` characters are held back (the engine cuts a stop string only once it is
 complete).
+
+Echo: a choice's first delta, sent once its first token is generated (its prompt is scored by then),
+starts with the prompt's text and, when asked for, its tokens' log-probabilities. With ``max_tokens`` 0
+the engine still generates one token, which is never sent: the answer is the prompt alone.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ log = logging.getLogger("atomq.serve")
 class GenerationRequest:
     """What one HTTP request asks of the engine: ``n`` choices for each prompt.
 
-    params: how to sample (its max_tokens and seed are set per choice from the fields below);
-    max_tokens: per choice; None = up to the end of the context. Choice j of a prompt samples with
-    ``params.seed + j`` (when seeded), so the n choices differ but are reproducible.
+    params: how to sample (its max_tokens and seed are set per choice from the fields below; with
+    ``prompt_logprobs`` the prompt's tokens are scored too);
+    max_tokens: per choice; None = up to the end of the context; 0 (with echo) = the prompt alone. Choice
+    j of a prompt samples with ``params.seed + j`` (when seeded), so the n choices differ but are
+    reproducible.
     add_special_tokens: passed to the tokenizer for string prompts (False for rendered chat templates,
     which carry their own BOS).
+    echo: every choice starts with its prompt (a string as it came, token ids as their exact text).
     """
 
     prompts: list[str | list[int]]
@@ -50,6 +57,7 @@ class GenerationRequest:
     n: int = 1
     max_tokens: int | None = 16
     add_special_tokens: bool = True
+    echo: bool = False
 
     @property
     def num_sequences(self) -> int:
@@ -58,19 +66,21 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """One generated token as the client sees it: its text, exact bytes, log-probability, and the most
-    likely tokens' (text, bytes, log-probability), most likely first (token_text.py)."""
+    """One token as the client sees it: its text, exact bytes, log-probability, and the most likely
+    tokens' (text, bytes, log-probability), most likely first (token_text.py). An echoed prompt's first
+    token has no log-probability (None) and no top tokens: nothing predicts it."""
 
     text: str
     raw: bytes
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, bytes, float], ...]
 
 
 @dataclass(frozen=True)
 class Delta:
     """New output of one choice: ``text`` since the last delta, ``num_tokens`` generated so far, and
-    the log-probabilities of the tokens generated since (when the request asked for them)."""
+    the log-probabilities of the tokens generated since (when the request asked for them). With echo the
+    first delta's text and log-probabilities start with the prompt's."""
 
     index: int
     text: str
@@ -128,10 +138,15 @@ LOGPROB_FLOOR = -9999.0  # reported for a probability that underflows fp32 (JSON
 
 
 class _Live:
-    """The engine thread's side of one admitted request: its sequences and what was sent so far."""
+    """The engine thread's side of one admitted request: its sequences and what was sent so far.
 
-    def __init__(self, handle: RequestHandle, seqs: list[Sequence], token_text: Any = None):
+    echoes: per sequence, the prompt text its first delta starts with (None: no echo)."""
+
+    def __init__(self, handle: RequestHandle, seqs: list[Sequence], token_text: Any = None,
+                 echoes: list[str | None] | None = None):
         self.handle, self.seqs, self.token_text = handle, seqs, token_text
+        self.echoes = echoes or [None] * len(seqs)  # set to None once sent
+        self.prompt_only = handle.request.max_tokens == 0  # the one generated token is never sent
         self.sent_chars = [0] * len(seqs)
         self.sent_logprobs = [0] * len(seqs)
         self.counted_tokens = [0] * len(seqs)
@@ -145,18 +160,16 @@ class _Live:
         for i, seq in enumerate(self.seqs):
             if self.done[i]:
                 continue
-            text, num = seq.detok.text, len(seq.output_token_ids)
+            num = len(seq.output_token_ids)
             new_tokens += num - self.counted_tokens[i]
             self.counted_tokens[i] = num
-            end = len(text) if seq.is_finished else max(self.sent_chars[i], len(text) - self.holdback)
-            chunk = text[self.sent_chars[i]:end]
-            infos = ()
-            if seq.logprobs is not None and len(seq.logprobs) > self.sent_logprobs[i]:
-                infos = tuple(self._info(e) for e in seq.logprobs[self.sent_logprobs[i]:])
-                self.sent_logprobs[i] = len(seq.logprobs)
+            chunk, infos = ("", ()) if self.prompt_only else self._output(i, seq)
+            if self.echoes[i] is not None and (num or seq.is_finished):
+                prompt, prompt_infos = self._echo(i, seq)
+                chunk, infos = prompt + chunk, prompt_infos + infos
             if chunk or infos or seq.is_finished:
-                deltas.append(Delta(i, chunk, num, seq.finish_reason if seq.is_finished else None, infos))
-                self.sent_chars[i] = end
+                reason = ("length" if self.prompt_only else seq.finish_reason) if seq.is_finished else None
+                deltas.append(Delta(i, chunk, 0 if self.prompt_only else num, reason, infos))
             if seq.is_finished:
                 self.done[i] = True
                 finished.append(seq)
@@ -165,6 +178,26 @@ class _Live:
     @property
     def finished(self) -> bool:
         return all(self.done)
+
+    def _output(self, i: int, seq: Sequence) -> tuple[str, tuple[TokenInfo, ...]]:
+        """Sequence i's text and token log-probabilities not sent yet (the text held back as needed)."""
+        text = seq.detok.text
+        end = len(text) if seq.is_finished else max(self.sent_chars[i], len(text) - self.holdback)
+        chunk, self.sent_chars[i] = text[self.sent_chars[i]:end], end
+        infos = ()
+        if seq.logprobs is not None and len(seq.logprobs) > self.sent_logprobs[i]:
+            infos = tuple(self._info(e) for e in seq.logprobs[self.sent_logprobs[i]:])
+            self.sent_logprobs[i] = len(seq.logprobs)
+        return chunk, infos
+
+    def _echo(self, i: int, seq: Sequence) -> tuple[str, tuple[TokenInfo, ...]]:
+        """Sequence i's prompt text, and its tokens' log-probabilities when asked for (complete once a
+        token is generated: the step that samples it scores the prompt's last positions)."""
+        prompt, self.echoes[i] = self.echoes[i], None
+        if seq.prompt_logprobs is None:
+            return prompt, ()
+        first = TokenInfo(*self.token_text(seq.prompt_token_ids[0]), None, ())
+        return prompt, (first, *(self._info(e) for e in seq.prompt_logprobs[1:]))
 
     def _info(self, entry: Any) -> TokenInfo:
         """A TokenLogprobs as texts and bytes (token_text.TokenText) and finite log-probabilities."""
@@ -309,11 +342,16 @@ class AsyncEngine:
         for ids, max_tokens in batch:
             for j in range(req.n):
                 seed = None if req.params.seed is None else req.params.seed + j
-                params = dataclasses.replace(req.params, max_tokens=max_tokens, seed=seed)
+                # max_tokens 0 (echo): the engine generates one token, which _Live drops
+                params = dataclasses.replace(req.params, max_tokens=max(max_tokens, 1), seed=seed)
                 seqs.append(self.engine.add_request(ids, params, f"{handle.request_id}-{len(seqs)}"))
-        if self._token_text is None and req.params.logprobs is not None:
+        if self._token_text is None and (req.params.logprobs is not None or req.echo):
             self._token_text = TokenText(self.engine.tokenizer)
-        self._live[id(handle)] = _Live(handle, seqs, self._token_text)
+        echoes = None
+        if req.echo:  # a string prompt as it came, token ids as their exact text
+            texts = [p if isinstance(p, str) else self._token_text.join(ids) for p, (ids, _) in zip(req.prompts, batch)]
+            echoes = [text for text in texts for _ in range(req.n)]
+        self._live[id(handle)] = _Live(handle, seqs, self._token_text, echoes)
         if self.metrics is not None:
             self.metrics.on_admitted(sum(len(ids) for ids, _ in batch))
         self._post([(handle, _Admitted([len(ids) for ids, _ in batch]))])

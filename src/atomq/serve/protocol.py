@@ -2,12 +2,15 @@
 
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
-known OpenAI fields this server does not implement (echo, suffix, logit_bias, tools, response formats)
-are accepted only with their "off" values and otherwise refused with a 400. Extensions beyond OpenAI's
-API, as in vLLM: ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``repetition_penalty``; ``logprobs`` / ``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions
-take 5). Log-probabilities are of the model's distribution before penalties, temperature, top-k and
-top-p; one that underflows fp32 is reported as -9999.0 (JSON has no -inf).
+known OpenAI fields this server does not implement (suffix, best_of, logit_bias, tools, response formats)
+are accepted only with their "off" values and otherwise refused with a 400. Completions take ``echo``
+(the prompt before each choice's text; with ``logprobs``, the prompt tokens' log-probabilities before the
+completion's, null for the first token) and, with echo only, ``max_tokens: 0`` (the prompt alone, as
+lm-eval-harness asks for log-likelihoods). Extensions beyond OpenAI's API, as in vLLM: ``top_k``,
+``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``; ``logprobs`` /
+``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the
+model's distribution before penalties, temperature, top-k and top-p; one that underflows fp32 is reported
+as -9999.0 (JSON has no -inf).
 
 (No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
 """
@@ -147,17 +150,30 @@ Prompt = OneOf("a string, a list of strings, a list of token ids or a list of to
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: Int(ge=1) | None = Field(16, description="tokens to generate per choice (null: up to the context)")
+    max_tokens: Int(ge=0) | None = Field(16, description="tokens to generate per choice (null: up to the context; "
+                                         "0: only with echo, the prompt alone)")
     best_of: Unsupported(1) = None
-    echo: Unsupported(False) = None
+    echo: bool | None = Field(False, description="each choice's text starts with the prompt; with logprobs, so do "
+                                                 "its log-probabilities (null for the first prompt token)")
     logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = Field(
         None, description="also return each token's log-probability and those of this many most likely tokens")
     suffix: NoSuffix = None
+
+    @model_validator(mode="after")
+    def _check_max_tokens(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo: true (the prompt alone)")
+        return self
 
     @property
     def wanted_logprobs(self) -> int | None:
         """Top log-probabilities per token the engine should report (None: none at all)."""
         return self.logprobs
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        """Top log-probabilities per prompt token the engine should report (with echo only)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list each."""
@@ -234,11 +250,12 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     """Per generated token (legacy completions format): its text, log-probability, the most likely
     tokens' texts and log-probabilities (with the sampled token's), and where its text starts in the
-    token texts concatenated (a multi-byte character split over tokens shows as U+FFFD in each)."""
+    token texts concatenated (a multi-byte character split over tokens shows as U+FFFD in each). With
+    echo the prompt's tokens come first, the first of them with null log-probabilities."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

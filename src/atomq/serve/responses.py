@@ -3,7 +3,8 @@
 A format knows the request's id, creation time and model and turns the bridge's output into OpenAI
 objects: ``first()`` (the chunk that opens a stream, if any), ``chunk(deltas)``, ``usage_chunk(usage)``
 (the last chunk of a stream) and ``whole(choices, usage)`` (the non-streamed answer). With ``logprobs``
-every choice carries its tokens' log-probabilities in the endpoint's own shape.
+every choice carries its tokens' log-probabilities in the endpoint's own shape. Echoed prompts need
+nothing of their own here: the bridge puts them at the start of each choice's first delta.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class CompletionFormat:
                                             finish_reason=c.finish_reason) for i, c in enumerate(choices)], usage)
 
 
-def _top_dict(t: TokenInfo) -> dict[str, float]:
-    """The legacy completions shape: text -> logprob of the most likely tokens and the sampled one (as
-    OpenAI and vLLM give it); tokens with the same text keep the most likely one's value."""
+def _top_dict(t: TokenInfo) -> dict[str, float] | None:
+    """The legacy completions shape: text -> logprob of the most likely tokens and the actual one (as
+    OpenAI and vLLM give it); tokens with the same text keep the most likely one's value. None for an
+    echoed prompt's first token."""
+    if t.logprob is None:
+        return None
     top: dict[str, float] = {}
     for text, _, logprob in (*t.top, (t.text, t.raw, t.logprob)):
         top.setdefault(text, logprob)

@@ -28,8 +28,9 @@ class ClientDisconnected(Exception):
 GREEDY_BELOW = 1e-5  # a smaller temperature samples greedily (logits / 1e-40 overflow to inf, as in vLLM)
 
 
-def sampling_params(req: SamplingFields) -> SamplingParams:
-    """The engine's SamplingParams of a request (max_tokens and seed are set per choice by the bridge)."""
+def sampling_params(req: SamplingFields, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's SamplingParams of a request (max_tokens and seed are set per choice by the bridge);
+    prompt_logprobs: top log-probabilities per prompt token (None: the prompt is not scored)."""
     temperature = 1.0 if req.temperature is None else req.temperature
     try:
         # max_tokens is set per choice by the bridge (which checks min_tokens against it): a stand-in here
@@ -39,13 +40,15 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
                               stop=tuple(req.stop_list), stop_token_ids=tuple(req.stop_token_ids or ()),
                               ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs,
                               presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                              prompt_logprobs=prompt_logprobs)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
 
 def completion_request(req: CompletionRequest) -> GenerationRequest:
-    return GenerationRequest(req.prompts(), sampling_params(req), req.n, req.max_tokens)
+    return GenerationRequest(req.prompts(), sampling_params(req, req.wanted_prompt_logprobs), req.n, req.max_tokens,
+                             echo=bool(req.echo))
 
 
 def chat_request(req: ChatCompletionRequest, tokenizer: Any, chat_template: str | None) -> GenerationRequest:

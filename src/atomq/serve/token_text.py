@@ -51,6 +51,11 @@ class TokenText:
             hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), raw)
         return hit
 
+    def join(self, token_ids: list[int]) -> str:
+        """The exact text of a token sequence: its tokens' bytes joined, then decoded (U+FFFD only where
+        the bytes are not UTF-8)."""
+        return b"".join(self(t)[1] for t in token_ids).decode("utf-8", errors="replace")
+
     def _bytes(self, token_id: int) -> bytes:
         piece = None if self._mode == "decode" else self._pieces([token_id])[0]
         if piece is None or token_id in self._special:
