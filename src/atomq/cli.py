@@ -233,7 +233,8 @@ def _print_prompt_logprobs(prompt_logprobs: list, tokenizer: typing.Any) -> None
     _print_logprobs(scored, tokenizer)
     if scored:
         nll = -sum(e.logprob for e in scored) / len(scored)
-        print(f"  prompt: {len(scored)} tokens scored, mean NLL {nll:.4f}, perplexity {math.exp(nll):.3f}")
+        ppl = math.exp(nll) if nll < 700 else math.inf
+        print(f"  prompt: {len(scored)} tokens scored, mean NLL {nll:.4f}, perplexity {ppl:.3f}")
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:

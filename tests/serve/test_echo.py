@@ -1,6 +1,7 @@
 """echo on /v1/completions: the prompt before each choice's text and, with logprobs, the prompt tokens'
 log-probabilities (the model's full-sequence forward's) before the completion's; max_tokens 0 for the
-prompt alone, as lm-eval-harness's local-completions asks for log-likelihoods. Whole, streamed, batched."""
+prompt alone (legacy log-likelihood requests; lm-eval-harness's local-completions sends max_tokens 1 and
+reads the prompt's entries). Whole, streamed, batched."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_echo_logprobs_score_the_prompt_like_the_full_forward(server, tiny_lm):
 
 
 def test_max_tokens_0_with_echo_returns_the_prompt_alone(server, tiny_lm):
-    """lm-eval-harness's loglikelihood request: token-id prompts, echo, max_tokens 0, logprobs 1."""
+    """A log-likelihood request: token-id prompts, echo, max_tokens 0, logprobs 1."""
     ids = [tiny_lm.tokenizer(p)["input_ids"] for p in PROMPTS]
     res = _post(server, prompt=ids, echo=True, max_tokens=0, logprobs=1)
     assert res["usage"] == {"prompt_tokens": sum(map(len, ids)), "completion_tokens": 0,
@@ -150,3 +151,32 @@ def test_echo_with_chunked_prefill_and_asynchronous_steps(server, live_server):
         chunks = _events(live, **body)
         for i, choice in enumerate(got["choices"]):
             assert "".join(c["text"] for chunk in chunks for c in chunk["choices"] if c["index"] == i) == choice["text"]
+
+
+def test_echo_offsets_index_the_prompt_as_sent_when_the_tokenizer_adds_a_bos(tiny_dir):
+    """A tokenizer that prepends <s> to string prompts: the echoed text is the prompt as sent, so <s> covers
+    no characters; every other token's text starts at its offset, and the completion's offsets follow
+    the prompt. A prompt that fills the whole context is still scored with max_tokens 0."""
+    from tokenizers.processors import TemplateProcessing
+
+    from atomq.model.loader import load_model
+
+    from live import serving
+
+    lm = load_model(str(tiny_dir))
+    bos = lm.tokenizer.convert_tokens_to_ids("<s>")
+    lm.tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert lm.tokenizer(PROMPTS[0])["input_ids"][0] == bos
+    with serving(lm, max_model_len=64) as live:
+        choice = _post(live, prompt=PROMPTS[0], max_tokens=3, echo=True, logprobs=0)["choices"][0]
+        lp, text = choice["logprobs"], choice["text"]
+        assert lp["tokens"][0] == "<s>" and lp["text_offset"][:2] == [0, 0]
+        n = len(lm.tokenizer(PROMPTS[0])["input_ids"])
+        for token, offset in zip(lp["tokens"][1:], lp["text_offset"][1:]):
+            assert text[offset:].startswith(token)
+        assert lp["text_offset"][n] == len(PROMPTS[0])  # the first completion token
+        full = [5 + i % 200 for i in range(64)]
+        whole = _post(live, prompt=full, max_tokens=0, echo=True, logprobs=0)
+        assert len(whole["choices"][0]["logprobs"]["token_logprobs"]) == 64
+        res = httpx.post(live.url + "/v1/completions", json={**GREEDY, "prompt": full, "max_tokens": 1})
+        assert res.status_code == 400 and "context" in res.text

@@ -81,7 +81,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-PROMPT_LOGPROB_ROWS = 1024  # prompt positions scored per log-softmax (an fp32 [rows, vocab] buffer)
+# prompt positions scored per log-softmax (two fp32 [rows, vocab] buffers; the step's logits themselves,
+# [rows of the step, vocab] in the model dtype, are bounded by max_num_batched_tokens)
+PROMPT_LOGPROB_ROWS = 1024
 
 
 @dataclass
@@ -163,9 +165,9 @@ class LLMEngine:
         if len(ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context "
                              f"(max_model_len {self.max_model_len})")
-        if len(ids) == self.max_model_len:
+        if len(ids) == self.max_model_len and params.max_tokens > 1:  # one token needs no room: never fed back
             raise ValueError(f"the prompt fills the whole context ({self.max_model_len} tokens): "
-                             f"no room to generate")
+                             f"no room to generate more than one token")
         sid = next(self._ids)
         seq = Sequence(sid, ids, params, text, request_id if request_id is not None else str(sid))
         seq.arrival_time = time.perf_counter()

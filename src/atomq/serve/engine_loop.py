@@ -74,6 +74,7 @@ class TokenInfo:
     raw: bytes
     logprob: float | None
     top: tuple[tuple[str, bytes, float], ...]
+    span: int | None = None  # characters of the choice's text it covers (None: len(text); an echoed BOS: 0)
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,14 @@ LOGPROB_FLOOR = -9999.0  # reported for a probability that underflows fp32 (JSON
 class _Live:
     """The engine thread's side of one admitted request: its sequences and what was sent so far.
 
-    echoes: per sequence, the prompt text its first delta starts with (None: no echo)."""
+    echoes: per sequence, the prompt text its first delta starts with (None: no echo); echo_spans: the
+    characters of that text each prompt token covers (prompt_char_spans; None: each token's own text)."""
 
     def __init__(self, handle: RequestHandle, seqs: list[Sequence], token_text: Any = None,
-                 echoes: list[str | None] | None = None):
+                 echoes: list[str | None] | None = None, echo_spans: list[list[int] | None] | None = None):
         self.handle, self.seqs, self.token_text = handle, seqs, token_text
         self.echoes = echoes or [None] * len(seqs)  # set to None once sent
+        self.echo_spans = echo_spans or [None] * len(seqs)  # per sequence: its prompt tokens' spans, or None
         self.prompt_only = handle.request.max_tokens == 0  # the one generated token is never sent
         self.sent_chars = [0] * len(seqs)
         self.sent_logprobs = [0] * len(seqs)
@@ -161,7 +164,8 @@ class _Live:
             if self.done[i]:
                 continue
             num = len(seq.output_token_ids)
-            new_tokens += num - self.counted_tokens[i]
+            if not self.prompt_only:  # a prompt-only choice's one token is never sent
+                new_tokens += num - self.counted_tokens[i]
             self.counted_tokens[i] = num
             chunk, infos = ("", ()) if self.prompt_only else self._output(i, seq)
             if self.echoes[i] is not None and (num or seq.is_finished):
@@ -196,14 +200,36 @@ class _Live:
         prompt, self.echoes[i] = self.echoes[i], None
         if seq.prompt_logprobs is None:
             return prompt, ()
-        first = TokenInfo(*self.token_text(seq.prompt_token_ids[0]), None, ())
-        return prompt, (first, *(self._info(e) for e in seq.prompt_logprobs[1:]))
+        infos = (TokenInfo(*self.token_text(seq.prompt_token_ids[0]), None, ()),
+                 *(self._info(e) for e in seq.prompt_logprobs[1:]))
+        spans = self.echo_spans[i]
+        if spans is not None:  # offsets into the prompt as sent (a BOS the tokenizer added covers nothing)
+            infos = tuple(dataclasses.replace(t, span=n) for t, n in zip(infos, spans))
+        return prompt, infos
 
     def _info(self, entry: Any) -> TokenInfo:
         """A TokenLogprobs as texts and bytes (token_text.TokenText) and finite log-probabilities."""
         text = self.token_text
         return TokenInfo(*text(entry.token_id), max(entry.logprob, LOGPROB_FLOOR),
                          tuple((*text(t), max(lp, LOGPROB_FLOOR)) for t, lp in entry.top))
+
+
+def prompt_char_spans(tokenizer: Any, prompt: str, ids: list[int], add_special_tokens: bool) -> list[int] | None:
+    """How many characters of ``prompt`` each of its tokens ``ids`` covers, from the tokenizer's offset
+    mapping (tokens it adds, such as a BOS, cover none), so that echoed text offsets index the prompt as
+    sent. None when the tokenizer gives no mapping or its ids differ."""
+    try:
+        enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        mapping = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        return None
+    if mapping is None or list(enc["input_ids"]) != list(ids):
+        return None
+    starts, at = [], 0
+    for begin, end in mapping:
+        at = at if begin == end == 0 and at else max(at, begin)  # an added token: where the text stands
+        starts.append(at)
+    return [b - a for a, b in zip(starts, starts[1:] + [len(prompt)])]
 
 
 class AsyncEngine:
@@ -347,11 +373,15 @@ class AsyncEngine:
                 seqs.append(self.engine.add_request(ids, params, f"{handle.request_id}-{len(seqs)}"))
         if self._token_text is None and (req.params.logprobs is not None or req.echo):
             self._token_text = TokenText(self.engine.tokenizer)
-        echoes = None
+        echoes = spans = None
         if req.echo:  # a string prompt as it came, token ids as their exact text
             texts = [p if isinstance(p, str) else self._token_text.join(ids) for p, (ids, _) in zip(req.prompts, batch)]
             echoes = [text for text in texts for _ in range(req.n)]
-        self._live[id(handle)] = _Live(handle, seqs, self._token_text, echoes)
+            if req.params.prompt_logprobs is not None:
+                per_prompt = [prompt_char_spans(self.engine.tokenizer, p, ids, req.add_special_tokens)
+                              if isinstance(p, str) else None for p, (ids, _) in zip(req.prompts, batch)]
+                spans = [x for x in per_prompt for _ in range(req.n)]
+        self._live[id(handle)] = _Live(handle, seqs, self._token_text, echoes, spans)
         if self.metrics is not None:
             self.metrics.on_admitted(sum(len(ids) for ids, _ in batch))
         self._post([(handle, _Admitted([len(ids) for ids, _ in batch]))])
@@ -369,6 +399,8 @@ class AsyncEngine:
             ids = prompt
         eng.make_sequence(ids, req.params)  # the engine's own checks: empty, token ids, context length
         room = eng.max_model_len - len(ids)
+        if room == 0 and req.max_tokens != 0:  # (a prompt-only echo needs no room: its one token is dropped)
+            raise ValueError(f"the prompt fills the whole context ({eng.max_model_len} tokens): no room to generate")
         if req.max_tokens is not None and req.max_tokens > room:
             raise ValueError(f"max_tokens {req.max_tokens} + the prompt's {len(ids)} tokens exceed the model's "
                              f"context of {eng.max_model_len} tokens")

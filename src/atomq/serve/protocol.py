@@ -5,8 +5,9 @@ a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as Ope
 known OpenAI fields this server does not implement (suffix, best_of, logit_bias, tools, response formats)
 are accepted only with their "off" values and otherwise refused with a 400. Completions take ``echo``
 (the prompt before each choice's text; with ``logprobs``, the prompt tokens' log-probabilities before the
-completion's, null for the first token) and, with echo only, ``max_tokens: 0`` (the prompt alone, as
-lm-eval-harness asks for log-likelihoods). Extensions beyond OpenAI's API, as in vLLM: ``top_k``,
+completion's, null for the first token) and, with echo only, ``max_tokens: 0`` (the prompt alone, as legacy
+OpenAI clients ask for log-likelihoods; lm-eval-harness's local-completions sends ``max_tokens: 1`` and
+reads the prompt's entries). Extensions beyond OpenAI's API, as in vLLM: ``top_k``,
 ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``; ``logprobs`` /
 ``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the
 model's distribution before penalties, temperature, top-k and top-p; one that underflows fp32 is reported

@@ -37,7 +37,7 @@ class CompletionFormat:
         offsets = []
         for t in tokens:
             offsets.append(self._offsets[index])
-            self._offsets[index] += len(t.text)
+            self._offsets[index] += len(t.text) if t.span is None else t.span
         return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
                                   top_logprobs=[_top_dict(t) for t in tokens], text_offset=offsets)
 
