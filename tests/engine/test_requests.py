@@ -326,3 +326,25 @@ def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(load, prom
         want = _full_forward_logprobs(lm, ids)
         assert len(out.prompt_logprobs) == len(ids)
         assert all(abs(e.logprob - float(want[p, ids[p + 1]])) < 1e-4 for p, e in enumerate(out.prompt_logprobs[1:]))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logit_bias_steers_sampling_not_logprobs(load, prompts, overlap):
+    """+100 forces a token, -100 bans the greedy choice; logprobs stay the model's own distribution."""
+    llm = LLM(load("llama"), kv_cache_dtype="model", kv_cache_bytes=1 << 22, record_logits=True,
+              async_scheduling=overlap)
+    free = llm.generate(prompts[0], GREEDY)[0]
+    forced, banned, sampled = llm.generate(
+        [prompts[0]] * 3,
+        [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={7: 100.0}, logprobs=1),
+         SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={free.token_ids[0]: -100.0}),
+         SamplingParams(temperature=0.7, seed=1, max_tokens=6, ignore_eos=True, logit_bias={9: 100.0})])
+    assert forced.token_ids == [7] * 4 and sampled.token_ids == [9] * 6
+    assert banned.token_ids[0] != free.token_ids[0]
+    for entry, row in zip(forced.logprobs, forced.logits):
+        assert abs(entry.logprob - float(torch.log_softmax(row, -1)[7])) < 1e-5
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        llm.generate(prompts[0], SamplingParams(logit_bias={10**6: 1.0}))
+    for bad in ({1: 101.0}, {-2: 1.0}, {1: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

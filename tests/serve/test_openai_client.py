@@ -163,3 +163,14 @@ def test_chat_logprobs_whole_and_streamed(client):
     assert [e.token for e in streamed] == [e.token for e in content] and all(not e.top_logprobs for e in streamed)
     plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2)
     assert plain.choices[0].logprobs is None
+
+
+def test_logit_bias_equals_offline_and_steers_chat(client, offline):
+    bias = {"7": 100, "9": -100}
+    want = offline(PROMPTS[:1], 5, logit_bias={7: 100.0, 9: -100.0})[0]
+    assert want.token_ids == [7] * 5
+    res = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0, logit_bias=bias)
+    assert res.choices[0].text == want.text
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, temperature=0.5, seed=2, logit_bias={"7": 100})
+    assert chat.choices[0].message.content == offline(PROMPTS[:1], 3, logit_bias={7: 100.0})[0].text

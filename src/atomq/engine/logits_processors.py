@@ -1,4 +1,4 @@
-"""What the sampler draws from: the logits with each request's penalties and min_tokens applied.
+"""What the sampler draws from: the logits with each request's penalties, logit bias and min_tokens applied.
 
 Penalties keep their state on the device per sequence. A penalized sequence (SamplingParams.penalized)
 holds how often each token occurs in its output and, with a repetition penalty, which tokens its prompt
@@ -76,6 +76,24 @@ def penalized_logits(logits: torch.Tensor, seqs: list[Sequence], sampled: torch.
     return apply_penalties(logits, [s.params for s in seqs], counts, seen)
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits [B, V] -> fp32 [B, V] with each sequence's logit_bias added, as a new tensor (the raw logits
+    stay as they are); ``logits`` itself when no sequence has a bias."""
+    rows, cols, values = [], [], []
+    for i, s in enumerate(seqs):
+        for t, b in s.params.logit_bias:
+            rows.append(i)
+            cols.append(t)
+            values.append(b)
+    if not rows:
+        return logits
+    dev = logits.device
+    idx = to_device(rows + cols, torch.int64, dev)
+    out = logits.float().clone()
+    out.index_put_((idx[:len(rows)], idx[len(rows):]), to_device(values, torch.float32, dev), accumulate=True)
+    return out
+
+
 def suppress_stops(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> torch.Tensor:
     """logits [B, V] -> the same with EOS and the stop token ids at -inf for every sequence short of its
     min_tokens (its placeholders count as output), as a new fp32 tensor; ``logits`` itself when none is."""
@@ -98,8 +116,10 @@ def suppress_stops(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int
 
 def sampling_scores(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None, sampled: torch.Tensor,
                     sampled_rows: dict[int, int] | None) -> torch.Tensor:
-    """logits [B, V] of ``seqs`` -> what the sampler draws from (penalties, then min_tokens); ``logits``
-    itself when no request asks for either. sampled / sampled_rows: as for penalized_logits."""
+    """logits [B, V] of ``seqs`` -> what the sampler draws from (penalties, logit bias, then min_tokens);
+    ``logits`` itself when no request asks for any. sampled / sampled_rows: as for penalized_logits."""
     if any(s.params.penalized for s in seqs):
         logits = penalized_logits(logits, seqs, sampled, sampled_rows)
+    if any(s.params.logit_bias for s in seqs):
+        logits = apply_logit_bias(logits, seqs)
     return suppress_stops(logits, seqs, eos_token_id)

@@ -18,6 +18,7 @@ from typing import Any
 
 MAX_LOGPROBS = 20  # most likely tokens reported per generated token
 MIN_REPETITION_PENALTY = 1e-3  # and 1 / it at most: beyond, penalized logits can overflow to inf
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,12 @@ class SamplingParams:
     (the id is kept in token_ids, its text is not added); ignore_eos: keep going past EOS; min_tokens: EOS
     and the stop token ids cannot be sampled before this many tokens (<= max_tokens); logprobs:
     return each generated token's log-probability and those of the ``logprobs`` most likely tokens
-    (0..MAX_LOGPROBS; None = none), from the model's distribution before penalties, temperature, top-k and
-    top-p. Penalties (as in vLLM): repetition_penalty (1e-3..1e3, 1 = off) divides the positive logits and
+    (0..MAX_LOGPROBS; None = none), from the model's distribution before penalties, logit bias,
+    temperature, top-k and top-p; prompt_logprobs: the same for every prompt token after the first (given
+    the tokens before it; such a request computes its whole prompt: no prefix-cache hits); logit_bias:
+    (token id, bias) pairs (a dict is accepted), each bias in [-100, 100] added to that token's logit after
+    the penalties and before temperature / top-k / top-p (-100 all but bans a token, +100 all but forces
+    it). Penalties (as in vLLM): repetition_penalty (1e-3..1e3, 1 = off) divides the positive logits and
     multiplies the negative ones of every token in the prompt or the output; presence_penalty and
     frequency_penalty (-2..2, 0 = off) subtract p and f * count from the logits of the output's tokens.
     """
@@ -63,12 +68,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # lists are accepted and frozen into tuples; a single stop string is one stop string
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not self.temperature >= 0.0:  # also rejects NaN
@@ -83,6 +91,10 @@ class SamplingParams:
             raise ValueError(f"stop must hold non-empty strings, got {stop!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        for t, b in self.logit_bias:
+            if t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:  # also rejects NaN
+                raise ValueError(f"logit_bias takes token ids >= 0 and biases in [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}], got {t}: {b}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):

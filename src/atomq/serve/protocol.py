@@ -2,7 +2,7 @@
 
 Requests are validated strictly (a string is not a number, a bool is not an integer, NaN is refused), so
 a wrong type is a 400 rather than a surprise. Unknown fields are ignored, as OpenAI clients send extras;
-known OpenAI fields this server does not implement (suffix, best_of, logit_bias, tools, response formats)
+known OpenAI fields this server does not implement (suffix, best_of, tools, response formats)
 are accepted only with their "off" values and otherwise refused with a 400. Completions take ``echo``
 (the prompt before each choice's text; with ``logprobs``, the prompt tokens' log-probabilities before the
 completion's, null for the first token) and, with echo only, ``max_tokens: 0`` (the prompt alone, as legacy
@@ -10,8 +10,9 @@ OpenAI clients ask for log-likelihoods; lm-eval-harness's local-completions send
 reads the prompt's entries). Extensions beyond OpenAI's API, as in vLLM: ``top_k``,
 ``min_p``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``repetition_penalty``; ``logprobs`` /
 ``top_logprobs`` go up to 20 (vLLM's limit; OpenAI's completions take 5). Log-probabilities are of the
-model's distribution before penalties, temperature, top-k and top-p; one that underflows fp32 is reported
-as -9999.0 (JSON has no -inf).
+model's distribution before penalties, ``logit_bias``, temperature, top-k and top-p; one that underflows
+fp32 is reported as -9999.0 (JSON has no -inf). ``logit_bias`` keys are token ids as decimal strings (as
+OpenAI's); an id outside the vocabulary is a 400.
 
 (No ``from __future__ import annotations`` here: the field types are built by calls, Int(ge=1) etc.)
 """
@@ -22,10 +23,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt,
                       StrictStr, Tag, WithJsonSchema, model_serializer, model_validator)
 
-from ..engine.sequence import MAX_LOGPROBS
+from ..engine.sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 MAX_N = 128  # choices per prompt
 MAX_STOP = 16  # stop strings per request
+MAX_LOGIT_BIAS_TOKENS = 1024  # logit_bias entries per request
 
 FinishReason = Literal["stop", "length", "abort"]
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
@@ -42,6 +44,16 @@ def Int(**constraints: Any) -> Any:
 
 
 TokenId = Int(ge=0, le=2**63 - 1)
+
+
+def _token_id_key(key: str) -> str:
+    """A JSON object key naming a token id: decimal digits (logit_bias)."""
+    if not key.isascii() or not key.isdigit():
+        raise ValueError(f"{key!r} is not a token id")
+    return key
+
+
+TokenIdKey = Annotated[StrictStr, AfterValidator(_token_id_key)]
 
 
 def _str_or_list(value: Any) -> str | None:
@@ -116,7 +128,9 @@ class SamplingFields(_Request):
                                             "the logits of tokens already in the output (default 0)")
     repetition_penalty: float | None = Field(None, ge=1e-3, le=1e3, description="extension: divide positive "
                                              "(multiply negative) logits of prompt and output tokens (default 1 = off)")
-    logit_bias: Unsupported({}) = None
+    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_TOKENS, description="token id (a decimal string) -> bias in [-100, 100] "
+        "added to its logit before sampling (-100 all but bans it, +100 all but forces it)")
     user: str | None = None
     top_k: Int(ge=0) = Field(0, description="extension: keep the k most likely tokens (0 = off)")
     min_p: float | None = Field(None, ge=0, le=1, description="extension: keep the tokens at least min_p times as "

@@ -41,7 +41,8 @@ def sampling_params(req: SamplingFields, prompt_logprobs: int | None = None) -> 
                               ignore_eos=req.ignore_eos, logprobs=req.wanted_logprobs,
                               presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                               repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs,
+                              logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()})
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
