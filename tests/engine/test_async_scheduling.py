@@ -170,13 +170,16 @@ def test_general_step_batch_takes_placeholders_from_the_device():
 @pytest.mark.parametrize("fmt, kv", [("atom", "int4"), ("float", "fp16")])
 def test_async_steps_on_cuda_equal_synchronous_steps(fmt, kv):
     """On the GPU (CUDA graphs, pinned copies, the device-side gather): tokens, logits and logprobs of
-    greedy and seeded requests (one with penalties and min_tokens) equal the synchronous engine's."""
+    greedy and seeded requests (one with penalties and min_tokens, one with a logit bias) equal the
+    synchronous engine's."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from atomq.model.random_weights import random_model
 
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
-    params = [SamplingParams(temperature=0.0, max_tokens=10 + i, ignore_eos=True, logprobs=2) for i in range(4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=10 + i, ignore_eos=True, logprobs=2) for i in range(3)]
+    params.append(SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True, logprobs=2,
+                                 logit_bias={11: 100.0, 12: -100.0}))
     params.append(SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=9, ignore_eos=True, logprobs=0,
                                  presence_penalty=0.5, frequency_penalty=0.2, repetition_penalty=1.3, min_tokens=3))
     outs = []
@@ -185,6 +188,7 @@ def test_async_steps_on_cuda_equal_synchronous_steps(fmt, kv):
         llm = LLM(lm, kv_cache_dtype=kv, kv_cache_bytes=1 << 24, max_num_seqs=8, record_logits=True,
                   async_scheduling=overlap)
         outs.append(llm.generate(prompts, params))
+    assert outs[1][3].token_ids == [11] * 13
     for a, b in zip(*outs):
         assert a.token_ids == b.token_ids and PLACEHOLDER not in b.token_ids
         torch.testing.assert_close(torch.stack(b.logits), torch.stack(a.logits), rtol=1e-3, atol=1e-3)
