@@ -81,8 +81,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-# prompt positions scored per log-softmax (two fp32 [rows, vocab] buffers; the step's logits themselves,
-# [rows of the step, vocab] in the model dtype, are bounded by max_num_batched_tokens)
+# prompt positions projected and scored at once (their logits and two fp32 [rows, vocab] buffers)
 PROMPT_LOGPROB_ROWS = 1024
 
 
@@ -312,25 +311,25 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
-    @staticmethod
-    def _score_prompts(seqs: list[Sequence], spans: list[tuple[int, int, int]], logits: torch.Tensor,
-                       n: int) -> torch.Tensor:
-        """Append the prompt logprobs of ``spans`` (prompt_logprob_spans) from their rows of ``logits``
-        [n + P, V] (they follow the n rows of the sequences that get a token); returns those n rows.
-        Waits for the step (prompt logprobs are read on the host now, even with asynchronous steps)."""
+    def _score_prompts(self, seqs: list[Sequence], spans: list[tuple[int, int, int]],
+                       hidden: torch.Tensor | None) -> None:
+        """Append the prompt logprobs of ``spans`` (prompt_logprob_spans) from the final hidden states of their
+        rows, hidden [P, D] in span order, projected PROMPT_LOGPROB_ROWS rows at a time. Waits for the step
+        (prompt logprobs are read on the host at once, even with asynchronous steps)."""
         if not spans:
-            return logits
+            return
         owners = [seqs[i] for i, _, count in spans for _ in range(count)]
         targets = [seqs[i].prompt_token_ids[p + 1] for i, first, count in spans for p in range(first, first + count)]
         k = max(s.params.prompt_logprobs for s in owners)
-        ids = to_device(targets, torch.int64, logits.device)
+        ids = to_device(targets, torch.int64, hidden.device)
         tops = [s.params.prompt_logprobs for s in owners]
-        for lo in range(0, len(owners), PROMPT_LOGPROB_ROWS):  # bounded fp32 log-softmax memory
-            hi = lo + PROMPT_LOGPROB_ROWS
-            entries = logprob_entries(tops[lo:hi], targets[lo:hi], token_logprobs(logits[n + lo:n + hi], ids[lo:hi], k))
-            for seq, entry in zip(owners[lo:hi], entries):
-                seq.prompt_logprobs.append(entry)
-        return logits[:n]
+        lm_head = self.runner.model.lm_head
+        with torch.no_grad():
+            for lo in range(0, len(owners), PROMPT_LOGPROB_ROWS):  # bounded [rows, vocab] memory
+                hi = lo + PROMPT_LOGPROB_ROWS
+                raw = token_logprobs(lm_head(hidden[lo:hi]), ids[lo:hi], k)
+                for seq, entry in zip(owners[lo:hi], logprob_entries(tops[lo:hi], targets[lo:hi], raw)):
+                    seq.prompt_logprobs.append(entry)
 
     def _scores(self, seqs: list[Sequence], logits: torch.Tensor, ahead: InFlightStep | None) -> torch.Tensor:
         return sampling_scores(logits, seqs, self.eos_token_id, self.runner.staging.sampled,
@@ -341,8 +340,9 @@ class LLMEngine:
         """Run a step and sample on the device without waiting for either; each sequence that gets a token
         holds a PLACEHOLDER for it. ``ahead``: the step still in flight, whose tokens feed this one."""
         spans = prompt_logprob_spans(seqs, counts)
-        wanting, logits = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None, spans)
-        logits = self._score_prompts(seqs, spans, logits, len(wanting))
+        wanting, logits, prompt_hidden = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None,
+                                                         spans)
+        self._score_prompts(seqs, spans, prompt_hidden)
         self._advance(seqs, counts)
         decode = sum(counts) == len(seqs)
         n = len(wanting)
@@ -435,8 +435,8 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         spans = prompt_logprob_spans(seqs, counts)
-        wanting, logits = self.runner.run(seqs, counts, None, spans)
-        logits = self._score_prompts(seqs, spans, logits, len(wanting))
+        wanting, logits, prompt_hidden = self.runner.run(seqs, counts, None, spans)
+        self._score_prompts(seqs, spans, prompt_hidden)
         self._advance(seqs, counts)
         finished = self._append_tokens(wanting, logits) if wanting else []
         dt = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..model.llama import CausalLM
-from ..model.paged import StepBatch, forward_paged
+from ..model.paged import StepBatch, forward_paged, forward_paged_hidden
 from .decode_staging import DecodeStaging
 from .kv_pool import KVPool
 from .sequence import Sequence
@@ -211,14 +211,20 @@ class ModelRunner:
         return forward_paged(self.model, batch, self.kv_pool)
 
     def run(self, seqs: list[Sequence], num_new_tokens: list[int], sampled_rows: dict[int, int] | None = None,
-            prompt_spans: list[tuple[int, int, int]] = ()) -> tuple[list[Sequence], torch.Tensor]:
-        """Compute one step. Returns (the sequences that get a next token, logits [L + P, vocab] in the
-        model dtype): first one row per such sequence, then the P rows of ``prompt_spans``
-        (prompt_logprob_spans of this step, computed before it)."""
+            prompt_spans: list[tuple[int, int, int]] = ()
+            ) -> tuple[list[Sequence], torch.Tensor, torch.Tensor | None]:
+        """Compute one step. Returns (the sequences that get a next token, their logits [L, vocab] in the
+        model dtype, and for ``prompt_spans`` (prompt_logprob_spans of this step, computed before it) the
+        final hidden states [P, hidden] of their rows in span order, else None: the caller projects them
+        in slices, so a long prompt chunk never holds [P, vocab] logits at once)."""
         batch, bucket = self.prepare(seqs, num_new_tokens, sampled_rows, prompt_spans)
         num_prompt_rows = sum(count for _, _, count in prompt_spans)
         if batch.logits_indices.shape[0] - num_prompt_rows == len(seqs):  # all reached their end (decode)
             wanting = seqs
         else:
             wanting = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        return wanting, self.execute(batch, bucket)
+        if not num_prompt_rows:
+            return wanting, self.execute(batch, bucket), None
+        h = forward_paged_hidden(self.model, batch, self.kv_pool)  # eager: prepare never stages prompt rows
+        n = len(wanting)
+        return wanting, self.model.lm_head(h[:n]), h[n:]

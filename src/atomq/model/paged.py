@@ -154,6 +154,13 @@ def forward_paged(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tens
     (engine.kv_pool.PagedOps: store / decode / prefill). Returns logits [L, vocab] in the model dtype
     for the rows ``batch.logits_indices``.
     """
+    return model.lm_head(forward_paged_hidden(model, batch, kv_pool))  # [L, vocab]
+
+
+@torch.no_grad()
+def forward_paged_hidden(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tensor:
+    """forward_paged without the output layer: the final-normed hidden states [L, hidden] of the rows
+    ``batch.logits_indices`` (a caller can then project them in slices)."""
     m, ops = model.model, kv_pool.ops
     cos, sin = rope_cos_sin(model.inv_freq, model.rope_scaling, batch.positions)  # [T, D] each
     x = m.embed_tokens(batch.token_ids)  # [T, hidden]: the last sublayer's output; residual = the stream
@@ -171,4 +178,4 @@ def forward_paged(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tens
             x = _mlp(layer.mlp, a, ops)
     rows = batch.logits_indices
     h, _ = ops.rmsnorm(x.index_select(0, rows), m.norm.weight, m.norm.eps, residual.index_select(0, rows))
-    return model.lm_head(h)  # [L, vocab]
+    return h  # [L, hidden]
