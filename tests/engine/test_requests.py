@@ -345,6 +345,19 @@ def test_logit_bias_steers_sampling_not_logprobs(load, prompts, overlap):
         assert abs(entry.logprob - float(torch.log_softmax(row, -1)[7])) < 1e-5
     with pytest.raises(ValueError, match="logit_bias token ids"):
         llm.generate(prompts[0], SamplingParams(logit_bias={10**6: 1.0}))
-    for bad in ({1: 101.0}, {-2: 1.0}, {1: float("nan")}):
+    # +100 on EOS cannot end a request before min_tokens; biased, penalized and plain rows in one batch
+    eos = llm.engine.eos_token_id
+    held, penalized, plain = llm.generate(
+        [prompts[0], prompts[1], prompts[2]],
+        [SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, logit_bias={eos: 100.0}),
+         SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={7: 100.0}, presence_penalty=2.0),
+         SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)])
+    assert len(held.token_ids) == 4 and held.token_ids[-1] == eos and eos not in held.token_ids[:3]
+    assert penalized.token_ids == [7] * 4 and plain.token_ids == llm.generate(prompts[2], plain_params(3))[0].token_ids
+    for bad in ({1: 101.0}, {-2: 1.0}, {1: float("nan")}, 5, [1, 2], {7.5: 1.0}, {True: 1.0}, [(7, 60.0)] * 2):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bad)
+
+
+def plain_params(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)

@@ -45,6 +45,7 @@ CASES = [
      "top_logprobs needs logprobs: true", None),
     ("POST", "/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "valid boolean", "echo"),
     ("POST", "/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "is not a token id", "logit_bias"),
+    ("POST", "/v1/completions", {"prompt": "hi", "logit_bias": {"007": 1}}, 400, "is not a token id", "logit_bias"),
     ("POST", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "less than or equal to 100",
      "logit_bias"),
     ("POST", "/v1/completions", {"prompt": "hi", "logit_bias": {"1000000": 1}}, 400, "logit_bias token ids must be in",

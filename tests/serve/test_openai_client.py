@@ -173,4 +173,4 @@ def test_logit_bias_equals_offline_and_steers_chat(client, offline):
     assert res.choices[0].text == want.text
     chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=3, temperature=0.5, seed=2, logit_bias={"7": 100})
-    assert chat.choices[0].message.content == offline(PROMPTS[:1], 3, logit_bias={7: 100.0})[0].text
+    assert chat.choices[0].message.content == offline(PROMPTS[:1], 3, logit_bias={7: 100.0})[0].text  # 7, 7, 7

@@ -78,19 +78,22 @@ def penalized_logits(logits: torch.Tensor, seqs: list[Sequence], sampled: torch.
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits [B, V] -> fp32 [B, V] with each sequence's logit_bias added, as a new tensor (the raw logits
-    stay as they are); ``logits`` itself when no sequence has a bias."""
-    rows, cols, values = [], [], []
-    for i, s in enumerate(seqs):
-        for t, b in s.params.logit_bias:
-            rows.append(i)
-            cols.append(t)
-            values.append(b)
-    if not rows:
+    stay as they are); ``logits`` itself when no sequence has a bias. Each sequence's bias goes to the
+    device once (Sequence.bias), so a step costs O(biased sequences) on the host."""
+    biased = [(i, s) for i, s in enumerate(seqs) if s.params.logit_bias]
+    if not biased:
         return logits
     dev = logits.device
-    idx = to_device(rows + cols, torch.int64, dev)
+    for _, s in biased:
+        if s.bias is None:
+            ids, values = zip(*s.params.logit_bias)
+            s.bias = (to_device(list(ids), torch.int64, dev), to_device(list(values), torch.float32, dev))
+    meta = to_device([i for i, _ in biased] + [len(s.params.logit_bias) for _, s in biased], torch.int64, dev)
+    total = sum(len(s.params.logit_bias) for _, s in biased)  # output_size: no wait for the device
+    rows = torch.repeat_interleave(meta[:len(biased)], meta[len(biased):], output_size=total)
+    cols = torch.cat([s.bias[0] for _, s in biased])
     out = logits.float().clone()
-    out.index_put_((idx[:len(rows)], idx[len(rows):]), to_device(values, torch.float32, dev), accumulate=True)
+    out.index_put_((rows, cols), torch.cat([s.bias[1] for _, s in biased]), accumulate=True)
     return out
 
 

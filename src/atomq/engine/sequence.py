@@ -75,8 +75,7 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not self.temperature >= 0.0:  # also rejects NaN
@@ -121,6 +120,21 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs; ValueError for anything but integer ids (each once)
+    with real-number biases."""
+    try:
+        pairs = list(bias.items() if isinstance(bias, dict) else (bias or ()))
+        if any(isinstance(t, bool) or int(t) != t or isinstance(b, bool) for t, b in pairs):
+            raise TypeError
+        out = tuple(sorted((int(t), float(b)) for t, b in pairs))
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map integer token ids to numbers, got {bias!r}"[:200]) from None
+    if len({t for t, _ in out}) != len(out):
+        raise ValueError("logit_bias names a token id more than once")
+    return out
+
+
 PLACEHOLDER = -1  # a token id sampled on the device and not yet known to the host
 
 
@@ -158,6 +172,7 @@ class Sequence:
     # one per prompt token scored so far when params.prompt_logprobs is set; [0] is None (nothing predicts it)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     penalty: Any = None  # penalties.PenaltyState on the device, once a penalized step has run
+    bias: Any = None  # params.logit_bias on the device, (ids int64 [K], biases fp32 [K]), once sampled
     # time.perf_counter() stamps: queued, first output token sampled, finished (None until then)
     arrival_time: float = 0.0
     first_token_time: float | None = None

@@ -225,10 +225,13 @@ def prompt_char_spans(tokenizer: Any, prompt: str, ids: list[int], add_special_t
         return None
     if mapping is None or list(enc["input_ids"]) != list(ids):
         return None
-    starts, at = [], 0
+    starts, covered, seen = [], 0, False  # covered: the end of the text the real tokens so far cover
     for begin, end in mapping:
-        at = at if begin == end == 0 and at else max(at, begin)  # an added token: where the text stands
-        starts.append(at)
+        if begin == end == 0 and (not seen or covered):  # a token the tokenizer added (BOS, EOS): no text
+            starts.append(covered)
+        else:  # the first real token also takes any leading text its offsets leave out (whitespace)
+            starts.append(max(begin, starts[-1]) if seen else 0)
+            covered, seen = max(covered, end), True
     return [b - a for a, b in zip(starts, starts[1:] + [len(prompt)])]
 
 

@@ -47,9 +47,10 @@ TokenId = Int(ge=0, le=2**63 - 1)
 
 
 def _token_id_key(key: str) -> str:
-    """A JSON object key naming a token id: decimal digits (logit_bias)."""
-    if not key.isascii() or not key.isdigit():
-        raise ValueError(f"{key!r} is not a token id")
+    """A JSON object key naming a token id: decimal digits without leading zeros (so that no two keys name
+    the same token), at most 19 of them (logit_bias)."""
+    if not key.isascii() or not key.isdigit() or len(key) > 19 or (key != "0" and key.startswith("0")):
+        raise ValueError(f"{key[:24]!r} is not a token id")
     return key
 
 
