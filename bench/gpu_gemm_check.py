@@ -279,10 +279,22 @@ def quant_bench() -> list[dict]:
                 line += f" {name} {r['ms'] * 1e3:7.1f}us"
             print(line, flush=True)
             lines.append(line)
+    for m in (16, 4096):  # the rows kernel (one row per program, the gather through shared memory) = chunk
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        idx = torch.randperm(4096, device="cuda").to(torch.int32)
+        split = plan_split(4096, 128, 128)
+        got = Q.quantize_act(x, idx, split, out="int8", config=QC(kernel="rows"))
+        want = Q.quantize_act(x, idx, split, out="int8")
+        same = all(torch.equal(a, b) for a, b in zip(got[:4], want[:4]))
+        print(f"[{'ok' if same else 'FAIL'}] rows kernel gather = chunk kernel, M={m}: outputs equal {same}", flush=True)
+    rows_cfg = {"rows kernel": (QC(kernel="rows"), True)}
     for kind, k in (("rmsnorm", 4096), ("rmsnorm", 8192), ("rmsnorm-noidx", 4096), ("gather", 4096)):
         for m in (16, 4096, 16384):
             line = f"{kind:13s} K={k:5d} M={m:5d} |"
-            for name, (cfg, wg) in (variants if kind == "rmsnorm" else {"default": (QC(), True)}).items():
+            kind_variants = variants if kind == "rmsnorm" else {"default": (QC(), True)}
+            if kind in ("rmsnorm", "gather"):
+                kind_variants = {**kind_variants, **rows_cfg}
+            for name, (cfg, wg) in kind_variants.items():
                 r = B.bench_quantize(m, k, kind, config=cfg, weight_gathered=wg)
                 r.update(variant=name, vs_copy=r["gbps"] / cp)
                 rows.append(r)

@@ -108,11 +108,12 @@ DEFAULT_LAUNCH = QuantizeLaunch()
 ROWS_MAX_ELEMS = 16384  # rows kernel: at most this many row elements per program (register budget)
 
 
-def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch) -> tuple[int, int]:
-    """(rows per program, warps) for the rows kernel: whole rows of bk (padded) channels."""
+def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch, gather: bool) -> tuple[int, int]:
+    """(rows per program, warps) for the rows kernel: whole rows of bk (padded) channels; one row per
+    program with a reorder gather (its 1-D tl.gather goes through shared memory)."""
     if interpreting():
-        return max(1, cfg.rows or 2), 4
-    rows = cfg.rows or (1 if m < 1024 else max(1, min(4, 4096 // bk)))
+        return 1 if gather else max(1, cfg.rows or 2), 4
+    rows = 1 if gather else cfg.rows or (1 if m < 1024 else max(1, min(4, 4096 // bk)))
     elems = rows * bk
     warps = cfg.num_warps or (4 if elems <= 2048 else (8 if elems <= 8192 else 16))
     return rows, warps
@@ -167,7 +168,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     dummy = s4
     bk = _next_pow2(k)
     if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
-        rows, warps = _pick_rows(m, bk, cfg)
+        rows, warps = _pick_rows(m, bk, cfg, index is not None)
         if weight_gathered and index is not None:  # this kernel normalizes before the gather
             weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)
         _kernels()
@@ -497,7 +498,10 @@ if triton is not None:
                 v = ((v * rstd[:, None]) * wv[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
         if HAS_IDX:  # output channel j <- input channel idx[j] (padding columns read channel 0)
             src = tl.load(idx_ptr + cols, mask=cmask, other=0)
-            v = tl.gather(v, tl.broadcast_to(src[None, :], [ROWS, BK]), 1)
+            if ROWS == 1:  # a 1-D gather goes through shared memory; a 2-D one unrolls into shuffles
+                v = tl.reshape(tl.gather(tl.reshape(v, [BK]), src, 0), [1, BK])
+            else:
+                v = tl.gather(v, tl.broadcast_to(src[None, :], [ROWS, BK]), 1)
         qrow = rows64[:, None] * stride_qm
         nmask = rmask[:, None] & (cols < KN)[None, :]
         if GS == 0:
