@@ -88,8 +88,9 @@ def _next_pow2(x: int) -> int:
 class QuantizeLaunch(NamedTuple):
     """Launch choice. kernel: "chunk" (default: one program per row, chunks of up to 2048 channels,
     gathers re-read from memory) or "rows" (experimental: ROWS whole token rows per program held in
-    registers, the reorder gather done on them with tl.gather; with an index it did not finish compiling
-    on the H100 at K=4096, docs/KERNELS.md). rows / num_warps: 0 = automatic."""
+    registers, the reorder gather done on them with tl.gather, one row per program when there is an
+    index; correct, measured slower than the chunk kernel, docs/KERNELS.md). rows / num_warps: 0 =
+    automatic."""
 
     kernel: str = "chunk"
     rows: int = 0
