@@ -34,8 +34,8 @@ from .model_runner import ModelRunner, prompt_logprob_spans
 from .sampler import (all_greedy, logprob_entries, output_tops, sample, sample_tokens, token_logprobs,
                       top_logprobs_wanted)
 from .scheduler import Scheduler, SchedulerConfig
-from .transfer import to_device
 from .sequence import PLACEHOLDER, RequestMetrics, RequestOutput, SamplingParams, Sequence, TokenLogprobs
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,8 @@ class LLMEngine:
         logits = self._scores(wanting, logits, None)
         if any(p.logprobs is not None for p in params):
             ids = sample_tokens(logits, params, generators)
-            lp = logprob_entries(output_tops(wanting), ids.tolist(), token_logprobs(raw, ids, top_logprobs_wanted(params)))
+            raw_lp = token_logprobs(raw, ids, top_logprobs_wanted(params))
+            lp = logprob_entries(output_tops(wanting), ids.tolist(), raw_lp)
             tokens = [e.token_id for e in lp]
         else:
             tokens = sample(logits, params, generators)
@@ -340,8 +341,8 @@ class LLMEngine:
         """Run a step and sample on the device without waiting for either; each sequence that gets a token
         holds a PLACEHOLDER for it. ``ahead``: the step still in flight, whose tokens feed this one."""
         spans = prompt_logprob_spans(seqs, counts)
-        wanting, logits, prompt_hidden = self.runner.run(seqs, counts, ahead.sampled_rows if ahead is not None else None,
-                                                         spans)
+        sampled_rows = ahead.sampled_rows if ahead is not None else None
+        wanting, logits, prompt_hidden = self.runner.run(seqs, counts, sampled_rows, spans)
         self._score_prompts(seqs, spans, prompt_hidden)
         self._advance(seqs, counts)
         decode = sum(counts) == len(seqs)
