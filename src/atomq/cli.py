@@ -8,9 +8,9 @@ a flag left unset takes the preset's value.
 from __future__ import annotations
 
 import argparse
-import math
 import dataclasses
 import json
+import math
 import sys
 import typing
 from typing import Any

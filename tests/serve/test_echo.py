@@ -182,16 +182,6 @@ def test_echo_offsets_index_the_prompt_as_sent_when_the_tokenizer_adds_a_bos(tin
         assert res.status_code == 400 and "context" in res.text
 
 
-class _Mapped:
-    """A tokenizer stand-in that returns fixed ids and offsets (prompt_char_spans' input)."""
-
-    def __init__(self, ids, mapping):
-        self.ids, self.mapping = ids, mapping
-
-    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
-        return {"input_ids": self.ids, "offset_mapping": self.mapping}
-
-
 @pytest.mark.parametrize("prompt, mapping, want_starts", [
     ("the fox", [(0, 0), (0, 3), (3, 7)], [0, 0, 3]),  # an added BOS covers nothing
     ("  the fox", [(2, 5), (6, 9)], [0, 6]),  # leading spaces the offsets leave out: the first token's
@@ -200,7 +190,5 @@ class _Mapped:
 def test_prompt_char_spans_index_the_prompt_as_sent(prompt, mapping, want_starts):
     from atomq.serve.engine_loop import prompt_char_spans
 
-    ids = list(range(len(mapping)))
-    spans = prompt_char_spans(_Mapped(ids, mapping), prompt, ids, True)
+    spans = prompt_char_spans(prompt, mapping)
     assert [sum(spans[:i]) for i in range(len(spans))] == want_starts and sum(spans) == len(prompt)
-    assert prompt_char_spans(_Mapped(ids, mapping), prompt, ids[:-1], True) is None  # other ids: no spans

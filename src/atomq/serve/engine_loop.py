@@ -214,17 +214,10 @@ class _Live:
                          tuple((*text(t), max(lp, LOGPROB_FLOOR)) for t, lp in entry.top))
 
 
-def prompt_char_spans(tokenizer: Any, prompt: str, ids: list[int], add_special_tokens: bool) -> list[int] | None:
-    """How many characters of ``prompt`` each of its tokens ``ids`` covers, from the tokenizer's offset
-    mapping (tokens it adds, such as a BOS, cover none), so that echoed text offsets index the prompt as
-    sent. None when the tokenizer gives no mapping or its ids differ."""
-    try:
-        enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        mapping = enc["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        return None
-    if mapping is None or list(enc["input_ids"]) != list(ids):
-        return None
+def prompt_char_spans(prompt: str, mapping: list[tuple[int, int]]) -> list[int]:
+    """How many characters of ``prompt`` each of its tokens covers, from the tokenizer's offset mapping
+    (character (begin, end) per token; tokens it adds, such as a BOS, cover none), so that echoed text
+    offsets index the prompt as sent."""
     starts, covered, seen = [], 0, False  # covered: the end of the text the real tokens so far cover
     for begin, end in mapping:
         if begin == end == 0 and (not seen or covered):  # a token the tokenizer added (BOS, EOS): no text
@@ -233,6 +226,17 @@ def prompt_char_spans(tokenizer: Any, prompt: str, ids: list[int], add_special_t
             starts.append(max(begin, starts[-1]) if seen else 0)
             covered, seen = max(covered, end), True
     return [b - a for a, b in zip(starts, starts[1:] + [len(prompt)])]
+
+
+def _encode(tokenizer: Any, prompt: str, add_special_tokens: bool, offsets: bool) -> Any:
+    """The tokenizer's encoding of ``prompt``, with character offsets when asked for and the tokenizer
+    gives them (a slow one raises NotImplementedError: then without)."""
+    if offsets:
+        try:
+            return tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):
+            pass
+    return tokenizer(prompt, add_special_tokens=add_special_tokens)
 
 
 class AsyncEngine:
@@ -368,7 +372,7 @@ class AsyncEngine:
             self._post([(handle, EngineFailure(f"admission failed: {type(exc).__name__}: {exc}"))])
             return
         req, seqs = handle.request, []
-        for ids, max_tokens in batch:
+        for ids, max_tokens, _ in batch:
             for j in range(req.n):
                 seed = None if req.params.seed is None else req.params.seed + j
                 # max_tokens 0 (echo): the engine generates one token, which _Live drops
@@ -378,26 +382,29 @@ class AsyncEngine:
             self._token_text = TokenText(self.engine.tokenizer)
         echoes = spans = None
         if req.echo:  # a string prompt as it came, token ids as their exact text
-            texts = [p if isinstance(p, str) else self._token_text.join(ids) for p, (ids, _) in zip(req.prompts, batch)]
+            texts = [p if isinstance(p, str) else self._token_text.join(ids) for p, (ids, _, _) in zip(req.prompts, batch)]
             echoes = [text for text in texts for _ in range(req.n)]
-            if req.params.prompt_logprobs is not None:
-                per_prompt = [prompt_char_spans(self.engine.tokenizer, p, ids, req.add_special_tokens)
-                              if isinstance(p, str) else None for p, (ids, _) in zip(req.prompts, batch)]
-                spans = [x for x in per_prompt for _ in range(req.n)]
+            per_prompt = [None if m is None else prompt_char_spans(p, m) for p, (_, _, m) in zip(req.prompts, batch)]
+            spans = [x for x in per_prompt for _ in range(req.n)]
         self._live[id(handle)] = _Live(handle, seqs, self._token_text, echoes, spans)
         if self.metrics is not None:
-            self.metrics.on_admitted(sum(len(ids) for ids, _ in batch))
-        self._post([(handle, _Admitted([len(ids) for ids, _ in batch]))])
+            self.metrics.on_admitted(sum(len(ids) for ids, _, _ in batch))
+        self._post([(handle, _Admitted([len(ids) for ids, _, _ in batch]))])
 
-    def _validate(self, prompt: str | list[int], req: GenerationRequest) -> tuple[list[int], int]:
-        """(token ids, max_tokens) of one prompt, or ValueError with the reason the engine refuses it."""
-        eng = self.engine
+    def _validate(self, prompt: str | list[int], req: GenerationRequest
+                  ) -> tuple[list[int], int, list[tuple[int, int]] | None]:
+        """(token ids, max_tokens, the tokens' character offsets in a string prompt when an echo with
+        log-probabilities needs them and the tokenizer gives them, else None) of one prompt, or ValueError
+        with the reason the engine refuses it."""
+        eng, mapping = self.engine, None
         if isinstance(prompt, str):
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
-            ids = eng.tokenizer(prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+            offsets = req.echo and req.params.prompt_logprobs is not None
+            enc = _encode(eng.tokenizer, prompt, req.add_special_tokens, offsets)
+            ids, mapping = enc["input_ids"], enc.get("offset_mapping") if offsets else None
         else:
             ids = prompt
         eng.make_sequence(ids, req.params)  # the engine's own checks: empty, token ids, context length
@@ -411,7 +418,7 @@ class AsyncEngine:
         if req.params.min_tokens > max_tokens:
             raise ValueError(f"min_tokens {req.params.min_tokens} is more than the {max_tokens} tokens this "
                              f"prompt may generate")
-        return ids, max_tokens
+        return ids, max_tokens, mapping
 
     def _abort(self, handle: RequestHandle) -> None:
         live = self._live.pop(id(handle), None)
