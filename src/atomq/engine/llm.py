@@ -81,7 +81,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-# prompt positions projected and scored at once (their logits and two fp32 [rows, vocab] buffers)
+# prompt positions projected and scored at once (their logits and an fp32 [rows, vocab] log-softmax)
 PROMPT_LOGPROB_ROWS = 1024
 
 
