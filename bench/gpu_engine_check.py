@@ -146,12 +146,17 @@ def _kernel_profile(eng, prompts, config: str, bsz: int) -> None:
         n = sum(1 for ev in gprof.events() if ev.device_type.name == "CUDA") // 5
         print(f"graph replay, {config} batch {bsz}: {n} kernels, busy {busy:.3f} ms, replay {_replay_ms(eng, bsz):.3f} ms",
               flush=True)
+        _kernel_table(gprof, f"kernels per decode graph replay, {config} batch {bsz}")
+    _kernel_table(prof, f"kernels per eager decode step, {config} batch {bsz}")
+
+
+def _kernel_table(prof, title: str, steps: int = 5) -> None:
     totals: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
             totals.setdefault(ev.name[:60], []).append(ev.device_time / 1e3)
-    rows = sorted(((sum(v) / 5, len(v) // 5, k) for k, v in totals.items()), reverse=True)
-    print(f"kernels per decode step, {config} batch {bsz}: total {sum(r[0] for r in rows):.3f} ms", flush=True)
+    rows = sorted(((sum(v) / steps, len(v) // steps, k) for k, v in totals.items()), reverse=True)
+    print(f"{title}: total {sum(r[0] for r in rows):.3f} ms", flush=True)
     for ms, n, name in rows[:24]:
         print(f"  {ms:7.3f} ms  x{n:<4d} {name}", flush=True)
 
@@ -248,13 +253,14 @@ def _originals() -> dict:
 
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
+_L2_BYTES, _L2_MAX_M = _methods.L2_PREFETCH_BYTES, _methods.L2_PREFETCH_MAX_M
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
 def _apply_variant(spec: str) -> None:
     """Decode settings for the next engines: programmatic dependent launch, the one-token GEMV, the decode
-    quantize's preloads, the graphs' copy node, the split attention merge, the W8A8 row quantizer and
-    asynchronous scheduling."""
+    quantize's preloads, the graphs' copy node, the split attention merge, the W8A8 row quantizer,
+    asynchronous scheduling and the L2 weight prefetch."""
     import dataclasses
 
     from atomq.kernels import pdl
@@ -274,6 +280,9 @@ def _apply_variant(spec: str) -> None:
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
+    _methods.L2_PREFETCH_BYTES = {kind: int(float(kv.get("l2" + kind[0], n / 2**20)) * 2**20)
+                                  for kind, n in _L2_BYTES.items()}
+    _methods.L2_PREFETCH_MAX_M = int(kv.get("l2m", _L2_MAX_M))
     global ASYNC
     ASYNC = None if "async" not in kv else kv["async"] == "1"
     _skipping(set(kv.get("skip", "").split("+")) - {""})
@@ -292,7 +301,8 @@ def main() -> int:
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
-        "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
+        "l2q|l2o|l2g|l2d=MiB, l2m=M, skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). l2q / l2o / l2g / l2d / l2m: each "
+        "Atom GEMM of at most l2m tokens prefetches this much of the next GEMM's weights into L2 (q/k/v, o, gate/up, down; 0: none); async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
