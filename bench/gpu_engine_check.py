@@ -151,6 +151,8 @@ def _kernel_profile(eng, prompts, config: str, bsz: int) -> None:
 
 
 def _kernel_table(prof, title: str, steps: int = 5) -> None:
+    """Print GPU ms per step by kernel name. Under programmatic dependent launch a kernel's time includes
+    what it spends resident before its wait, so the column sums to more than the step."""
     totals: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
@@ -253,14 +255,13 @@ def _originals() -> dict:
 
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
-_L2_BYTES, _L2_MAX_M = _methods.L2_PREFETCH_BYTES, _methods.L2_PREFETCH_MAX_M
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
 def _apply_variant(spec: str) -> None:
     """Decode settings for the next engines: programmatic dependent launch, the one-token GEMV, the decode
-    quantize's preloads, the graphs' copy node, the split attention merge, the W8A8 row quantizer,
-    asynchronous scheduling and the L2 weight prefetch."""
+    quantize's preloads, the graphs' copy node, the split attention merge, the W8A8 row quantizer and
+    asynchronous scheduling."""
     import dataclasses
 
     from atomq.kernels import pdl
@@ -280,9 +281,6 @@ def _apply_variant(spec: str) -> None:
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
-    _methods.L2_PREFETCH_BYTES = {kind: int(float(kv.get("l2" + kind[0], n / 2**20)) * 2**20)
-                                  for kind, n in _L2_BYTES.items()}
-    _methods.L2_PREFETCH_MAX_M = int(kv.get("l2m", _L2_MAX_M))
     global ASYNC
     ASYNC = None if "async" not in kv else kv["async"] == "1"
     _skipping(set(kv.get("skip", "").split("+")) - {""})
@@ -301,8 +299,7 @@ def main() -> int:
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
-        "l2q|l2o|l2g|l2d=MiB, l2m=M, skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). l2q / l2o / l2g / l2d / l2m: each "
-        "Atom GEMM of at most l2m tokens prefetches this much of the next GEMM's weights into L2 (q/k/v, o, gate/up, down; 0: none); async: steps launched one ahead of the "
+        "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "

@@ -28,10 +28,6 @@ from .layers import Linear
 
 LINEAR_METHODS = ("auto", "float", "fp8", "int8", "w4a16", "atom")
 FP8_MAX = 448.0
-# Atom GEMMs of at most this many tokens warm L2 with the next GEMM's weights, at most this many bytes of
-# each kind of GEMM (kernels/l2_prefetch.py; 0 bytes: none)
-L2_PREFETCH_MAX_M = 64
-L2_PREFETCH_BYTES = {"qkv": 8 << 20, "o": 16 << 20, "gate_up": 0, "down": 8 << 20}
 
 
 def stored_format(lin: Linear) -> str:
@@ -220,32 +216,17 @@ class AtomKernel(LinearKernel):
 
         self.weight = prepare_weight(pw)
         self.split, self.a_clip, self.index, self.bias, self.out_dtype = split, a_clip, index, bias, out_dtype
-        self.prefetch_next: list[tuple[torch.Tensor, int]] = []  # set by plan_weight_prefetch
 
     def prepare_input(self, x):
         from ..kernels.quantize import quantize_act
 
         return quantize_act(x.contiguous(), self.index, self.split, 4, self.a_clip, out="int8")
 
-    def weight_ranges(self, nbytes: int) -> list[tuple[torch.Tensor, int]]:
-        """(tensor, bytes) of the prepared weight to warm L2 with: the same leading share of each tensor,
-        ``nbytes`` in all at most."""
-        w = self.weight
-        tensors = [t for t in (w.w4, w.w8, w.sw, w.s8w) if t is not None]
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        share = min(1.0, nbytes / total)
-        return [(t, int(t.numel() * t.element_size() * share)) for t in tensors]
-
     def matmul(self, a):
         from ..kernels.w4a4_gemm import w4a4_gemm
 
         out_dtype = self.out_dtype if self.out_dtype != torch.float32 else torch.float16
-        y = w4a4_gemm(a, self.weight, self.bias, out_dtype)
-        if self.prefetch_next and a.qa.shape[0] <= L2_PREFETCH_MAX_M:
-            from ..kernels.l2_prefetch import prefetch_weights
-
-            prefetch_weights(self.prefetch_next)
-        return y.to(self.out_dtype)
+        return w4a4_gemm(a, self.weight, self.bias, out_dtype).to(self.out_dtype)
 
 
 def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: str) -> LinearKernel | None:
@@ -339,26 +320,6 @@ def apply_linear_method(model, method: str = "auto", backend: str = "auto", laye
     return counts
 
 
-def plan_weight_prefetch(model, nbytes: dict[str, int] | None = None) -> int:
-    """Let each Atom GEMM of a dense decoder warm L2 with the leading bytes of the weights of the GEMM after
-    it in the forward (q/k/v -> o -> gate/up -> down -> the next layer's q/k/v), at most ``nbytes[kind]``
-    of them (default L2_PREFETCH_BYTES): a decode step's weight stream then keeps memory busy while the
-    small kernels between GEMMs run. MoE models are left alone (which experts run next is not known
-    ahead). Returns the number of GEMMs given a prefetch."""
-    nbytes = L2_PREFETCH_BYTES if nbytes is None else nbytes
-    if any(hasattr(layer, "block_sparse_moe") for layer in model.model.layers):
-        return 0
-    kernels = [lins[0].kernel for lins in _input_groups(model)]  # per layer: qkv, o, gate_up, down
-    kinds = ["qkv", "o", "gate_up", "down"] * len(model.model.layers)
-    planned = 0
-    for kernel, after, kind in zip(kernels, kernels[1:], kinds[1:]):
-        if isinstance(kernel, AtomKernel):
-            budget = nbytes.get(kind, 0)
-            kernel.prefetch_next = after.weight_ranges(budget) if isinstance(after, AtomKernel) and budget else []
-            planned += bool(kernel.prefetch_next)
-    return planned
-
-
 def prepare_linears(model, method: str = "auto", backend: str = "auto") -> dict[str, int]:
     """``apply_linear_method`` once per model: engines built again over the same loaded model reuse the
     prepared linears; asking for another method or backend then is an error (load the model again)."""
@@ -369,7 +330,6 @@ def prepare_linears(model, method: str = "auto", backend: str = "auto") -> dict[
                              f"{done['backend']!r}; load it again to run {method!r} / {backend!r}")
         return done["kernels"]
     counts = apply_linear_method(model, method, backend)
-    plan_weight_prefetch(model)
     if model.model.embed_tokens.weight.is_cuda:
         torch.cuda.empty_cache()  # the released stored tensors go back before the KV pool is sized
     model.linear_method = {"method": method, "backend": backend, "kernels": counts}

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from ..kernels import ref
-from ..kernels.l2_prefetch import WeightPrefetch
 from .args import default_sm_scale, rope_cos_sin
 from .layers import Linear, RMSNorm
 from .llama import Attention, CausalLM
@@ -162,21 +161,10 @@ def forward_paged(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tens
 def forward_paged_hidden(model: CausalLM, batch: StepBatch, kv_pool: Any) -> torch.Tensor:
     """forward_paged without the output layer: the final-normed hidden states [L, hidden] of the rows
     ``batch.logits_indices`` (a caller can then project them in slices)."""
-    m = model.model
-    x = m.embed_tokens(batch.token_ids)  # [T, hidden]
-    with WeightPrefetch(x.device):  # decode GEMMs warm L2 with the next GEMM's weights (methods.AtomKernel)
-        x, residual = _decoder_layers(m, x, batch, kv_pool, rope_cos_sin(model.inv_freq, model.rope_scaling,
-                                                                         batch.positions))
-    rows = batch.logits_indices
-    h, _ = kv_pool.ops.rmsnorm(x.index_select(0, rows), m.norm.weight, m.norm.eps, residual.index_select(0, rows))
-    return h  # [L, hidden]
-
-
-def _decoder_layers(m: Any, x: torch.Tensor, batch: StepBatch, kv_pool: Any,
-                    cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings x [T, hidden] through every decoder layer -> (last sublayer's output, residual stream)."""
-    ops, (cos, sin) = kv_pool.ops, cos_sin  # cos, sin [T, D]
-    residual = None  # x is the last sublayer's output; residual = the stream
+    m, ops = model.model, kv_pool.ops
+    cos, sin = rope_cos_sin(model.inv_freq, model.rope_scaling, batch.positions)  # [T, D] each
+    x = m.embed_tokens(batch.token_ids)  # [T, hidden]: the last sublayer's output; residual = the stream
+    residual = None
     for layer, cache in zip(m.layers, kv_pool.caches):
         attn = layer.self_attn
         a, residual = _norm_then_prepare(layer.input_layernorm, attn.q_proj, x, residual, ops)
@@ -188,4 +176,6 @@ def _decoder_layers(m: Any, x: torch.Tensor, batch: StepBatch, kv_pool: Any,
             a, residual = _norm_then_prepare(layer.post_attention_layernorm, getattr(layer.mlp, layer.mlp.names[0]),
                                              x, residual, ops)
             x = _mlp(layer.mlp, a, ops)
-    return x, residual
+    rows = batch.logits_indices
+    h, _ = ops.rmsnorm(x.index_select(0, rows), m.norm.weight, m.norm.eps, residual.index_select(0, rows))
+    return h  # [L, hidden]
