@@ -216,6 +216,47 @@ def row_bench() -> list[dict]:
     return rows
 
 
+def groupfree_sweep() -> list[dict]:
+    """Group-free W4A4 (one scale per row / token, 128 INT8 outliers) on the Gluon kernel: tile variants
+    against the default on the products nearest the 1.4x FP16 line; each variant's output checked against
+    the default's first."""
+    C = functools.partial(GemmConfig, kernel="gluon", block_m=128)
+    variants = {"default": None, "w8s3": C(num_warps=8, num_stages=3), "w8s5": C(num_warps=8, num_stages=5),
+                "w8s6": C(num_warps=8, num_stages=6), "w8gm4": C(num_warps=8, group_m=4),
+                "w8gm16": C(num_warps=8, group_m=16), "w8bm64": C(num_warps=8, block_m=64),
+                "w4s4": C(num_warps=4), "w4s6": C(num_warps=4, num_stages=6), "w4bm256": C(num_warps=4, block_m=256)}
+    rows, lines = [], []
+    for n, k, m in ((4096, 4096, 2048), (4096, 4096, 8192), (12288, 4096, 8192)):
+        x, _, pw, split = B.make_problem(n, k, m, gs=None)
+        a = Q.quantize_act(x, None, split, out="int8")
+        pwp = prepare_weight(pw)
+        want = w4a4_gemm(a, pwp).float()
+        for name, cfg in variants.items():
+            if cfg is None:
+                continue
+            try:
+                got = w4a4_gemm(a, pwp, config=cfg).float()
+                err = ((got - want).norm() / want.norm()).item()
+                report(f"group-free {name} N={n} K={k} M={m} = default", err < 1e-3, f"rel diff {err:.1e}")
+            except Exception as e:
+                report(f"group-free {name} N={n} K={k} M={m}", False, f"{type(e).__name__}: {str(e)[:200]}")
+                variants[name] = None
+        del x, a, pwp, want
+        row = B.bench_gemm_shape(n, k, m, {nm: (c, "int8") for nm, c in variants.items() if c is not None or nm == "default"},
+                                 which=("fp8",), gs=None)
+        rows.append(row)
+        line = f"N={n:5d} K={k:5d} M={m:5d} fp16 {row['fp16_ms'] * 1e3:7.1f} fp8 {row['fp8_ms'] * 1e3:7.1f} |"
+        for nm in variants:
+            v = row.get(nm + "_ms")
+            line += f" {nm} {v * 1e3:.1f} ({row['fp16_ms'] / v:.2f}x)" if v else f" {nm} ERR"
+        print(line, flush=True)
+        lines.append(line)
+    print("\ngroup-free variants (us, x = vs FP16):")
+    for line in lines:
+        print(line)
+    return rows
+
+
 def check_gemv() -> None:
     """The CUDA-core M <= 2 kernel against the reference: groups of 128, 64 and none, bias, bf16 out."""
     for n, k, m, gs in ((22016, 4096, 1, 128), (4096, 11008, 2, 128), (12288, 4096, 1, 64), (4096, 11008, 1, None)):
@@ -411,6 +452,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--prefill-sweep", action="store_true")
     ap.add_argument("--row-sweep", action="store_true", help="the prefill sweep of the group-free variants only")
+    ap.add_argument("--groupfree-sweep", action="store_true", help="Gluon tile variants of the group-free GEMM")
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--rotation-bench", action="store_true", help="also time the online rotation kernel")
@@ -436,6 +478,9 @@ def main() -> int:
     if args.row_sweep:
         with open(args.out.replace(".json", "_row_sweep.json"), "w") as f:
             json.dump(prefill_sweep(None), f, indent=1)
+    if args.groupfree_sweep:
+        with open(args.out.replace(".json", "_groupfree_sweep.json"), "w") as f:
+            json.dump(groupfree_sweep(), f, indent=1)
     if args.rotation_bench:
         with open(args.out.replace(".json", "_rotation.json"), "w") as f:
             json.dump(rotation_bench(), f, indent=1)
