@@ -216,6 +216,21 @@ def row_bench() -> list[dict]:
     return rows
 
 
+def _variant_cells(row: dict, names, ratio_to: str | None = None) -> str:
+    """' name us' for each variant of a bench row (ERR where it failed), with row[ratio_to] / its time."""
+    cells = ""
+    for name in names:
+        v = row.get(name + "_ms")
+        cells += f" {name} ERR" if not v else f" {name} {v * 1e3:6.1f}" + (f" ({row[ratio_to] / v:.2f}x)" if ratio_to else "")
+    return cells
+
+
+def _print_table(title: str, lines: list[str]) -> None:
+    print(f"\n{title}", flush=True)
+    for line in lines:
+        print(line, flush=True)
+
+
 def groupfree_sweep() -> list[dict]:
     """Group-free W4A4 (one scale per row / token, 128 INT8 outliers) on the Gluon kernel: tile variants
     against the default on the products nearest the 1.4x FP16 line; each variant's output checked against
@@ -245,15 +260,11 @@ def groupfree_sweep() -> list[dict]:
         row = B.bench_gemm_shape(n, k, m, {nm: (c, "int8") for nm, c in variants.items() if c is not None or nm == "default"},
                                  which=("fp8",), gs=None)
         rows.append(row)
-        line = f"N={n:5d} K={k:5d} M={m:5d} fp16 {row['fp16_ms'] * 1e3:7.1f} fp8 {row['fp8_ms'] * 1e3:7.1f} |"
-        for nm in variants:
-            v = row.get(nm + "_ms")
-            line += f" {nm} {v * 1e3:.1f} ({row['fp16_ms'] / v:.2f}x)" if v else f" {nm} ERR"
+        line = (f"N={n:5d} K={k:5d} M={m:5d} fp16 {row['fp16_ms'] * 1e3:7.1f} fp8 {row['fp8_ms'] * 1e3:7.1f} |"
+                + _variant_cells(row, variants, ratio_to="fp16_ms"))
         print(line, flush=True)
         lines.append(line)
-    print("\ngroup-free variants (us, x = vs FP16):")
-    for line in lines:
-        print(line)
+    _print_table("group-free variants (us, x = vs FP16):", lines)
     return rows
 
 
@@ -288,15 +299,11 @@ def gemv_bench() -> list[dict]:
         row = B.bench_gemm_shape(n, k, 1, cfgs, which=("w4a16",))
         row.update(model=model, layer=layer)
         rows.append(row)
-        line = f"{model:10s} {layer:7s} M=1 fp16 {row['fp16_ms'] * 1e3:6.1f} w4a16 {row.get('w4a16_ms', 0) * 1e3:6.1f} |"
-        for name in cfgs:
-            v = row.get(name + "_ms")
-            line += f" {name} {v * 1e3:6.1f}" if v else f" {name} ERR"
+        line = (f"{model:10s} {layer:7s} M=1 fp16 {row['fp16_ms'] * 1e3:6.1f} w4a16 {row.get('w4a16_ms', 0) * 1e3:6.1f} |"
+                + _variant_cells(row, cfgs))
         print(line, flush=True)
         lines.append(line)
-    print("\nGEMV table (us):")
-    for line in lines:
-        print(line)
+    _print_table("GEMV table (us):", lines)
     return rows
 
 
