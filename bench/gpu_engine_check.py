@@ -255,7 +255,7 @@ def _originals() -> dict:
 
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
-_GEMV_SMALL, _GEMV_SMALL_MAX = _W.GEMV_SMALL_CONFIG, _W.GEMV_SMALL_MAX
+_GEMV_RULES = _W.GEMV_RULES
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
 
@@ -274,9 +274,9 @@ def _apply_variant(spec: str) -> None:
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)),
                                         waves=float(kv.get("waves", _GEMV_DEFAULT.waves)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
-    _W.GEMV_SMALL_MAX = int(kv.get("smax", _GEMV_SMALL_MAX))
-    _W.GEMV_SMALL_CONFIG = dataclasses.replace(_GEMV_SMALL, k_blocks=int(kv.get("skb", _GEMV_SMALL.k_blocks)),
-                                              ahead=int(kv.get("sahead", _GEMV_SMALL.ahead)))
+    _W.GEMV_RULES = _GEMV_RULES if "gemv" not in kv else tuple(
+        (int(most), dataclasses.replace(_W.GEMV_CONFIG, k_blocks=int(kb), ahead=int(ahead)))
+        for most, kb, ahead in (rule.split(":") for rule in kv["gemv"].split("+") if rule))
     _runner.GRAPH_COPIES = kv.get("gcopy", "1") == "1"
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
     _dec.ADAPTIVE_SPLITS = kv.get("asplit", "1") == "1"
@@ -302,13 +302,13 @@ def main() -> int:
     ap.add_argument("--kernel-profile", action="store_true", help="print GPU time per kernel of decode steps")
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
-        "smax=N, skb=K, sahead=1|2, "
+        "gemv=MOST:KB:AHEAD+..., "
         "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
-        "wrong); waves: GEMV programs per SM the K split aims at; smax / skb / sahead: one-token products of at most smax weights take their own GEMV K blocks per step and steps ahead; preload: the decode quantize's constants "
+        "wrong); waves: GEMV programs per SM the K split aims at; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel. Every config and "
         "batch runs under each, the list --repeat times"))

@@ -10,7 +10,7 @@ from atomq.kernels import ref
 pytest.importorskip("triton")
 from atomq.kernels import quantize as Q  # noqa: E402
 from atomq.kernels import w4a4_gemv as G  # noqa: E402
-from atomq.kernels.w4a4_gemm import GEMV_SMALL_CONFIG, GemmConfig, pick_config, prepare_weight, w4a4_gemm  # noqa: E402
+from atomq.kernels.w4a4_gemm import GEMV_CONFIG, GEMV_RULES, GemmConfig, pick_config, prepare_weight, w4a4_gemm  # noqa: E402
 
 from test_w4a4_gemm import TOL, _problem, _rel  # noqa: E402
 
@@ -79,16 +79,17 @@ def test_pick_config_sends_one_token_on_small_products_to_the_gemv():
     assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
     assert pick_config(1, 4096, 11008, gemv=True).kernel == "gemv"  # down_proj, split into K runs
     assert pick_config(1, 22016, 4096, gemv=True).kernel == "triton"  # gate_up: the tensor-core kernel
-    assert pick_config(1, 4096, 3968, gemv=True) == GEMV_SMALL_CONFIG  # 7B o_proj: 8 blocks a step, 2 ahead
-    assert pick_config(1, 4096, 11008, gemv=True) != GEMV_SMALL_CONFIG
+    assert pick_config(1, 4096, 3968, gemv=True) == GEMV_RULES[0][1]  # 7B o_proj: 8 blocks a step, 2 ahead
+    assert pick_config(1, 4096, 11008, gemv=True) == GEMV_CONFIG
 
 
 @pytest.mark.parametrize("k", [2176, 704])  # 17 blocks: two runs of 8 and a partial one; fewer than one step
-def test_gemv_small_product_config_matches_reference(k, device):
+def test_gemv_rule_configs_match_reference(k, device):
     x, pw, split, bias = _problem(1, 40, k, 64, 128, device, seed=k)
     a = Q.quantize_act(x, None, split, out="int8")
-    y = w4a4_gemm(a, prepare_weight(pw), bias, config=GEMV_SMALL_CONFIG)
-    assert _rel(y, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+    for _, cfg in GEMV_RULES:
+        y = w4a4_gemm(a, prepare_weight(pw), bias, config=cfg)
+        assert _rel(y, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
 
 
 @pytest.mark.gpu

@@ -143,11 +143,12 @@ class GemmConfig:
 # gate_up on the GEMV and weights two steps ahead both cost ~1% per decode step, though alone they win
 GEMV_MAX_N = 12288
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
-# One-token products of at most GEMV_SMALL_MAX weights (N x Kp; 7B o_proj: 16M) take GEMV_SMALL_CONFIG:
-# 8 K blocks per step, weights two steps ahead (measured 2026-11-25: 7B o alone 8.1 -> 6.2 us; batch-1
-# decode step -0.8%; the same on q/k/v and down too: +5%)
-GEMV_SMALL_MAX = 20_000_000
-GEMV_SMALL_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=8, waves=8.0, ahead=2)
+# (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
+# Measured 2026-11-25: 8 K blocks a step with weights two steps ahead on 7B o_proj (16M) alone 8.1 -> 6.2 us,
+# batch-1 decode step -0.8%; the same on q/k/v and down too: +5%
+GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
+    (20_000_000, GemmConfig(kernel="gemv", num_warps=4, k_blocks=8, waves=8.0, ahead=2)),
+)
 
 
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
@@ -155,7 +156,7 @@ def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = Tr
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
     kernel can take it; it does for one token and up to GEMV_MAX_N weight rows (docs/KERNELS.md)."""
     if gemv and m == 1 and n <= GEMV_MAX_N:
-        return GEMV_SMALL_CONFIG if n * kp <= GEMV_SMALL_MAX else GEMV_CONFIG
+        return next((cfg for most, cfg in GEMV_RULES if n * kp <= most), GEMV_CONFIG)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
     if m <= 16:  # measured 2026-11-24: prefetch wins below ~4 waves of tiles, loses on 70B gate_up (896 tiles)
