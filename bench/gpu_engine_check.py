@@ -25,6 +25,7 @@ import torch
 from atomq import LLM, SamplingParams
 from atomq.bench.gemm import copy_gbps, env_info
 from atomq.kernels import decode_attention as _dec
+from atomq.kernels import hadamard as _Hd
 from atomq.kernels import quantize as _Q
 from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
@@ -285,6 +286,10 @@ def _apply_variant(spec: str) -> None:
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
+    from atomq.model import paged
+
+    paged.FUSED_SILU_ROTATE = kv.get("rotfuse", "1") == "1"
+    _Hd.DOT_MIX = kv.get("rotdot", "1") == "1"
     global ASYNC
     ASYNC = None if "async" not in kv else kv["async"] == "1"
     _skipping(set(kv.get("skip", "").split("+")) - {""})
@@ -304,13 +309,15 @@ def main() -> int:
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "gemv=MOST:KB:AHEAD+..., "
         "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
+        "rotfuse=0|1, rotdot=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
         "wrong); waves: GEMV programs per SM the K split aims at; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
-        "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel. Every config and "
+        "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel; rotfuse: rotated models' SiLU * up and "
+        "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores. Every config and "
         "batch runs under each, the list --repeat times"))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=0,

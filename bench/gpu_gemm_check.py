@@ -355,25 +355,6 @@ def quant_bench() -> list[dict]:
     return rows
 
 
-def rotation_bench() -> list[dict]:
-    """The online rotation kernel (kernels/hadamard.py) against a plain copy of the same bytes, bf16."""
-    from atomq.kernels import ref
-    from atomq.kernels.hadamard import rotate_online
-
-    rows = []
-    print("\nonline rotation, bf16 (us; copy = x.clone() of the same tensor):", flush=True)
-    for n in (1536, 4096, 11008, 14336, 28672):
-        signs, small = ref.random_rotation_factors(n, 0)
-        signs, small = signs.cuda(), small.cuda()
-        for m in (1, 64, 256, 4096):
-            x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            t = B._time_ms(lambda: rotate_online(x, signs, small))
-            c = B._time_ms(lambda: x.clone())
-            rows.append({"n": n, "M": m, "rotate_ms": t, "copy_ms": c, "split": ref.hadamard_split(n)})
-            print(f"n={n:6d} {ref.hadamard_split(n)} M={m:5d} rotate {t * 1e3:8.1f} copy {c * 1e3:7.1f}", flush=True)
-    return rows
-
-
 def sweep() -> list[dict]:
     """Time decode GEMM and quantize variants (lab notes in docs/KERNELS.md); a table is printed last."""
     C = GemmConfig
@@ -462,7 +443,6 @@ def main() -> int:
     ap.add_argument("--groupfree-sweep", action="store_true", help="Gluon tile variants of the group-free GEMM")
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
-    ap.add_argument("--rotation-bench", action="store_true", help="also time the online rotation kernel")
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
     ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
     ap.add_argument("--no-check", action="store_true")
@@ -488,9 +468,6 @@ def main() -> int:
     if args.groupfree_sweep:
         with open(args.out.replace(".json", "_groupfree_sweep.json"), "w") as f:
             json.dump(groupfree_sweep(), f, indent=1)
-    if args.rotation_bench:
-        with open(args.out.replace(".json", "_rotation.json"), "w") as f:
-            json.dump(rotation_bench(), f, indent=1)
     if args.quant_bench:
         with open(args.out.replace(".json", "_quant.json"), "w") as f:
             json.dump(quant_bench(), f, indent=1)

@@ -11,7 +11,7 @@ from atomq.kernels import hadamard as Hd  # noqa: E402
 SPLITS = {1: (1, 1), 12: (3, 4), 576: (9, 64), 1536: (3, 512), 4096: (1, 4096), 11008: (43, 256),
           14336: (7, 2048), 28672: (7, 4096)}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # fp32 rounding / one output ulp
-GPU_NS = [1536, 4096, 11008, 14336, 28672]
+GPU_NS = [576, 1536, 4096, 11008, 13824, 14336, 28672]
 
 
 def _factors(n, seed=0, device="cpu"):
@@ -27,6 +27,14 @@ def _input(m, n, dtype, device, seed=0):
 def _close(got, want, dtype):
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def _close_fused(got, want, dtype):
+    """SiLU * up is rounded to the dtype before the rotation, and the kernel's exp is not torch's: an input
+    element one ulp apart moves every output of its block by up to that ulp, so compare relative L2 error."""
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= TOL[dtype]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,10 +113,73 @@ def test_registered():
 @pytest.mark.parametrize("n", [16, 48, 64, 96, 160, 576])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_matches_ref(device, n, m, dtype):
+@pytest.mark.parametrize("kernel", [None, "loop"])
+def test_kernel_matches_ref(device, n, m, dtype, kernel):
     signs, small = _factors(n, seed=n, device=device)
     x = _input(m, n, dtype, device)
-    _close(Hd.rotate_online(x, signs, small), ref.rotate_online(x, signs, small), dtype)
+    _close(Hd.rotate_online(x, signs, small, kernel=kernel), ref.rotate_online(x, signs, small), dtype)
+
+
+def test_kernel_choice():
+    sizes = (12, 48, 576, 1536, 4096, 11008, 13824, 14336, 18944, 28672)
+    assert [Hd.uses_dot(*ref.hadamard_split(n)) for n in sizes] == \
+        [False, False, True, False, False, True, True, False, True, False]
+    with pytest.raises(ValueError, match="cannot rotate"):
+        Hd.rotate_online(torch.zeros(1, 12), *_factors(12), kernel="dot")  # p = 4 < 16
+    with pytest.raises(ValueError, match="kernel must be"):
+        Hd.rotate_online(torch.zeros(1, 12), *_factors(12), kernel="fast")
+
+
+@pytest.mark.parametrize("n", [48, 160, 576, 11008])
+@pytest.mark.parametrize("block_i", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dot_kernel_blocks(device, n, block_i, dtype):
+    """The dot kernel at any m > 1 (3, 5, 9, 43 blocks): one K chunk or several, several programs per row
+    (BLOCK_I below m) and padded output blocks (BLOCK_I above m)."""
+    signs, small = _factors(n, seed=2, device=device)
+    x = _input(5, n, dtype, device) * 3
+    _close(Hd.rotate_online(x, signs, small, kernel="dot", block_i=block_i), ref.rotate_online(x, signs, small), dtype)
+
+
+@pytest.mark.parametrize("n", [12, 96, 576, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [None, "loop", "dot"])
+def test_silu_mul_rotate_matches_ref(device, n, dtype, kernel):
+    signs, small = _factors(n, seed=n + 1, device=device)
+    if kernel == "dot" and not Hd.dot_fits(*ref.hadamard_split(n)):
+        pytest.skip("p < 16: no dot kernel")
+    gate_up = _input(4, 2 * n, dtype, device) * 3
+    got = Hd.silu_mul_rotate(gate_up, signs, small, kernel=kernel, fuse=True)
+    _close_fused(got, ref.silu_mul_rotate(gate_up, signs, small), dtype)
+    # the twin is the two ops in sequence: SiLU * up rounded to the dtype, then the rotation
+    _close_fused(got, ref.rotate_online(ref.silu_mul(gate_up), signs, small), dtype)
+
+
+@pytest.mark.parametrize("fuse", [None, False])
+def test_silu_mul_rotate_unfused(device, fuse, monkeypatch):
+    """Above FUSE_MAX_N (default) or on request, SiLU * up runs as its own kernel before the rotation."""
+    monkeypatch.setattr(Hd, "FUSE_MAX_N", 64)
+    n = 96
+    signs, small = _factors(n, seed=5, device=device)
+    gate_up = _input(3, 2 * n, torch.float16, device).view(3, 1, 2 * n) * 3
+    got = Hd.silu_mul_rotate(gate_up, signs, small, fuse=fuse)
+    assert got.shape == (3, 1, n)
+    _close_fused(got, ref.silu_mul_rotate(gate_up, signs, small), torch.float16)
+
+
+def test_silu_mul_rotate_shapes_and_bad_inputs(device):
+    n = 96
+    signs, small = _factors(n, device=device)
+    gate_up = _input(6, 2 * n, torch.float16, device).view(2, 3, 2 * n)
+    got = Hd.silu_mul_rotate(gate_up, signs, small)
+    assert got.shape == (2, 3, n)
+    _close_fused(got, ref.silu_mul_rotate(gate_up, signs, small), torch.float16)
+    assert Hd.silu_mul_rotate(torch.zeros(0, 2 * n, device=device), signs, small).shape == (0, n)
+    with pytest.raises(ValueError, match="gate \\| up"):
+        Hd.silu_mul_rotate(torch.zeros(2, 2 * n + 1, device=device), signs, small)
+    with pytest.raises(ValueError, match=r"signs must be \[48\]"):  # [2, 96] is gate | up of 48 channels
+        Hd.silu_mul_rotate(torch.zeros(2, n, device=device), signs, small)
+    assert get_op("silu_mul_rotate") is Hd.silu_mul_rotate
 
 
 def test_kernel_shapes_and_strides(device):
@@ -164,10 +235,14 @@ def test_full_size_gpu(n, m, dtype):
     signs, small = _factors(n, seed=n, device="cuda")
     x = _input(m, n, dtype, "cuda")
     _close(Hd.rotate_online(x, signs, small), ref.rotate_online(x, signs, small), dtype)
+    gate_up = _input(m, 2 * n, dtype, "cuda") * 2
+    want = ref.silu_mul_rotate(gate_up, signs, small)
+    for fuse in (None, True):
+        _close_fused(Hd.silu_mul_rotate(gate_up, signs, small, fuse=fuse), want, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1536, 28672])
+@pytest.mark.parametrize("n", [1536, 11008, 28672])
 def test_cuda_graph_gpu(n):
     signs, small = _factors(n, seed=3, device="cuda")
     x = _input(64, n, torch.bfloat16, "cuda")

@@ -28,6 +28,18 @@ PTR_TYPES = {"w_ptr": "*i8", "sw_ptr": "*fp32", "w8_ptr": "*i8", "s8w_ptr": "*fp
              "sa_ptr": "*fp32", "a8_ptr": "*i8", "s8a_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
 
 
+def _triton_ptxas() -> str | None:
+    """The ptxas Triton itself runs for sm_90 (Triton >= 3.7 ships a newer one beside the old)."""
+    from triton.backends.nvidia import compiler
+
+    if hasattr(compiler, "get_ptxas"):
+        try:
+            return compiler.get_ptxas(90).path
+        except Exception:  # noqa: BLE001 - older signatures or a missing binary: fall back to the bundled one
+            pass
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
     """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it."""
     from triton.backends.compiler import GPUTarget
@@ -41,8 +53,8 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
+    ptxas = _triton_ptxas()
+    if ptxas is None or not os.path.exists(ptxas):
         pytest.skip("Triton's ptxas is not installed")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atomq_w4a4_hopper_{os.getpid()}.ptx")
     with open(path, "w") as f:

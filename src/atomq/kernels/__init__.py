@@ -14,6 +14,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "silu_mul_quantize": ("quantize", "silu_mul_quantize"),
     "w4a4_gemm": ("w4a4_gemm", "w4a4_gemm"),
     "rotate_online": ("hadamard", "rotate_online"),
+    "silu_mul_rotate": ("hadamard", "silu_mul_rotate"),
 }
 
 
@@ -32,15 +33,19 @@ def get_op(name: str, backend: str = "triton"):
 
 
 def interpreter_compat() -> None:
-    """Make Triton's CPU interpreter work with numpy >= 2 (idempotent; a no-op outside the interpreter).
+    """Make Triton's CPU interpreter work with numpy >= 2 and Triton 3.9 (idempotent; a no-op outside the
+    interpreter).
 
-    The interpreter holds scalar kernel arguments as 1-element arrays and converts them with ``int()``
-    when they bound a ``range`` loop, which numpy 2 rejects; this converts through ``.item()`` instead.
+    - The interpreter holds scalar kernel arguments as 1-element arrays and converts them with ``int()``
+      when they bound a ``range`` loop, which numpy 2 rejects; this converts through ``.item()`` instead.
+    - Triton 3.9's interpreter can carry an int1 mask as an int32 array (a row mask ``&`` a scalar flag),
+      which its load / store then refuse; masks are handed to them as numpy bools.
     """
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return
+    import numpy as np
     from triton.runtime import interpreter
 
     scope_cls = interpreter._LangPatchScope
@@ -55,3 +60,14 @@ def interpreter_compat() -> None:
 
     scope_cls.set_attr = set_attr
     scope_cls._atomq_compat = True
+
+    builder = interpreter.InterpreterBuilder
+    masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
+
+    def as_bool(mask):
+        if mask.data.dtype == np.bool_:
+            return mask
+        return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+
+    builder.create_masked_load = lambda self, ptrs, mask, *a: masked_load(self, ptrs, as_bool(mask), *a)
+    builder.create_masked_store = lambda self, ptrs, value, mask, *a: masked_store(self, ptrs, value, as_bool(mask), *a)

@@ -340,6 +340,12 @@ def rotate_online(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor) -> 
     return w.reshape(x.shape).to(x.dtype)
 
 
+def silu_mul_rotate(gate_up: torch.Tensor, signs: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2n] (gate first, then up) -> rotate_online(silu_mul(gate_up), signs, small) [..., n]:
+    the rotated down_proj input of a rotated model, in gate_up's dtype."""
+    return rotate_online(silu_mul(gate_up), signs, small)
+
+
 def rotation_matrix(signs: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
     """R fp32 [n, n], orthogonal, with rotate_online(x, signs, small) == x @ R (signs fp32 [n],
     small fp32 [m, m]); on signs' device. R = diag(signs) @ kron(small, H_p / sqrt(p))."""

@@ -26,6 +26,9 @@ from .layers import Linear, RMSNorm
 from .llama import Attention, CausalLM
 from .methods import AtomKernel
 
+# rotated models: SiLU * up and the down_proj input's online rotation in one kernel (False: two, for A/B)
+FUSED_SILU_ROTATE = True
+
 
 @dataclass
 class StepBatch:
@@ -135,8 +138,11 @@ def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
         gate_up = gate.matmul(operand)  # [T, 2I] = gate | up, one GEMM
     else:
         gate_up = torch.cat([gate.matmul(operand), up.matmul(operand)], dim=-1)
-    if mlp.down_rotation is not None:  # rotated model: SiLU * up, then the online rotation, then quantize
-        h = mlp.down_rotation(ops.silu_mul(gate_up), backend=ops.backend)
+    if mlp.down_rotation is not None:  # rotated model: SiLU * up and the online rotation, then quantize
+        if FUSED_SILU_ROTATE:
+            h = mlp.down_rotation.silu_mul(gate_up, backend=ops.backend)
+        else:
+            h = mlp.down_rotation(ops.silu_mul(gate_up), backend=ops.backend)
         return down.matmul(down.prepare_input(h))
     if isinstance(down.kernel, AtomKernel):
         from ..kernels.quantize import silu_mul_quantize
