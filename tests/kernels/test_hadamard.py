@@ -130,12 +130,12 @@ def test_kernel_choice():
         Hd.rotate_online(torch.zeros(1, 12), *_factors(12), kernel="fast")
 
 
-@pytest.mark.parametrize("n", [48, 160, 576, 11008])
+@pytest.mark.parametrize("n", [48, 160, 576, 1536, 9216, 11008])
 @pytest.mark.parametrize("block_i", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dot_kernel_blocks(device, n, block_i, dtype):
-    """The dot kernel at any m > 1 (3, 5, 9, 43 blocks): one K chunk or several, several programs per row
-    (BLOCK_I below m) and padded output blocks (BLOCK_I above m)."""
+    """The dot kernel at any m > 1 (3, 5, 9, 43 blocks) and p from 16 to 1024 (one Hadamard product or two):
+    one K chunk or several, several programs per row (BLOCK_I below m), padded output blocks (above m)."""
     signs, small = _factors(n, seed=2, device=device)
     x = _input(5, n, dtype, device) * 3
     _close(Hd.rotate_online(x, signs, small, kernel="dot", block_i=block_i), ref.rotate_online(x, signs, small), dtype)
