@@ -9,21 +9,19 @@ transform; both act on different axes and commute).
 
 A program owns one row and BLOCK_I of its m output blocks, held as an fp32 [BLOCK_I, p] tile. Two kernels
 differ in the mix, tile[i, :] = sum_l small[l, i] * (x * signs)[l * p:(l + 1) * p]:
-  - ``_rotate_dot_kernel`` (m >= 8 blocks of p >= 16 channels, p <= 1024), all on tensor cores: the mix
+  - ``_rotate_dot_kernel`` (m >= 8 blocks of p >= 16 channels, p <= 1024): a tensor-core product
     small^T [BLOCK_I, m] @ u [m, p], its K loop over chunks of 16 input blocks (u = the row's x * signs,
-    exact in x's 16-bit dtype: a sign flip); then the Hadamard transform as products with +-1 matrices,
-    H_p itself for p <= 128, else H_p = H_(p/16) kron H_16: one product over the low 4 index bits, a
-    transpose, one over the high bits (the output leaves in that transposed order; the store puts each
-    channel in place). Every product of an fp32 operand splits it into a 16-bit high part and the 16-bit
-    rest: two products keep ~16 mantissa bits with fp32 accumulation (fp32 x: IEEE fp32 products).
+    exact in x's 16-bit dtype: a sign flip). small is split into a 16-bit high part and the 16-bit rest,
+    so two products give ~16 mantissa bits of small with fp32 accumulation (fp32 x: one IEEE product).
   - ``_rotate_loop_kernel`` (the other sizes: m < 8 as Llama-2-70B's 7 x 4096, p < 16, p > 1024): m
-    dependent loads of one block each and a multiply-add per output element and input block; then the
-    Walsh-Hadamard transform along p in log2(p) butterfly stages in registers: each stage pairs the lowest
-    index bit (reshape to [.., p / 2, 2] + split), writes (a + b, a - b) (join) and moves that bit to the top
-    (permute), so after log2(p) stages every bit was paired once and the order is back.
-Outputs are scaled by 1 / sqrt(p) and stored in x's dtype. Both kernels launch with programmatic dependent
-launch (kernels/pdl.py) and wait for the kernel ahead before their first load. (The butterflies cost a
-layout change through shared memory per stage: 48 barriers for a [16, 256] tile against 6 for the products.)
+    dependent loads of one block each and a multiply-add per output element and input block.
+Then the Walsh-Hadamard transform along p in log2(p) butterfly stages, all in registers: each stage pairs
+the lowest index bit (reshape to [.., p / 2, 2] + split), writes (a + b, a - b) (join) and moves that bit to
+the top (permute), so after log2(p) stages every bit was paired once and the order is back; scaled by
+1 / sqrt(p) and stored in x's dtype. Both kernels launch with programmatic dependent launch (kernels/pdl.py)
+and wait for the kernel ahead before their first load. (The transform as tensor-core products, H_p or
+H_(p/16) kron H_16 with split 16-bit operands, needs 6-12 barriers per tile against the butterflies' 48-180
+but measured no faster on an H100: docs/KERNELS.md.)
 """
 
 from __future__ import annotations
@@ -114,7 +112,7 @@ def uses_dot(m: int, p: int) -> bool:
 def dot_block_i(m: int, p: int, rows: int) -> int:
     """Output blocks per program of the dot kernel: all of them (one read of each row) once there are enough
     rows to fill the GPU, 16 (more programs per row, each reading the row) for a few rows (H100 sweep)."""
-    return 16 if rows < 256 else min(triton.next_power_of_2(m), max(16, 8192 // p))
+    return 16 if rows < 256 else max(16, min(triton.next_power_of_2(m), DOT_MAX_ELEMENTS // p))
 
 
 def _launch(x2: torch.Tensor, signs: torch.Tensor, small: torch.Tensor, out: torch.Tensor, n: int, m: int,
@@ -124,14 +122,14 @@ def _launch(x2: torch.Tensor, signs: torch.Tensor, small: torch.Tensor, out: tor
         raise ValueError(f"kernel must be None, 'dot' or 'loop', got {kernel!r}")
     if kernel == "dot" and not dot_fits(m, p):
         raise ValueError(f"the dot kernel cannot rotate n = {n} = {m} * {p}")
-    common = dict(P=p, GATED=gated, **launch_options(x2.device))
+    common = dict(P=p, LOG_P=p.bit_length() - 1, GATED=gated, **launch_options(x2.device))
     args = (x2, signs, small, out, m, x2.stride(0), out.stride(0), signs.stride(0), small.stride(0),
             small.stride(1), float(p) ** -0.5)
     if kernel == "dot" or (kernel is None and uses_dot(m, p)):
         block_i = block_i or dot_block_i(m, p, rows)
         num_warps = num_warps or 4
         _rotate_dot_kernel[(rows, triton.cdiv(m, block_i))](
-            *args, L_CHUNK=16, BLOCK_I=block_i, PA=1 if p <= 128 else p // 16,
+            *args, L_CHUNK=16, BLOCK_I=block_i,
             EXACT_F32=x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and _interpreting()),
             num_warps=num_warps, **common)
         return
@@ -140,8 +138,7 @@ def _launch(x2: torch.Tensor, signs: torch.Tensor, small: torch.Tensor, out: tor
     block_i = block_i or min(triton.next_power_of_2(m), max(4, _TILE // p))
     tile = block_i * p
     num_warps = num_warps or (8 if tile >= 8192 else 4 if tile >= 1024 else 2 if tile >= 256 else 1)
-    _rotate_loop_kernel[(rows, triton.cdiv(m, block_i))](*args, LOG_P=p.bit_length() - 1, BLOCK_I=block_i,
-                                                          num_warps=num_warps, **common)
+    _rotate_loop_kernel[(rows, triton.cdiv(m, block_i))](*args, BLOCK_I=block_i, num_warps=num_warps, **common)
 
 
 def rotate_online(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor, *, block_i: int | None = None,
@@ -212,42 +209,10 @@ if triton is not None:
         return tile
 
     @triton.jit
-    def _sylvester(N: tl.constexpr):
-        """fp32 [N, N] of +-1: H[i, j] = (-1)^popcount(i & j), the Sylvester order of ref.hadamard_matrix."""
-        v = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]
-        v = v ^ (v >> 4)
-        v = v ^ (v >> 2)
-        v = v ^ (v >> 1)
-        return tl.where((v & 1) == 0, 1.0, -1.0)
-
-    @triton.jit
-    def _dot_exact(a, h, dt: tl.constexpr, EXACT_F32: tl.constexpr):
-        """a fp32 [R, K] @ h (+-1) [K, N] -> fp32 [R, N]: a split into a dt high part and the dt rest, so two
-        16-bit products keep ~16 mantissa bits of a (h is exact in dt); EXACT_F32: one IEEE fp32 product."""
-        if EXACT_F32:
-            return tl.dot(a, h, input_precision="ieee")
-        hi = a.to(dt)
-        hd = h.to(dt)
-        return tl.dot((a - hi.to(tl.float32)).to(dt), hd, tl.dot(hi, hd))
-
-    @triton.jit
-    def _hadamard_dots(tile, dt: tl.constexpr, BLOCK_I: tl.constexpr, P: tl.constexpr, PA: tl.constexpr,
-                       PB: tl.constexpr, EXACT_F32: tl.constexpr):
-        """tile fp32 [BLOCK_I, P] -> tile @ H_P (unnormalized) on tensor cores, P = PA * PB, H_P = H_PA kron H_PB
-        (channel j = a * PB + b). Returned as [BLOCK_I, PB, PA]: element (i, b', a') is channel a' * PB + b'."""
-        if PA == 1:
-            t = _dot_exact(tile, _sylvester(P), dt, EXACT_F32)
-        else:
-            t = _dot_exact(tl.reshape(tile, (BLOCK_I * PA, PB)), _sylvester(PB), dt, EXACT_F32)  # over b
-            t = tl.reshape(tl.permute(tl.reshape(t, (BLOCK_I, PA, PB)), (0, 2, 1)), (BLOCK_I * PB, PA))
-            t = _dot_exact(t, _sylvester(PA), dt, EXACT_F32)  # over a
-        return tl.reshape(t, (BLOCK_I, PB, PA))
-
-    @triton.jit
     def _rotate_dot_kernel(x_ptr, signs_ptr, small_ptr, out_ptr, m, stride_x, stride_o, stride_s, stride_ml,
-                           stride_mi, scale, P: tl.constexpr, L_CHUNK: tl.constexpr,
-                           BLOCK_I: tl.constexpr, PA: tl.constexpr, EXACT_F32: tl.constexpr,
-                           GATED: tl.constexpr, USE_GDC: tl.constexpr):
+                           stride_mi, scale, P: tl.constexpr, LOG_P: tl.constexpr, L_CHUNK: tl.constexpr,
+                           BLOCK_I: tl.constexpr, EXACT_F32: tl.constexpr, GATED: tl.constexpr,
+                           USE_GDC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # rows * n can pass 2**31
         blk = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # output blocks i of this program
         cols = tl.arange(0, P)
@@ -270,13 +235,9 @@ if triton is not None:
                 hi = small_t.to(x.dtype)
                 lo = (small_t - hi.to(tl.float32)).to(x.dtype)
                 tile = tl.dot(lo, u, tl.dot(hi, u, tile))
-        PB: tl.constexpr = P // PA
-        tile = _hadamard_dots(tile, x_ptr.dtype.element_ty, BLOCK_I, P, PA, PB, EXACT_F32)  # [BLOCK_I, PB, PA]
-        b = tl.arange(0, PB)[None, :, None]
-        a = tl.arange(0, PA)[None, None, :]
-        blk3 = blk[:, None, None]
-        tl.store(out_ptr + row * stride_o + blk3 * P + a * PB + b, (tile * scale).to(out_ptr.dtype.element_ty),
-                 mask=blk3 < m)
+        tile = _walsh_hadamard(tile, BLOCK_I, P, LOG_P)
+        tl.store(out_ptr + row * stride_o + blk[:, None] * P + cols[None, :],
+                 (tile * scale).to(out_ptr.dtype.element_ty), mask=(blk < m)[:, None])
 
     @triton.jit
     def _rotate_loop_kernel(x_ptr, signs_ptr, small_ptr, out_ptr, m, stride_x, stride_o, stride_s, stride_ml,
