@@ -108,8 +108,10 @@ def test_fp8_kernel_is_e4m3_fake_quant():
 
 
 def test_int8_kernel_is_exact_integer_math():
+    """Codes spread over the whole int8 range and a long K: an int16-saturating path (the CPU _int_mm
+    without VNNI) would fail here."""
     torch.manual_seed(0)
-    w, x = torch.randn(40, 64), torch.randn(20, 64)
+    w, x = torch.rand(40, 4096) * 2 - 1, torch.rand(20, 4096) * 2 - 1
     k = Int8Kernel.from_float(w, torch.ones(40))
     q, s = k.prepare_input(x)
     want = (q.double() @ k.wt.double()) * s.double() * k.w_scale.double() + 1

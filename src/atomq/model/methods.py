@@ -132,7 +132,9 @@ class Fp8Kernel(LinearKernel):
 
 class Int8Kernel(LinearKernel):
     """W8A8 INT8 (SmoothQuant form): per-channel int8 weights, per-token dynamic int8 activations with
-    the reference's fp16 scales (quant/intq.py), int32 accumulation by torch._int_mm."""
+    the reference's fp16 scales (quant/intq.py), int32 accumulation by torch._int_mm on CUDA; on the CPU by
+    a float64 product (exact: |sum| <= 127^2 K << 2^53), since the CPU _int_mm is exact only with VNNI
+    (without it, AVX2 / AVX-512 multiply-adds saturate in int16: errors of 1e5 measured)."""
 
     name = "int8"
 
@@ -158,9 +160,12 @@ class Int8Kernel(LinearKernel):
     def matmul(self, a):
         q, s = a
         m = q.shape[0]
-        if m <= 16 and q.is_cuda:  # the CUDA _int_mm needs M > 16
-            q = F.pad(q, (0, 0, 0, 32 - m))
-        acc = torch._int_mm(q, self.wt)[:m]  # int32 [M, N], exact
+        if q.is_cuda:
+            if m <= 16:  # the CUDA _int_mm needs M > 16
+                q = F.pad(q, (0, 0, 0, 32 - m))
+            acc = torch._int_mm(q, self.wt)[:m]  # int32 [M, N], exact
+        else:
+            acc = q.double() @ self.wt.double()  # [M, N] integers, exact; to fp32 as int32 would round
         y = acc.float() * s.float() * self.w_scale
         if self.bias is not None:
             y = y + self.bias.float()
