@@ -45,7 +45,8 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
     pytest.importorskip("triton")
     from atomq.calib.pipeline import quantize_model
     from atomq.config import CalibConfig, preset
-    from atomq.kernels import interpreter_compat
+    from atomq.kernels import hadamard as Hd
+    from atomq.kernels import interpreter_compat, ref
     from atomq.model.layers import Linear
     from atomq.model.loader import load_model
 
@@ -63,6 +64,11 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
         return y.half().to(y.dtype) if self.kernel is None and self.spec.a_bits else y
 
     monkeypatch.setattr(Linear, "matmul", fp16_rounded_matmul)
+    # rotated: the down_proj input's SiLU * up + rotation kernel runs with the linear kernels; its tensor-core
+    # mix is taken for this model's 5 blocks too (by default only from 8), so the path the 7B shapes take runs
+    rotations = []
+    monkeypatch.setattr(Hd, "DOT_MIN_M", 2)
+    monkeypatch.setattr(Hd, "silu_mul_rotate", lambda *a, _op=Hd.silu_mul_rotate, **k: rotations.append(1) or _op(*a, **k))
     runs = {}
     for backend in ("ref", "triton"):
         lm = load_model(str(out), torch.float16 if device == "cuda" else torch.float32, device)
@@ -71,6 +77,9 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
         llm = LLM(lm, kv_cache_bytes=1 << 21, attention_backend="ref", linear_backend=backend, record_logits=True)
         assert llm.engine.linear_kernels == ({} if backend == "ref" else {"atom": 8})
         runs[backend] = llm.generate([prompts[0], prompts[1]], params)
+    if recipe == "rot-outliers":
+        n = lm.model.model.layers[0].mlp.down_rotation.signs.shape[0]
+        assert Hd.uses_dot(*ref.hadamard_split(n)) and len(rotations) > 0
     for r, t in zip(runs["ref"], runs["triton"]):
         assert t.token_ids == r.token_ids
         got, want = torch.stack(t.logits), torch.stack(r.logits)

@@ -114,7 +114,7 @@ def test_int8_kernel_is_exact_integer_math():
     w, x = torch.rand(40, 4096) * 2 - 1, torch.rand(20, 4096) * 2 - 1
     k = Int8Kernel.from_float(w, torch.ones(40))
     q, s = k.prepare_input(x)
-    want = (q.double() @ k.wt.double()) * s.double() * k.w_scale.double() + 1
+    want = (q.long() @ k.wt.long()).double() * s.double() * k.w_scale.double() + 1
     assert torch.allclose(k.matmul((q, s)).double(), want, rtol=1e-6, atol=1e-6)
 
 

@@ -69,5 +69,6 @@ def interpreter_compat() -> None:
             return mask
         return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
 
-    builder.create_masked_load = lambda self, ptrs, mask, *a: masked_load(self, ptrs, as_bool(mask), *a)
-    builder.create_masked_store = lambda self, ptrs, value, mask, *a: masked_store(self, ptrs, value, as_bool(mask), *a)
+    builder.create_masked_load = lambda self, ptrs, mask, *a, **kw: masked_load(self, ptrs, as_bool(mask), *a, **kw)
+    builder.create_masked_store = lambda self, ptrs, value, mask, *a, **kw: masked_store(
+        self, ptrs, value, as_bool(mask), *a, **kw)

@@ -128,7 +128,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
         gdc_enter(USE_GDC)
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows * 2I can pass 2**31
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < I
         g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)

@@ -4,8 +4,8 @@ Rotates the down_proj input at run time (the matching R is folded into down_proj
 the activation quantizer sees outliers spread over all channels. ``silu_mul_rotate`` does the same to
 SiLU(gate) * up computed in its loads (one pass over gate | up instead of two kernels). Twins:
 ``ref.rotate_online`` (the definition, and ``ref.hadamard_split`` for (m, p)) and ``ref.silu_mul_rotate``;
-outputs agree within fp32 rounding before the final cast (the kernels mix the m blocks first, then
-transform; both act on different axes and commute).
+outputs agree within one or two output ulps (fp32 math; the dot kernel's 16-bit split of small is good to
+~2^-17; the kernels mix the m blocks first, then transform: both act on different axes and commute).
 
 A program owns one row and BLOCK_I of its m output blocks, held as an fp32 [BLOCK_I, p] tile. Two kernels
 differ in the mix, tile[i, :] = sum_l small[l, i] * (x * signs)[l * p:(l + 1) * p]:
@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
 MAX_P = 4096  # largest power-of-two factor: one [1, p] fp32 tile must fit a program's registers
 MAX_M = 64  # the mix costs m multiply-adds per output element
 _TILE = 4096  # loop kernel: fp32 elements per program (16 KB of registers) unless p needs more (at most 4 * p)
+DOT_MIX = True  # False: every size takes the loop kernel (for A/B)
 DOT_MIN_M = 8  # fewer blocks: the [16, p] dot tile is mostly padding and the loop kernel is faster (H100)
 DOT_MAX_ELEMENTS = 16384  # dot kernel: most fp32 elements of a program's [BLOCK_I, p] output tile
 # silu_mul_rotate fuses SiLU * up into the rotation up to this size: beyond it (13B, Mixtral, Qwen2-7B, 70B)
@@ -96,9 +97,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
                          f"strides {x.stride()}") from e
 
 
-DOT_MIX = True  # False: every size takes the loop kernel (for A/B)
-
-
 def dot_fits(m: int, p: int) -> bool:
     """Whether the dot kernel can rotate a size n = m * p (one [>= 16, p] tile of output blocks per program)."""
     return m > 1 and p >= 16 and 16 * p <= DOT_MAX_ELEMENTS
@@ -122,10 +120,14 @@ def _launch(x2: torch.Tensor, signs: torch.Tensor, small: torch.Tensor, out: tor
         raise ValueError(f"kernel must be None, 'dot' or 'loop', got {kernel!r}")
     if kernel == "dot" and not dot_fits(m, p):
         raise ValueError(f"the dot kernel cannot rotate n = {n} = {m} * {p}")
+    if block_i is not None and (block_i < 1 or block_i & (block_i - 1)):
+        raise ValueError(f"block_i must be a power of two, got {block_i}")
     common = dict(P=p, LOG_P=p.bit_length() - 1, GATED=gated, **launch_options(x2.device))
     args = (x2, signs, small, out, m, x2.stride(0), out.stride(0), signs.stride(0), small.stride(0),
             small.stride(1), float(p) ** -0.5)
     if kernel == "dot" or (kernel is None and uses_dot(m, p)):
+        if block_i is not None and block_i < 16:
+            raise ValueError(f"the dot kernel's block_i is a tensor-core tile: at least 16, got {block_i}")
         block_i = block_i or dot_block_i(m, p, rows)
         num_warps = num_warps or 4
         _rotate_dot_kernel[(rows, triton.cdiv(m, block_i))](

@@ -24,6 +24,7 @@ Importable without Gluon (``AVAILABLE`` says whether the kernel exists); runs on
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -36,8 +37,8 @@ try:  # guarded: Gluon is experimental and absent from older Triton releases
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    # Triton 3.7 renamed cp.async's global -> shared copy (the old name now raises)
-    _TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    # Triton 3.7 renamed cp.async's global -> shared copy (the old name now raises; 3.6 has only the old one)
+    _TRITON = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
     cp_async_load = cp.async_load if _TRITON >= (3, 7) else cp.async_copy_global_to_shared
 
     AVAILABLE = True
@@ -115,18 +116,15 @@ if AVAILABLE:
         """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
         (masked off, so zero-filled, at and past N_BLOCKS)."""
         live = it < N_BLOCKS
-        cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :],
-                                       mask=mask_wn & live)
+        cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :], mask=mask_wn & live)
         k_lo = it * (2 * S) + offs_k
         cp_async_load(al_s.index(slot), a_rows + k_lo[None, :],
-                                       mask=mask_am & (k_lo[None, :] < KN) & live)
+                      mask=mask_am & (k_lo[None, :] < KN) & live)
         cp_async_load(ah_s.index(slot), a_rows + (k_lo + S)[None, :],
-                                       mask=mask_am & ((k_lo + S)[None, :] < KN) & live)
+                      mask=mask_am & ((k_lo + S)[None, :] < KN) & live)
         if GROUPED:
-            cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n,
-                                           mask=(offs_n < N) & live)
-            cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m,
-                                           mask=(offs_m < M) & live)
+            cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n, mask=(offs_n < N) & live)
+            cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m, mask=(offs_m < M) & live)
         cp.commit_group()
 
     @gluon.jit

@@ -148,7 +148,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "ref") -> torch.Tensor:
         return get_op("rotate_online", backend)(x, self.signs, self.small)
 
-    def silu_mul(self, gate_up: torch.Tensor, backend: str = "ref") -> torch.Tensor:
+    def silu_mul_rotate(self, gate_up: torch.Tensor, backend: str = "ref") -> torch.Tensor:
         """gate_up [..., 2n] (gate | up) -> SiLU(gate) * up rotated [..., n], one kernel on 'triton'."""
         return get_op("silu_mul_rotate", backend)(gate_up, self.signs, self.small)
 

@@ -139,10 +139,11 @@ def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
     else:
         gate_up = torch.cat([gate.matmul(operand), up.matmul(operand)], dim=-1)
     if mlp.down_rotation is not None:  # rotated model: SiLU * up and the online rotation, then quantize
+        backend = "triton" if down.kernel is not None else ops.backend  # down's input: the linear kernels' side
         if FUSED_SILU_ROTATE:
-            h = mlp.down_rotation.silu_mul(gate_up, backend=ops.backend)
+            h = mlp.down_rotation.silu_mul_rotate(gate_up, backend=backend)
         else:
-            h = mlp.down_rotation(ops.silu_mul(gate_up), backend=ops.backend)
+            h = mlp.down_rotation(ops.silu_mul(gate_up), backend=backend)
         return down.matmul(down.prepare_input(h))
     if isinstance(down.kernel, AtomKernel):
         from ..kernels.quantize import silu_mul_quantize
