@@ -282,6 +282,7 @@ def _apply_variant(spec: str) -> None:
     _dec.FUSED_MERGE = kv.get("merge", "1") == "1"
     _dec.ADAPTIVE_SPLITS = kv.get("asplit", "1") == "1"
     _dec.MIN_TOKENS_PER_SPLIT = int(kv.get("minsplit", 256))
+    _dec.WORDS_BLOCK_N = int(kv.get("ablock", 128))
     _dec.PRELOAD_PAGES = kv.get("apre", "1") == "1"
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
@@ -308,11 +309,11 @@ def main() -> int:
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "gemv=MOST:KB:AHEAD+..., "
-        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, apre=0|1, spre=0|1, "
+        "waves=W, maxn=N, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, ablock=N, apre=0|1, spre=0|1, "
         "rotfuse=0|1, rotdot=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
-        "planned split; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
+        "planned split; ablock: tokens per tile of the INT4 words attention kernel; apre: decode attention loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
         "wrong); waves: GEMV programs per SM the K split aims at; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "

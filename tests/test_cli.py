@@ -34,11 +34,20 @@ def test_quantize_inspect_and_eval(tiny_model, calib_file, eval_file, tmp_path, 
     (["quantize", "--model", "{model}", "--out", "{out}", "--w-clip", "1.5"], "w_clip must be in"),
     (["eval", "ppl", "--model", "{model}", "--dataset", "{calib}", "--seq-len", "100000"], "fewer than one window"),
     (["eval", "ppl", "--model", "{model}", "--dataset", "{calib}", "--limit", "0"], "--limit must be >= 1"),
+    (["quantize", "--model", "{model}", "--out", "{out}", "--device", "tpu", *CALIB], "unknown device 'tpu'"),
+    (["quantize", "--model", "{model}", "--out", "{out}", "--device", "{no_gpu}", *CALIB], "{no_gpu_message}"),
+    (["eval", "ppl", "--model", "{model}", "--device", "{no_gpu}"], "{no_gpu_message}"),
 ])
 def test_bad_input_gives_a_clear_error(tiny_model, calib_file, tmp_path, capsys, argv, message):
-    fill = {"model": str(tiny_model("llama")), "out": str(tmp_path / "out"), "calib": str(calib_file)}
+    import torch
+
+    # a GPU this machine lacks: CUDA itself where there is none, else one past the last
+    no_gpu = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    fill = {"model": str(tiny_model("llama")), "out": str(tmp_path / "out"), "calib": str(calib_file),
+            "no_gpu": no_gpu,
+            "no_gpu_message": "CUDA GPU(s) here" if torch.cuda.is_available() else "torch sees no CUDA GPU"}
     assert main([a.format(**fill) for a in argv]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(**fill) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any
 
-from .config import PRESETS, CalibConfig, QuantConfig, preset
+from .config import PRESETS, CalibConfig, QuantConfig, check_device, preset
 
 _HELP = {
     "w_bits": "weight bits (none = 16-bit)", "a_bits": "activation bits (none = 16-bit)",
@@ -81,7 +81,8 @@ def _cmd_quantize(ns: argparse.Namespace) -> int:
     print(f"quantizing {ns.model} with preset {ns.preset}: {json.dumps(qcfg.to_dict())}")
     meta = quantize_model(ns.model, ns.out, qcfg, ccfg, overwrite=ns.overwrite, data_dir=ns.data_dir)
     cal = meta["calibration"]
-    print(f"wrote {ns.out} in {cal['seconds']} s (peak RSS {cal['peak_rss_mb']} MB)")
+    gpu = f", peak GPU memory {cal['peak_gpu_mb']} MB on {cal['gpu']}" if "peak_gpu_mb" in cal else ""
+    print(f"wrote {ns.out} in {cal['seconds']} s (peak RSS {cal['peak_rss_mb']} MB{gpu})")
     return 0
 
 
@@ -106,7 +107,9 @@ def _cmd_eval_ppl(ns: argparse.Namespace) -> int:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
+    check_device(ns.device)
+    lm = load_model(ns.model, DTYPES[ns.dtype], device=ns.device,
+                    kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
                     kv_rotate=ns.kv_rotate, weights_only=ns.weights_only, a_clip=ns.a_clip)
     windows = token_windows(lm.tokenizer, ns.dataset, ns.seq_len, ns.data_dir)
     res = perplexity(lm.model, windows, ns.limit)
@@ -418,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
     pp.add_argument("--data-dir", default=None)
     pp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model runs")
     _add_kv_overrides(pp)
     pp.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     pp.set_defaults(func=_cmd_eval_ppl)

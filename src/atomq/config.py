@@ -129,6 +129,23 @@ def preset(name: str, **overrides: Any) -> QuantConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def check_device(device: str) -> None:
+    """A clear error for a device this machine cannot run on (before any work starts)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration data and run settings."""
@@ -138,8 +155,10 @@ class CalibConfig:
     seq_len: int = 2048
     seed: int = 0
     dtype: str = "bfloat16"  # compute dtype of the layer forwards during calibration
+    device: str = "cpu"  # where layers, activations, statistics and GPTQ run ("cpu", "cuda", "cuda:1")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.seq_len < 16:

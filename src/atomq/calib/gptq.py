@@ -58,11 +58,11 @@ def gptq_quantize(
     w[:, dead] = 0.0
     u = _inverse_cholesky(h, damp)
 
-    q = torch.zeros(n, k, dtype=torch.int16)
+    q = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     g = split.group_size
     n_groups = split.n_groups
-    scales = torch.zeros(n, n_groups, dtype=torch.float16)
-    zeros = None if sym else torch.zeros(n, n_groups, dtype=torch.uint8)
+    scales = torch.zeros(n, n_groups, dtype=torch.float16, device=w.device)
+    zeros = None if sym else torch.zeros(n, n_groups, dtype=torch.uint8, device=w.device)
     qmax = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
     qmin = -(2 ** (bits - 1)) if sym else 0
     s_out = None

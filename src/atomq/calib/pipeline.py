@@ -4,7 +4,8 @@ For each layer: rotate the float tensors (optional, ``rotation.py``); run the fl
 calibration activations while hooks collect input statistics; smooth (optional) and reorder the float
 tensors; quantize every linear (GPTQ or RTN); then run the weight-quantized layer to produce the next
 layer's inputs (GPTQ's convention: activations stay unquantized while calibrating). Memory stays near
-one layer plus the activations of the windows.
+one layer plus the activations of the windows. ``CalibConfig.device`` says where that work runs (a
+CUDA GPU calibrates a 7B model in minutes); weights are read and the checkpoint assembled on the CPU.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def quantize_model(
         check_rotatable(args)
     tokenizer = src.load_tokenizer()
     dtype = DTYPES[ccfg.dtype]
+    device = torch.device(ccfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate), dtype)
     # GPTQ's convention: the next layer sees weight-quantized outputs; optionally fully quantized ones
     prop_cfg = qcfg if qcfg.calib_quantized_inputs else dataclasses.replace(qcfg, a_bits=None, kv_bits=None)
@@ -121,8 +125,11 @@ def quantize_model(
     x = None
     if calibrate:
         windows = calibration_windows(tokenizer, ccfg.dataset, ccfg.n_samples, ccfg.seq_len, ccfg.seed, data_dir)
-        x = torch.nn.functional.embedding(windows, glob["model.embed_tokens.weight"].to(dtype))  # [n, T, hidden]
+        embed = glob["model.embed_tokens.weight"].to(device, dtype)
+        x = torch.nn.functional.embedding(windows.to(device), embed)  # [n, T, hidden] on device
+        del embed
     cos, sin = rope_cos_sin(float_model.inv_freq, float_model.rope_scaling, torch.arange(ccfg.seq_len))
+    cos, sin = cos.to(device), sin.to(device)
     batch = max(1, BATCH_TOKENS // ccfg.seq_len)
     names = _layer_names(float_model)
     linears = list(layer_specs(args, qcfg))
@@ -132,6 +139,7 @@ def quantize_model(
         raw = {n: src.get(prefix + n) for n in names}
         if qcfg.rotate:
             raw = rotate_layer(raw, args, q, down)
+        raw = {n: t.to(device) for n, t in raw.items()}
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)
@@ -145,6 +153,7 @@ def quantize_model(
             x = _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
             prop_model.model.layers[i].to("meta")
         for k, v in qt.items():  # the online rotation's factors stay fp32 (they must match the folded R)
+            v = v.to("cpu")
             out[prefix + k] = v.to(store) if v.dtype == torch.float32 and ".down_rotation." not in k else v
         del raw, stats
 
@@ -156,6 +165,8 @@ def quantize_model(
             "source_model": str(src.path),
             "seconds": round(time.time() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20),
+                "gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
             "atomq_version": __version__,
             "torch_version": torch.__version__,
             "python": platform.python_version(),

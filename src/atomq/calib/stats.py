@@ -1,8 +1,8 @@
 """Activation statistics of linear inputs, captured with forward pre-hooks during calibration.
 
-For each observed linear input we keep H = sum over tokens of x x^T (fp32, [K, K]; its diagonal is the
-per-channel energy that drives the reorder, the whole matrix is GPTQ's Hessian) and max |x| per channel
-(for smoothing).
+For each observed linear input we keep H = sum over tokens of x x^T (fp32, [K, K], on the inputs'
+device; its diagonal is the per-channel energy that drives the reorder, the whole matrix is GPTQ's
+Hessian) and max |x| per channel (for smoothing).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class InputStats:
     ``h`` is then a diagonal matrix built on first access.
     """
 
-    def __init__(self, k: int, full: bool = True):
+    def __init__(self, k: int, full: bool = True, device: torch.device | str = "cpu"):
         self.full = full
-        self._h = torch.zeros(k, k) if full else torch.zeros(k)
-        self.absmax = torch.zeros(k, dtype=torch.float32)
+        self._h = torch.zeros(k, k, device=device) if full else torch.zeros(k, device=device)
+        self.absmax = torch.zeros(k, dtype=torch.float32, device=device)
         self.tokens = 0
 
     @property
@@ -78,7 +78,7 @@ def observe_inputs(layer: nn.Module, linears: list[str], full: bool = True):
         def hook(mod, args, name=name):
             x = args[0]
             if name not in stats:
-                stats[name] = InputStats(x.shape[-1], full)
+                stats[name] = InputStats(x.shape[-1], full, x.device)
             stats[name].add(x)
 
         handles.append(module.register_forward_pre_hook(hook))

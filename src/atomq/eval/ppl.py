@@ -33,14 +33,18 @@ def token_windows(tokenizer, dataset: str, seq_len: int, data_dir: str | None = 
 
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, limit: int | None = None, progress: bool = True) -> PplResult:
-    """model: input_ids [1, T] -> logits [1, T, V]; windows int64 [n, T]. Evaluates the first ``limit``."""
+    """model: input_ids [1, T] -> logits [1, T, V]; windows int64 [n, T] (moved to the model's device).
+    Evaluates the first ``limit``."""
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         windows = windows[:limit]
     t0 = time.time()
     nll, count = 0.0, 0
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     for w in tqdm(windows, desc="perplexity", disable=not progress):
+        w = w.to(device)
         logits = model(w[None])[0, :-1].float()  # [T-1, V]
         nll += F.cross_entropy(logits, w[1:], reduction="sum").item()
         count += w.numel() - 1

@@ -560,6 +560,8 @@ FUSED_MERGE = True
 ADAPTIVE_SPLITS = True
 # the fewest tokens a split is planned for (plan_decode)
 MIN_TOKENS_PER_SPLIT = 256
+# tokens per tile of the words kernel (dot 4) when the plan does not name one
+WORDS_BLOCK_N = 128
 # words kernel under programmatic dependent launch: the first tile of older tokens loads before the wait
 PRELOAD_PAGES = True
 
@@ -623,7 +625,7 @@ def plan_decode(
     if num_stages is None:
         num_stages = 2 if int4 and group > 1 else 3
     if block_n is None:
-        block_n = 128 if dot == 4 else 64 if dot else 32
+        block_n = WORDS_BLOCK_N if dot == 4 else 64 if dot else 32
     if num_sms is None:
         dev = torch.device(device)
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
