@@ -44,10 +44,12 @@ def _layer_names(model: CausalLM) -> list[str]:
 
 
 def _materialize(layer: DecoderLayer, tensors: dict[str, torch.Tensor]) -> DecoderLayer:
-    """Fill a meta-device layer with ``tensors`` (relative names), cast to the layer's buffer dtypes."""
+    """Fill a meta-device layer with ``tensors`` (relative names, all on one device), cast to the layer's
+    buffer dtypes; its non-persistent buffers (the keys' Hadamard matrix) follow to that device."""
     state = {name: tensors[name].to(t.dtype) for name, t in layer.state_dict().items()}
     layer.load_state_dict(state, strict=True, assign=True)
-    return layer.eval().requires_grad_(False)
+    device = next(iter(state.values())).device
+    return layer.to(device).eval().requires_grad_(False)
 
 
 @torch.inference_mode()
