@@ -20,10 +20,9 @@ RECIPES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
     "atom": ("--preset atom", [("", ""), (" + rotated keys (atomq)", "--kv-rotate"), (", KV16", "--kv-bits none")]),
     "atomq-g32": ("--preset atomq --group-size 32", [("", "")]),
     "atomq-tuned": ("--preset atomq --smooth-alpha 0.5 --calib-quantized-inputs --w-clip-search", [("", "")]),
-    "atomq-g32-tuned": ("--preset atomq --group-size 32 --smooth-alpha 0.5 --calib-quantized-inputs "
-                        "--w-clip-search", [("", ""), (", KV16", "--kv-bits none"),
-                                            (", weights only", "--weights-only --kv-bits none"),
-                                            (", a-clip 0.95", "--a-clip 0.95"), (", a-clip 1.0", "--a-clip 1.0")]),
+    "atomq-plus": ("--preset atomq-plus", [("", ""), (", KV16", "--kv-bits none"),
+                                           (", weights only", "--weights-only --kv-bits none"),
+                                           (", a-clip 0.95", "--a-clip 0.95"), (", a-clip 1.0", "--a-clip 1.0")]),
     "rot-atom-g32": ("--preset rot-atom --group-size 32", [("", "")]),
 }
 
