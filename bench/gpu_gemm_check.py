@@ -269,8 +269,9 @@ def groupfree_sweep() -> list[dict]:
 
 
 def check_gemv() -> None:
-    """The CUDA-core M <= 2 kernel against the reference: groups of 128, 64 and none, bias, bf16 out."""
-    for n, k, m, gs in ((22016, 4096, 1, 128), (4096, 11008, 2, 128), (12288, 4096, 1, 64), (4096, 11008, 1, None)):
+    """The CUDA-core M <= 2 kernel against the reference: groups of 128, 64, 32 and none, bias, bf16 out."""
+    for n, k, m, gs in ((22016, 4096, 1, 128), (4096, 11008, 2, 128), (12288, 4096, 1, 64), (4096, 11008, 1, None),
+                        (12288, 4096, 1, 32), (4096, 11008, 1, 32)):
         x, w, pw, split = B.make_problem(n, k, m, gs=gs)
         bias = torch.randn(n, device="cuda", dtype=torch.float16)
         a = Q.quantize_act(x, None, split, out="int8")
@@ -304,6 +305,24 @@ def gemv_bench() -> list[dict]:
         print(line, flush=True)
         lines.append(line)
     _print_table("GEMV table (us):", lines)
+    return rows
+
+
+def gemv_groups_bench() -> list[dict]:
+    """M = 1, the default one-token dispatch with groups of 128 / 64 / 32 on the 7B shapes (us)."""
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        if model != "llama2-7b":
+            continue
+        line = f"{model:10s} {layer:7s} M=1 |"
+        for gs in (128, 64, 32):
+            row = B.bench_gemm_shape(n, k, 1, {"default": (None, "int8")}, baselines=False, gs=gs)
+            row.update(model=model, layer=layer, group_size=gs)
+            rows.append(row)
+            line += f" g{gs} {row.get('default_ms', float('nan')) * 1e3:6.1f}"
+        print(line, flush=True)
+        lines.append(line)
+    _print_table("one-token default dispatch by group size (us):", lines)
     return rows
 
 
@@ -444,6 +463,7 @@ def main() -> int:
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
+    ap.add_argument("--gemv-groups", action="store_true", help="time one token at groups of 128 / 64 / 32 (7B)")
     ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
@@ -476,6 +496,9 @@ def main() -> int:
             check_gemv()
         with open(args.out.replace(".json", "_gemv.json"), "w") as f:
             json.dump(gemv_bench(), f, indent=1)
+    if args.gemv_groups:
+        with open(args.out.replace(".json", "_gemv_groups.json"), "w") as f:
+            json.dump(gemv_groups_bench(), f, indent=1)
     if args.row_bench:
         with open(args.out.replace(".json", "_rows.json"), "w") as f:
             json.dump(row_bench(), f, indent=1)

@@ -4,13 +4,15 @@ At M = 1 a tensor-core tile is almost all padding and the product is a stream ov
 so this kernel reads them as int32 words and multiplies bytes with ``dp4a``. Operands and math are those
 of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm``):
 
-- One program per (RT-row weight tile, K run, token); it streams its run's K blocks of 128 channels, KB
-  blocks at a time (a contiguous KB KiB run of the prepared weights), the weights of the next AHEAD steps
-  (1 or 2) and the activations of the next one loaded while the current ones are computed.
-- The prepared layout puts channel j of a block in the low and channel 64 + j in the high nibble of
+- One program per (RT-row weight tile, K run, token); it streams its run's K blocks of 2S channels
+  (S = span: 64, or 32 for groups of 32), KB blocks at a time (a contiguous run of the prepared
+  weights), the weights of the next AHEAD steps (1 or 2) and the activations of the next one loaded
+  while the current ones are computed.
+- The prepared layout puts channel j of a block in the low and channel S + j in the high nibble of
   byte j, so the low nibbles of a weight word (4 bytes) pair with the activation word holding channels
-  4c..4c+3 and the high nibbles with the word of channels 64 + 4c..: the int8 activation operand is used
-  as loaded. Weights are two's complement; XOR with 0x8 per nibble gives u = v + 8 in 0..15, masking
+  4c..4c+3 and the high nibbles with the word of channels S + 4c..: the int8 activation operand is used
+  as loaded. A block holds one group (groups of 2S), two (groups of S: one per half) or none (one scale
+  per row). Weights are two's complement; XOR with 0x8 per nibble gives u = v + 8 in 0..15, masking
   gives the low / high nibbles as bytes, and ``dp4a`` (4 byte products summed into int32) does the
   rest: 6 instructions per 8 weights in the inner loop. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
   group's sum is scaled by s_w * s_a in fp32.
@@ -42,8 +44,8 @@ def unsupported_reason(a, w) -> str | None:
     """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` (None: it can)."""
     if a.qa.dtype != torch.int8:
         return "the GEMV takes the int8 activation operand"
-    if w.span != 64 or w.group_size not in (None, 64, 128):
-        return f"the GEMV takes blocks of 128 channels (span 64) with groups of 64, 128 or none, got {w.group_size}"
+    if (w.span, w.group_size) not in ((64, None), (64, 64), (64, 128), (32, 32)):
+        return f"the GEMV takes groups of 32, 64, 128 or none, got span {w.span} and groups of {w.group_size}"
     if w.kn % 4 or a.qa.stride(0) % 4 or a.qa.storage_offset() % 4:
         return "the GEMV reads activations as 4-byte words: Kn and the row stride must be multiples of 4"
     return None
@@ -54,15 +56,16 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
     a: ActOp (int8 operand), w: PreparedWeight.
 
-    blocks: K blocks of 128 channels per step (KB). split: K runs (rounded so each holds a whole number
-    of steps); split > 1 needs ``locks``, zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
+    blocks: K blocks of 128 channels per step (KB; blocks of 64 channels, groups of 32, take twice as many
+    a step). split: K runs (rounded so each holds a whole number of steps); split > 1 needs ``locks``, zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
     ahead: K steps of weights in flight (1 or 2).
     Validated by ``w4a4_gemm``; no sync.
     """
     m, n = a.qa.shape[0], w.n
     rt = w.row_tile
     tiles = triton.cdiv(n, rt)
-    n_blocks = w.kp // 128
+    n_blocks = w.kp // (2 * w.span)
+    blocks = blocks * 64 // w.span  # the same bytes a step whatever the block size
     if ahead not in (1, 2):
         raise ValueError(f"ahead must be 1 or 2, got {ahead}")
     per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), blocks) * blocks  # K blocks per run
@@ -80,7 +83,7 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         n, w.kn, w.n_groups, w.n_out, n_blocks, per, w.w4.stride(0) // 4, w.sw.stride(0),
         w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0), out.stride(0),
         part.stride(0) if split > 1 else 0,
-        RT=rt, KB=blocks, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        RT=rt, KB=blocks, W=w.span // 4, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         AHEAD=ahead,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1, **launch_options(out.device),
@@ -104,37 +107,38 @@ if triton is not None:
                     + (((u >> 16) & 0xFF) * ((a << 8) >> 24)) + (((u >> 24) & 0xFF) * (a >> 24)))
 
     @triton.jit
-    def _load_weights(b0, W4T, n_blocks, KB: tl.constexpr, RT: tl.constexpr):
-        """Weight words int32 [KB, RT, 16] of the KB blocks from b0 (0 past n_blocks)."""
+    def _load_weights(b0, W4T, n_blocks, KB: tl.constexpr, RT: tl.constexpr, W: tl.constexpr):
+        """Weight words int32 [KB, RT, W] of the KB blocks from b0 (0 past n_blocks); W = S / 4 words per
+        row and block."""
         k3 = (b0 + tl.arange(0, KB))[:, None, None]
         r = tl.arange(0, RT)[None, :, None]
-        c = tl.arange(0, 16)[None, None, :]
-        return tl.load(W4T + k3 * (RT * 16) + r * 16 + c, mask=k3 < n_blocks, other=0)
+        c = tl.arange(0, W)[None, None, :]
+        return tl.load(W4T + k3 * (RT * W) + r * W + c, mask=k3 < n_blocks, other=0)
 
     @triton.jit
     def _load_step(b0, W4T, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw,
-                   KB: tl.constexpr, RT: tl.constexpr, GS: tl.constexpr):
-        """KB blocks from b0: weight words int32 [KB, RT, 16]; activation words of the low / high halves
-        int32 [KB, 1, 16]; per half, the activation scale fp32 [KB, 1] and weight scales fp32 [KB, RT]
-        (the same group twice unless GS == 64)."""
-        w = _load_weights(b0, W4T, n_blocks, KB, RT)
-        return (w,) + _load_acts(b0, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw, KB, RT, GS)
+                   KB: tl.constexpr, RT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
+        """KB blocks from b0: weight words int32 [KB, RT, W]; activation words of the low / high halves
+        int32 [KB, 1, W]; per half, the activation scale fp32 [KB, 1] and weight scales fp32 [KB, RT]
+        (the same group twice unless GS == S, one group per half)."""
+        w = _load_weights(b0, W4T, n_blocks, KB, RT, W)
+        return (w,) + _load_acts(b0, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw, KB, RT, W, GS)
 
     @triton.jit
     def _load_acts(b0, QA_M, S4_M, SW, G, n_blocks, kn, rows, stride_sw,
-                   KB: tl.constexpr, RT: tl.constexpr, GS: tl.constexpr):
+                   KB: tl.constexpr, RT: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
         """The rest of _load_step: activation words, activation scales, weight scales."""
         kb = b0 + tl.arange(0, KB)
         k3 = kb[:, None, None]
-        c = tl.arange(0, 16)[None, None, :]
-        ch = k3 * 128 + 4 * c  # first channel of each low-half word
+        c = tl.arange(0, W)[None, None, :]
+        ch = k3 * (8 * W) + 4 * c  # first channel of each low-half word (a block is 2S = 8W channels)
         live = k3 < n_blocks  # blocks past the run's end: their weights are masked to 0 as well
-        a_lo = tl.load(QA_M + k3 * 32 + c, mask=live & (ch < kn), other=0)
-        a_hi = tl.load(QA_M + k3 * 32 + 16 + c, mask=live & (ch + 64 < kn), other=0)
-        if GS == 64:
+        a_lo = tl.load(QA_M + k3 * (2 * W) + c, mask=live & (ch < kn), other=0)
+        a_hi = tl.load(QA_M + k3 * (2 * W) + W + c, mask=live & (ch + 4 * W < kn), other=0)
+        if GS == 4 * W:  # one group per half
             g_lo = 2 * kb
             g_hi = 2 * kb + 1
-        elif GS == 128:
+        elif GS == 8 * W:  # one group per block
             g_lo = kb
             g_hi = kb
         else:  # one scale per row and per token
@@ -149,7 +153,7 @@ if triton is not None:
         return a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi
 
     @triton.jit
-    def _compute_step(step, acc, USE_ASM: tl.constexpr, GS: tl.constexpr):
+    def _compute_step(step, acc, USE_ASM: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
         """acc fp32 [KB, RT] += each block's exact group dot products times s_w * s_a."""
         w, a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi = step
         u = w ^ -2004318072  # 0x88888888: u = v + 8 per nibble
@@ -160,7 +164,7 @@ if triton is not None:
         a_lo = tl.broadcast_to(a_lo, w.shape)
         a_hi = tl.broadcast_to(a_hi, w.shape)
         d = _dp4a(u & 0x0F0F0F0F, a_lo, tl.zeros(w.shape, tl.int32), USE_ASM)  # sum(u a), low half
-        if GS == 64:  # the halves are two groups
+        if GS == 4 * W:  # the halves are two groups
             d_hi = tl.sum(_dp4a((u >> 4) & 0x0F0F0F0F, a_hi, tl.zeros(w.shape, tl.int32), USE_ASM), 2)
             acc += ((tl.sum(d, 2) - 8 * n_lo).to(tl.float32) * (sw_lo * sa_lo)
                     + (d_hi - 8 * n_hi).to(tl.float32) * (sw_hi * sa_hi))
@@ -174,14 +178,15 @@ if triton is not None:
         W4, SW, W8, S8W, QA, S4, Q8, S8, BIAS, OUT, PART, LOCK,
         N, KN, G, N_OUT, n_blocks, PER, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
         stride_om, stride_ps,
-        RT: tl.constexpr, KB: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        RT: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr, AHEAD: tl.constexpr,
         USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
 
-        W4: int32 words of the prepared weights [NP // RT, KP * RT // 8]; SW fp32 [GP, N]; W8 int8
+        W4: int32 words of the prepared weights [NP // RT, KP * RT // 8] (W words per row and block); SW fp32 [GP, N]; W8 int8
         [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
         Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16. PARTIAL (split K): PART fp32
         [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
@@ -199,18 +204,18 @@ if triton is not None:
         b_end = tl.minimum(b_begin + PER, n_blocks)  # blocks past it belong to the next run: masked
         acc = tl.zeros([KB, RT], tl.float32)
         # weights (which no kernel writes) load before the wait for the kernel ahead, AHEAD steps deep
-        w_now = _load_weights(b_begin, W4T, b_end, KB, RT)
+        w_now = _load_weights(b_begin, W4T, b_end, KB, RT, W)
         if AHEAD == 2:
-            w_next = _load_weights(b_begin + KB, W4T, b_end, KB, RT)
+            w_next = _load_weights(b_begin + KB, W4T, b_end, KB, RT, W)
         gdc_enter(USE_GDC)
-        step = (w_now,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
+        step = (w_now,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, W, GS)
         for b0 in range(b_begin, b_end, KB):  # the next KB blocks load while these are computed
             if AHEAD == 2:  # weights two steps ahead, activations and scales one
-                nxt = (w_next,) + _load_acts(b0 + KB, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
-                w_next = _load_weights(b0 + 2 * KB, W4T, b_end, KB, RT)
+                nxt = (w_next,) + _load_acts(b0 + KB, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, W, GS)
+                w_next = _load_weights(b0 + 2 * KB, W4T, b_end, KB, RT, W)
             else:
-                nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, GS)
-            acc = _compute_step(step, acc, USE_ASM, GS)
+                nxt = _load_step(b0 + KB, W4T, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, W, GS)
+            acc = _compute_step(step, acc, USE_ASM, W, GS)
             step = nxt
         y = tl.sum(acc, 0)  # [RT]
         rmask = rows < N
