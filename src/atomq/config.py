@@ -106,8 +106,8 @@ PRESETS: dict[str, QuantConfig] = {
     # atomq's own recipe: Atom plus Hadamard-rotated queries/keys before KV4 (a run-time choice)
     "atomq": QuantConfig(kv_rotate=True),
     # atomq's most accurate recipe on SmolLM2 (BENCHMARKS.md, full protocol): groups of 32, SmoothQuant
-    # migration (0.5), GPTQ on the quantized model's inputs, per-group weight clip search. Groups of 32
-    # run on the Triton tensor-core GEMM only (not the one-token GEMV or the Gluon prefill kernel)
+    # migration (0.5), GPTQ on the quantized model's inputs, per-group weight clip search. Prefill with
+    # groups of 32 runs on the Triton tensor-core GEMM (the Gluon kernel takes groups of 128)
     "atomq-plus": QuantConfig(kv_rotate=True, group_size=32, smooth_alpha=0.5, calib_quantized_inputs=True,
                               w_clip_search=True),
     "atom-w-only": QuantConfig(a_bits=None, kv_bits=None),

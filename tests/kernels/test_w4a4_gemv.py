@@ -129,3 +129,52 @@ def test_gemv_split_rule_on_llama_shapes(monkeypatch):
     assert W._gemv_split(cfg, 12288 // 16, 4096 // 128, dev) == 1  # 7B q/k/v: 768 tiles are enough
     assert W._gemv_split(cfg, 8192 // 16, 28672 // 128, dev) == 2  # 70B down
     assert W._gemv_split(cfg, 4096 // 16, 1024 // 128, dev) == 1  # 8 blocks: runs keep two steps each
+
+
+_COMPILE_SM90 = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atomq.kernels import w4a4_gemv as G
+
+w, gs, ahead, partial = json.loads(sys.argv[1])
+fn = G._gemv_kernel
+names = list(inspect.signature(fn.fn).parameters)
+const = dict(RT=16, KB=4 * 16 // w, W=w, GS=gs, HAS_OUT=True, HAS_BIAS=True, PARTIAL=partial, BLOCK_O=128,
+             USE_ASM=True, AHEAD=ahead, USE_GDC=True)
+ptrs = {"W4": "*i32", "SW": "*fp32", "W8": "*i8", "S8W": "*fp32", "QA": "*i32", "S4": "*fp16", "Q8": "*i8",
+        "S8": "*fp16", "BIAS": "*fp16", "OUT": "*fp16", "PART": "*fp32", "LOCK": "*i32"}
+sig = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
+src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs})
+print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=1)).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("w,gs", [(16, 128), (16, 64), (8, 32)])  # words per row and block (span / 4)
+@pytest.mark.parametrize("ahead,partial", [(1, False), (2, True)])
+def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, tmp_path):
+    """Compiled offline for sm_90 (no GPU needed; a process without the interpreter): the PTX multiplies
+    with dp4a and waits on the kernel ahead, and ptxas spills nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_w4a4_gemm_hopper import _triton_ptxas
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([w, gs, ahead, partial])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ptx = run.stdout
+    assert "dp4a.u32.s32" in ptx and "griddepcontrol.wait" in ptx
+    ptxas = _triton_ptxas()
+    if ptxas is None or not os.path.exists(ptxas):
+        pytest.skip("Triton's ptxas is not installed")
+    path = tmp_path / "gemv.ptx"
+    path.write_text(ptx)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "0 bytes spill stores" in run.stderr, run.stderr
