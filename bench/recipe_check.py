@@ -1,6 +1,9 @@
-"""Recipes at the full accuracy protocol on one device: calibrate each recipe (128 C4 windows) and measure
-WikiText-2 perplexity over the whole test split, FP16 included, in one process, so every ratio compares
-numbers from the same device and software. A table and JSON lines go to --out-dir as each row finishes.
+"""The recipe table of BENCHMARKS.md ("Recipes at the full protocol on an H100"): calibrate each recipe
+below (128 C4 windows) and measure WikiText-2 perplexity over the whole test split, FP16 included, in one
+process, so every ratio compares numbers from the same device and software; each recipe is evaluated
+under several run-time variants (KV precision, weights only, activation clip) from one calibration. A
+table and JSON lines go to --out-dir as each row finishes. For presets alone, ``python -m
+atomq.eval.compare --device cuda`` does the same with a process per command.
 
     PYTHONPATH=src python bench/recipe_check.py --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --device cuda --data-dir ../shared/data --out-dir runs/recipes

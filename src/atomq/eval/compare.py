@@ -24,7 +24,8 @@ def _run(cmd: list[str]) -> float:
     return time.time() - t0
 
 
-def compare(model: str, presets: list[str], out_dir: str, limit: int | None, extra: list[str]) -> list[dict]:
+def compare(model: str, presets: list[str], out_dir: str, limit: int | None, extra: list[str],
+            device: str = "cpu") -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
     results_file = os.path.join(out_dir, "results.jsonl")
     rows = []
@@ -39,7 +40,8 @@ def compare(model: str, presets: list[str], out_dir: str, limit: int | None, ext
             kv_override = ["--kv-bits", "none" if qcfg.kv_bits is None else str(qcfg.kv_bits)]
         elif name != "fp16":
             target = os.path.join(out_dir, name)
-            cmd = ["quantize", "--model", model, "--out", target, "--preset", name, "--overwrite", *extra]
+            cmd = ["quantize", "--model", model, "--out", target, "--preset", name, "--overwrite", "--device", device,
+                   *extra]
             row["quantize_cmd"] = "atomq " + " ".join(cmd)
             row["calib_seconds"] = _run(cmd)
             with open(os.path.join(target, "atomq_config.json")) as f:
@@ -48,7 +50,7 @@ def compare(model: str, presets: list[str], out_dir: str, limit: int | None, ext
         ppl_json = os.path.join(out_dir, f"{name}.ppl.json")
         if os.path.exists(ppl_json):
             os.remove(ppl_json)
-        cmd = ["eval", "ppl", "--model", target, "--json", ppl_json, *kv_override]
+        cmd = ["eval", "ppl", "--model", target, "--json", ppl_json, "--device", device, *kv_override]
         cmd += ["--limit", str(limit)] if limit else []
         row["eval_cmd"] = "atomq " + " ".join(cmd)
         row["eval_seconds"] = _run(cmd)
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="fp16,atom,atom-gptq,rtn-w4a4,atom-clip,atom-groups,atom-outliers,w8a8,w4a16")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where calibration and evaluation run (cpu or cuda[:N])")
     p.add_argument("--table", nargs="+", metavar="RESULTS_JSONL",
                    help="only print the table of earlier runs' results.jsonl files, in the order given")
     ns, extra = p.parse_known_args(argv)
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for path in ns.table for line in open(path) if line.strip()]
         print(table(rows))
         return 0
-    compare(ns.model, ns.presets.split(","), ns.out, ns.limit, extra)
+    compare(ns.model, ns.presets.split(","), ns.out, ns.limit, extra, ns.device)
     return 0
 
 
