@@ -37,6 +37,7 @@ def test_quantize_inspect_and_eval(tiny_model, calib_file, eval_file, tmp_path, 
     (["quantize", "--model", "{model}", "--out", "{out}", "--device", "tpu", *CALIB], "unknown device 'tpu'"),
     (["quantize", "--model", "{model}", "--out", "{out}", "--device", "{no_gpu}", *CALIB], "{no_gpu_message}"),
     (["eval", "ppl", "--model", "{model}", "--device", "{no_gpu}"], "{no_gpu_message}"),
+    (["eval", "zeroshot", "--model", "{model}", "--tasks", "piqa", "--device", "{no_gpu}"], "{no_gpu_message}"),
 ])
 def test_bad_input_gives_a_clear_error(tiny_model, calib_file, tmp_path, capsys, argv, message):
     import torch

@@ -134,7 +134,9 @@ def _cmd_eval_zeroshot(ns: argparse.Namespace) -> int:
     tasks = [get_task(t.strip()).name for t in ns.tasks.split(",") if t.strip()]  # typos fail before the load
     if not tasks:
         raise ValueError("--tasks names no task")
-    lm = load_model(ns.model, DTYPES[ns.dtype], kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
+    check_device(ns.device)
+    lm = load_model(ns.model, DTYPES[ns.dtype], device=ns.device,
+                    kv_bits="checkpoint" if ns.kv_bits is None else ns.kv_bits,
                     kv_rotate=ns.kv_rotate, weights_only=ns.weights_only, a_clip=ns.a_clip)
     results = evaluate_tasks(lm.model, lm.tokenizer, tasks, ns.data_dir, ns.limit, ns.batch_size)
     print(format_table(results))
@@ -436,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (bfloat16 default: fast on CPU; float16 on GPU)")
     zs.add_argument("--data-dir", default=None)
     zs.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    zs.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model runs")
     _add_kv_overrides(zs)
     zs.add_argument("--json", default=None, help="append the results as one JSON line to this file")
     zs.set_defaults(func=_cmd_eval_zeroshot)
