@@ -4,8 +4,9 @@ For each layer: rotate the float tensors (optional, ``rotation.py``); run the fl
 calibration activations while hooks collect input statistics; smooth (optional) and reorder the float
 tensors; quantize every linear (GPTQ or RTN); then run the weight-quantized layer to produce the next
 layer's inputs (GPTQ's convention: activations stay unquantized while calibrating). Memory stays near
-one layer plus the activations of the windows. ``CalibConfig.device`` says where that work runs (a
-CUDA GPU calibrates a 7B model in minutes); weights are read and the checkpoint assembled on the CPU.
+one layer plus one copy of the windows' activations. ``CalibConfig.device`` says where that work runs (an
+H100 calibrates four layers of Llama-2-7B's shapes in 40 s, BENCHMARKS.md); weights are read, the
+``rot-*`` rotations applied and the checkpoint assembled on the CPU.
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def _materialize(layer: DecoderLayer, tensors: dict[str, torch.Tensor]) -> Decod
 
 
 @torch.inference_mode()
-def _run_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, batch: int) -> torch.Tensor:
-    """x [n, T, hidden] -> layer(x), in chunks of ``batch`` windows."""
-    return torch.cat([layer(x[i : i + batch], cos, sin) for i in range(0, x.shape[0], batch)])
+def _run_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, batch: int, keep: bool = True) -> None:
+    """x [n, T, hidden] <- layer(x) in place, in chunks of ``batch`` windows (windows are independent), so
+    the activations are held once. keep=False only runs the layer (for its hooks) and leaves x as it is."""
+    for i in range(0, x.shape[0], batch):
+        y = layer(x[i : i + batch], cos, sin)
+        if keep:
+            x[i : i + batch] = y
 
 
 def quantize_layer_tensors(
@@ -145,14 +150,12 @@ def quantize_model(
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)
-            with observe_inputs(layer, linears, full=qcfg.gptq) as stats:
-                y = _run_layer(layer, x, cos, sin, batch)
+            with observe_inputs(layer, linears, full=qcfg.gptq) as stats:  # without GPTQ the float
+                _run_layer(layer, x, cos, sin, batch, keep=not qcfg.gptq)  # outputs are the next inputs
             layer.to("meta")  # free it: memory stays near one layer
-            if not qcfg.gptq:  # statistics of the float model suffice
-                x = y
         qt = quantize_layer_tensors(raw, stats, args, qcfg)
         if calibrate and qcfg.gptq and i + 1 < args.n_layers:  # GPTQ sees the quantized model's inputs
-            x = _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
+            _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
             prop_model.model.layers[i].to("meta")
         for k, v in qt.items():  # the online rotation's factors stay fp32 (they must match the folded R)
             v = v.to("cpu")
