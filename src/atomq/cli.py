@@ -22,6 +22,7 @@ _HELP = {
     "group_size": "channels per scale group (none = one scale per row)",
     "n_outliers": "INT8 outlier input channels (adapted to the shape, see docs/NUMERICS.md)",
     "kv_bits": "KV-cache bits (none = 16-bit)",
+    "device": "where calibration runs: cpu, or cuda[:N] (a GPU; what a 7B or larger model needs)",
 }
 
 

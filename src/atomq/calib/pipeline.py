@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import FP16, CalibConfig, QuantConfig
 from ..model.args import ModelArgs, rope_cos_sin
-from ..model.checkpoint import write_checkpoint
+from ..model.checkpoint import check_writable, write_checkpoint
 from ..model.llama import CausalLM, DecoderLayer
 from ..model.loader import DTYPES, build_model
 from ..model.source import WeightSource
@@ -98,6 +98,7 @@ def quantize_model(
     Returns the provenance dict written into atomq_config.json.
     """
     t0 = time.time()
+    check_writable(out_dir, overwrite)  # before the calibration, not after it
     src = WeightSource(model_path)
     config = src.config
     if qcfg.rotate and getattr(config, "tie_word_embeddings", False):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import read_text, resolve_dataset
+from . import model_device
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,7 @@ def perplexity(model, windows: torch.Tensor, limit: int | None = None, progress:
         windows = windows[:limit]
     t0 = time.time()
     nll, count = 0.0, 0
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = model_device(model)
     for w in tqdm(windows, desc="perplexity", disable=not progress):
         w = w.to(device)
         logits = model(w[None])[0, :-1].float()  # [T-1, V]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from . import model_device
 from .tasks import Example, get_task, load_examples
 
 
@@ -57,11 +58,6 @@ def model_max_length(model) -> int | None:
     return min(limits) if limits else None
 
 
-def _device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.inference_mode()
 def loglikelihoods(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                    max_length: int | None = None, progress: bool = True, desc: str = "loglikelihood") -> list[LogLik]:
@@ -78,7 +74,7 @@ def loglikelihoods(model, requests: Sequence[tuple[list[int], list[int]]], batch
             raise ValueError("a request needs at least one context token and one continuation token")
         if max_length is not None and len(cont) > max_length:
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's {max_length}")
-    device = _device(model)
+    device = model_device(model)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out: list[LogLik | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress)

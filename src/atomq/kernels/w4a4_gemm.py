@@ -251,7 +251,9 @@ def w4a4_gemm(
     if config is None:
         gpu = a.qa.is_cuda and not interpreting()
         gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w) is None
-        gemv = m <= w4a4_gemv.MAX_M and gpu and w4a4_gemv.unsupported_reason(a, w) is None
+        # groups of 32 (span 32) pass the GEMV's interpreter checks and compile for sm_90 but have not run
+        # on a GPU yet: they take it only when asked (config=GemmConfig(kernel="gemv"))
+        gemv = (m <= w4a4_gemv.MAX_M and gpu and w.span == 64 and w4a4_gemv.unsupported_reason(a, w) is None)
         config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv)
     cfg = config
     if cfg.kernel == "gemv":

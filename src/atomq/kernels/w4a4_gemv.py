@@ -57,7 +57,8 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     a: ActOp (int8 operand), w: PreparedWeight.
 
     blocks: K blocks of 128 channels per step (KB; blocks of 64 channels, groups of 32, take twice as many
-    a step). split: K runs (rounded so each holds a whole number of steps); split > 1 needs ``locks``, zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
+    a step). split: K runs (rounded so each holds a whole number of steps); split > 1 needs ``locks``,
+    zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
     ahead: K steps of weights in flight (1 or 2).
     Validated by ``w4a4_gemm``; no sync.
     """
@@ -65,10 +66,10 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     rt = w.row_tile
     tiles = triton.cdiv(n, rt)
     n_blocks = w.kp // (2 * w.span)
-    blocks = blocks * 64 // w.span  # the same bytes a step whatever the block size
+    kb = blocks * 64 // w.span  # blocks a step: the same bytes a step whatever the block size
     if ahead not in (1, 2):
         raise ValueError(f"ahead must be 1 or 2, got {ahead}")
-    per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), blocks) * blocks  # K blocks per run
+    per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), kb) * kb  # K blocks per run
     split = triton.cdiv(n_blocks, per)
     if split > 1 and (locks is None or locks.numel() < tiles * m):
         raise ValueError(f"split K over {split} runs needs {tiles * m} arrival counters")
@@ -81,9 +82,11 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         a.qa.view(torch.int32), a.s4, q8, s8, bias if bias is not None else dummy, out,
         part, locks if split > 1 else dummy,
         n, w.kn, w.n_groups, w.n_out, n_blocks, per, w.w4.stride(0) // 4, w.sw.stride(0),
-        w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0), out.stride(0),
+        w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0),
+        out.stride(0),
         part.stride(0) if split > 1 else 0,
-        RT=rt, KB=blocks, W=w.span // 4, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        RT=rt, KB=kb, W=w.span // 4, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None,
+        PARTIAL=split > 1,
         AHEAD=ahead,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1, **launch_options(out.device),
@@ -179,17 +182,16 @@ if triton is not None:
         N, KN, G, N_OUT, n_blocks, PER, stride_w4t, stride_sw, stride_w8, stride_qa, stride_s4, stride_q8, stride_s8,
         stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr, AHEAD: tl.constexpr,
-        USE_GDC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
+        AHEAD: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
 
-        W4: int32 words of the prepared weights [NP // RT, KP * RT // 8] (W words per row and block); SW fp32 [GP, N]; W8 int8
-        [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations [M, Kn // 4]; S4 fp16 [M, G];
-        Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16. PARTIAL (split K): PART fp32
-        [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
+        W4: int32 words of the prepared weights [NP // RT, KP * RT // 8] (W words per row and block);
+        SW fp32 [GP, N]; W8 int8 [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations
+        [M, Kn // 4]; S4 fp16 [M, G]; Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16.
+        PARTIAL (split K): PART fp32 [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
         AHEAD: K steps of weight words in flight (1 or 2; activations always 1). USE_GDC (kernels/pdl.py):
         the first AHEAD steps of weights load before the wait for the kernel ahead.
         """

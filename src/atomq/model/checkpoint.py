@@ -32,14 +32,20 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, QCONFIG_FILE))
 
 
+def check_writable(out_dir: str, overwrite: bool) -> None:
+    """FileExistsError unless ``out_dir`` is absent or empty, or ``overwrite`` is set."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+
+
 def write_checkpoint(
     out_dir: str, tensors: dict[str, torch.Tensor], hf_config: Any, atomq_meta: dict[str, Any],
     tokenizer: Any | None, overwrite: bool = False,
 ) -> None:
     """Write a checkpoint into ``out_dir`` atomically: a temporary sibling directory, renamed at the end."""
+    check_writable(out_dir, overwrite)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
