@@ -77,15 +77,24 @@ def quantize_layer_tensors(
             reorder_group(tensors, g, stats)
     if qcfg.w_bits is None:
         return tensors
-    splits = plan_splits(args, qcfg)
-    for name, split in splits.items():
-        w = tensors.pop(f"{name}.weight")
+    # linears that read one input (q/k/v, gate/up) share its Hessian and split; GPTQ and RTN treat output
+    # rows independently, so they are quantized as one stacked matrix (one column pass) and cut apart
+    shared: dict[tuple, list[str]] = {}
+    for name, split in plan_splits(args, qcfg).items():
+        shared.setdefault((hessian_key(name), split), []).append(name)
+    for (key, split), names in shared.items():
+        ws = [tensors.pop(f"{name}.weight") for name in names]
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]
         if qcfg.gptq:
-            pw = gptq_quantize(w, stats[hessian_key(name)].h, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym,
+            pw = gptq_quantize(w, stats[key].h, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym,
                                qcfg.gptq_damp, qcfg.gptq_block, qcfg.w_clip_search)
         else:
             pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym, qcfg.w_clip_search)
-        tensors.update({f"{name}.{k}": v for k, v in pw.state_dict().items()})
+        start = 0
+        for name, wi in zip(names, ws):
+            part = pw.rows(start, start + wi.shape[0])
+            start += wi.shape[0]
+            tensors.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
     return tensors
 
 

@@ -88,6 +88,12 @@ class PackedWeight:
         """-> float [N, K] in reordered channel order."""
         return dequantize_mixed(self.unpacked(), self.outlier(), dtype)
 
+    def rows(self, start: int, stop: int) -> "PackedWeight":
+        """Output rows [start, stop): every tensor is row-major per output row."""
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return PackedWeight(self.qweight[start:stop], self.scales[start:stop], cut(self.zeros),
+                            cut(self.qweight_outlier), cut(self.scales_outlier), self.bits)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"qweight": self.qweight, "scales": self.scales}
         for name in ("zeros", "qweight_outlier", "scales_outlier"):
