@@ -39,6 +39,25 @@ def test_gptq_beats_rtn_on_correlated_inputs(group, n_out, sym):
     assert err["gptq"] < 0.5 * err["rtn"] and err["gptq-search"] < 0.5 * err["rtn"], err
 
 
+@pytest.mark.parametrize("sym,clip_search", [(True, False), (True, True), (False, False)])
+def test_stacked_linears_quantize_as_they_would_alone(sym, clip_search):
+    """GPTQ and RTN treat output rows independently, so linears sharing a Hessian (q/k/v) are quantized as
+    one stacked matrix and cut apart with PackedWeight.rows: the same codes and scales as one by one."""
+    x = correlated_inputs(k=192)
+    ws = [torch.randn(n, 192) for n in (48, 16, 16)]
+    split = plan_split(192, 32, 64)
+    clip = 0.85 if sym else 1.0
+    for quantize in (lambda w: gptq_quantize(w, x.t() @ x, split, 4, clip, sym, clip_search=clip_search),
+                     lambda w: quantize_weight_rtn(w, split, 4, clip, sym, clip_search)):
+        stacked = quantize(torch.cat(ws))
+        start = 0
+        for w in ws:
+            alone, part = quantize(w).state_dict(), stacked.rows(start, start + w.shape[0]).state_dict()
+            start += w.shape[0]
+            assert alone.keys() == part.keys()
+            assert all(torch.equal(alone[k], part[k]) for k in alone)
+
+
 def test_gptq_outputs_valid_codes_and_handles_dead_channels():
     x = correlated_inputs(k=128)
     x[:, 5] = 0  # a channel that is never active
