@@ -5,8 +5,8 @@ calibration activations while hooks collect input statistics; smooth (optional) 
 tensors; quantize every linear (GPTQ or RTN); then run the weight-quantized layer to produce the next
 layer's inputs (GPTQ's convention: activations stay unquantized while calibrating). Memory stays near
 one layer plus one copy of the windows' activations. ``CalibConfig.device`` says where that work runs (an
-H100 calibrates four layers of Llama-2-7B's shapes in 40 s, BENCHMARKS.md); weights are read, the
-``rot-*`` rotations applied and the checkpoint assembled on the CPU.
+H100 calibrates four layers of Llama-2-7B's shapes in 40 s, BENCHMARKS.md); weights are read and the
+checkpoint assembled on the CPU.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def quantize_model(
         q = residual_rotation(args, qcfg.rotate_seed)
         down = down_rotation_factors(args, qcfg.rotate_seed)
         glob = rotate_globals(glob["model.embed_tokens.weight"], glob["model.norm.weight"], glob["lm_head.weight"], q)
+        q, down = q.to(device), tuple(f.to(device) for f in down)  # the layers rotate where they calibrate
     elif tied:
         del glob["lm_head.weight"]
     out: dict[str, torch.Tensor] = {name: t.to(store) for name, t in glob.items()}
@@ -153,10 +154,9 @@ def quantize_model(
 
     for i in tqdm(range(args.n_layers), desc="calibrating layers", disable=not progress):
         prefix = f"model.layers.{i}."
-        raw = {n: src.get(prefix + n) for n in names}
+        raw = {n: src.get(prefix + n).to(device) for n in names}
         if qcfg.rotate:
             raw = rotate_layer(raw, args, q, down)
-        raw = {n: t.to(device) for n, t in raw.items()}
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)

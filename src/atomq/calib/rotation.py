@@ -76,7 +76,7 @@ def rotate_layer(t: dict[str, torch.Tensor], args: ModelArgs, q: torch.Tensor,
     t["post_attention_layernorm.weight"] = torch.ones_like(post_norm)
     # value path, head by head; then o_proj writes the (rotated) residual stream
     d = args.head_dim
-    hd = ref.hadamard_matrix(d).float()
+    hd = ref.hadamard_matrix(d).float().to(q.device)
     t["self_attn.v_proj.weight"] = _head_blocks(t["self_attn.v_proj.weight"], d, hd, "out")
     if "self_attn.v_proj.bias" in t:
         t["self_attn.v_proj.bias"] = (t["self_attn.v_proj.bias"].reshape(-1, d) @ hd).reshape(-1)
