@@ -31,3 +31,12 @@ def test_commands_reuse_calibrations_and_pass_the_device(tmp_path, monkeypatch):
     assert evals[2][evals[2].index("--model") + 1] == str(tmp_path / "atom") and "none" in evals[2]
     assert [r["preset"] for r in rows] == ["fp16", "atom", "atom-gptq"]
     assert "| atom | 13.000 | 1.182x |" in C.table(rows)  # ppl 10 + commands run so far
+
+
+def test_an_unusable_device_is_refused_before_any_command(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(C, "_run", lambda cmd: pytest.fail(f"ran {cmd}"))
+    with pytest.raises(ValueError, match="unknown device"):
+        C.main(["--presets", "atom", "--out", str(tmp_path), "--device", "tpu"])
+    assert not any(tmp_path.iterdir())

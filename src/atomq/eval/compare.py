@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from ..config import PRESETS, QuantConfig
+from ..config import PRESETS, QuantConfig, check_device
 
 
 def _run(cmd: list[str]) -> float:
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for path in ns.table for line in open(path) if line.strip()]
         print(table(rows))
         return 0
+    check_device(ns.device)  # a clear error before any subprocess
     compare(ns.model, ns.presets.split(","), ns.out, ns.limit, extra, ns.device)
     return 0
 
