@@ -19,6 +19,7 @@ import torch
 from atomq.bench import gemm as B
 from atomq.kernels import quantize as Q
 from atomq.kernels import ref
+from atomq.kernels import w4a4_gemm as gemm_module
 from atomq.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_gemm
 from atomq.quant import PackedWeight, plan_split, unpack_int4
 
@@ -315,11 +316,17 @@ def gemv_groups_bench() -> list[dict]:
         if model != "llama2-7b":
             continue
         line = f"{model:10s} {layer:7s} M=1 |"
-        for gs in (128, 64, 32):
-            row = B.bench_gemm_shape(n, k, 1, {"default": (None, "int8")}, baselines=False, gs=gs)
-            row.update(model=model, layer=layer, group_size=gs)
+        for gs, spans in ((128, None), (64, None), (32, (64,)), (32, (64, 32))):
+            saved = gemm_module.GEMV_SPANS
+            gemm_module.GEMV_SPANS = spans or saved
+            try:
+                row = B.bench_gemm_shape(n, k, 1, {"default": (None, "int8")}, baselines=False, gs=gs)
+            finally:
+                gemm_module.GEMV_SPANS = saved
+            row.update(model=model, layer=layer, group_size=gs, gemv_spans=list(spans or saved))
             rows.append(row)
-            line += f" g{gs} {row.get('default_ms', float('nan')) * 1e3:6.1f}"
+            tag = f"g{gs}" + ("" if spans is None else ("/gemv" if 32 in spans else "/tc"))
+            line += f" {tag} {row.get('default_ms', float('nan')) * 1e3:6.1f}"
         print(line, flush=True)
         lines.append(line)
     _print_table("one-token default dispatch by group size (us):", lines)
@@ -497,6 +504,8 @@ def main() -> int:
         with open(args.out.replace(".json", "_gemv.json"), "w") as f:
             json.dump(gemv_bench(), f, indent=1)
     if args.gemv_groups:
+        if args.no_check:  # checks come before timings
+            check_gemv()
         with open(args.out.replace(".json", "_gemv_groups.json"), "w") as f:
             json.dump(gemv_groups_bench(), f, indent=1)
     if args.row_bench:

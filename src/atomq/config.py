@@ -42,6 +42,7 @@ class QuantConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
     calib_quantized_inputs: bool = False  # GPTQ calibrates each layer on fully quantized (W, A, KV) inputs
+    v_rotate: bool = False  # Hadamard per head on the value path, folded into v_proj / o_proj (rotate does it too)
     rotate: bool = False  # randomized Hadamard rotations before calibration (calib/rotation.py)
     rotate_seed: int = 0
 
@@ -66,6 +67,8 @@ class QuantConfig:
             raise ValueError("kv_rotate applies after RoPE; it cannot be combined with kv_pre_rope")
         if self.gptq and self.w_bits is None:
             raise ValueError("gptq needs quantized weights (w_bits is None)")
+        if self.rotate and self.v_rotate:
+            raise ValueError("rotate already rotates the value path; v_rotate is for unrotated recipes")
         if self.rotate and self.smooth_alpha is not None:
             raise ValueError("rotate and smooth_alpha both rescale the norm-produced inputs; choose one")
 

@@ -32,7 +32,8 @@ from ..model.specs import input_groups, layer_specs, plan_splits
 from ..quant import quantize_weight_rtn
 from .data import calibration_windows
 from .gptq import gptq_quantize
-from .rotation import check_rotatable, down_rotation_factors, residual_rotation, rotate_globals, rotate_layer
+from .rotation import (check_rotatable, down_rotation_factors, residual_rotation, rotate_globals, rotate_layer,
+                       rotate_value_path)
 from .stats import observe_inputs, hessian_key
 from .transforms import reorder_group, smooth_group
 
@@ -114,7 +115,7 @@ def quantize_model(
         config = copy.deepcopy(config)  # lm_head absorbs the final norm: it is no longer the embedding
         config.tie_word_embeddings = False
     args = ModelArgs.from_hf(config)
-    if qcfg.rotate:
+    if qcfg.rotate or qcfg.v_rotate:
         check_rotatable(args)
     tokenizer = src.load_tokenizer()
     dtype = DTYPES[ccfg.dtype]
@@ -157,6 +158,8 @@ def quantize_model(
         raw = {n: src.get(prefix + n).to(device) for n in names}
         if qcfg.rotate:
             raw = rotate_layer(raw, args, q, down)
+        elif qcfg.v_rotate:
+            raw = rotate_value_path(raw, args)
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)

@@ -11,6 +11,7 @@ orthogonal mix over the rest, so 576 and 1536 work as well as 4096):
   folded final norm unties lm_head).
 - H per attention head on the value path: v_proj's output rows and o_proj's input columns, head by
   head (fused offline: attention mixes tokens, not channels). The INT4 cache then stores rotated values.
+  ``QuantConfig.v_rotate`` applies this one alone (``rotate_value_path``) to an unrotated model.
 - R on the down_proj input [intermediate]: folded into down_proj's columns here and applied online to
   SiLU(gate) * up at run time (``model.layers.OnlineRotation``), since the nonlinearity sits between.
 
@@ -56,6 +57,22 @@ def _head_blocks(w: torch.Tensor, d: int, h: torch.Tensor, side: str) -> torch.T
     return torch.einsum("nhj,ji->nhi", w.reshape(n, k // d, d), h).reshape(n, k)
 
 
+def rotate_value_path(t: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """One layer's tensors (names relative to the layer) with the value path rotated head by head by the
+    Hadamard matrix H [head_dim, head_dim]: v_proj's output rows (and bias) become H^T v, o_proj's input
+    columns absorb H. The float function is unchanged; the INT4 cache then stores rotated values and
+    o_proj reads rotated attention outputs. v_proj / o_proj come back fp32, the rest as given."""
+    t = dict(t)
+    d = args.head_dim
+    v, o = t["self_attn.v_proj.weight"].float(), t["self_attn.o_proj.weight"].float()
+    hd = ref.hadamard_matrix(d).float().to(v.device)
+    t["self_attn.v_proj.weight"] = _head_blocks(v, d, hd, "out")
+    if "self_attn.v_proj.bias" in t:
+        t["self_attn.v_proj.bias"] = (t["self_attn.v_proj.bias"].float().reshape(-1, d) @ hd).reshape(-1)
+    t["self_attn.o_proj.weight"] = _head_blocks(o, d, hd, "in")
+    return t
+
+
 def rotate_layer(t: dict[str, torch.Tensor], args: ModelArgs, q: torch.Tensor,
                  down: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One decoder layer's float tensors (names relative to the layer) -> the rotated layer's tensors,
@@ -74,13 +91,8 @@ def rotate_layer(t: dict[str, torch.Tensor], args: ModelArgs, q: torch.Tensor,
             t[f"{n}.weight"] = (t[f"{n}.weight"] * gamma[None, :]) @ q
     t["input_layernorm.weight"] = torch.ones_like(in_norm)
     t["post_attention_layernorm.weight"] = torch.ones_like(post_norm)
-    # value path, head by head; then o_proj writes the (rotated) residual stream
-    d = args.head_dim
-    hd = ref.hadamard_matrix(d).float().to(q.device)
-    t["self_attn.v_proj.weight"] = _head_blocks(t["self_attn.v_proj.weight"], d, hd, "out")
-    if "self_attn.v_proj.bias" in t:
-        t["self_attn.v_proj.bias"] = (t["self_attn.v_proj.bias"].reshape(-1, d) @ hd).reshape(-1)
-    t["self_attn.o_proj.weight"] = q.t() @ _head_blocks(t["self_attn.o_proj.weight"], d, hd, "in")
+    t = rotate_value_path(t, args)  # then o_proj writes the (rotated) residual stream
+    t["self_attn.o_proj.weight"] = q.t() @ t["self_attn.o_proj.weight"]
     signs, small = down
     r = ref.rotation_matrix(signs, small)
     for p in mlps:

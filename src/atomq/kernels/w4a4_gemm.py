@@ -142,6 +142,8 @@ class GemmConfig:
 # stream at once. Measured 2026-11-24 in the 7B batch-1 engine (bench/gpu_engine_check.py --variants):
 # gate_up on the GEMV and weights two steps ahead both cost ~1% per decode step, though alone they win
 GEMV_MAX_N = 12288
+# weight spans the default dispatch sends to the GEMV (64: groups of 64, 128 or none; 32: groups of 32)
+GEMV_SPANS: tuple[int, ...] = (64,)
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 # (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
 # Measured 2026-11-25: 8 K blocks a step with weights two steps ahead on 7B o_proj (16M) alone 8.1 -> 6.2 us,
@@ -251,9 +253,7 @@ def w4a4_gemm(
     if config is None:
         gpu = a.qa.is_cuda and not interpreting()
         gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w) is None
-        # groups of 32 (span 32) pass the GEMV's interpreter checks and compile for sm_90 but have not run
-        # on a GPU yet: they take it only when asked (config=GemmConfig(kernel="gemv"))
-        gemv = (m <= w4a4_gemv.MAX_M and gpu and w.span == 64 and w4a4_gemv.unsupported_reason(a, w) is None)
+        gemv = m <= w4a4_gemv.MAX_M and gpu and w.span in GEMV_SPANS and w4a4_gemv.unsupported_reason(a, w) is None
         config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv)
     cfg = config
     if cfg.kernel == "gemv":

@@ -46,12 +46,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # stored formats a random model can be built in; "fp8" is a run-time method over float weights
 # (model/methods.py), so it is built as "float" and converted there
+KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus")  # formats whose KV cache is INT4 unless told otherwise
 RANDOM_FORMATS: dict[str, QuantConfig] = {
     "float": PRESETS["fp16"],
     "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),
     # group-free W4A4 (one scale per row and per token) + 128 INT8 outliers, rotated: the online
     # down_proj rotation runs, the offline ones are invisible in random weights
     "rot-outliers": dataclasses.replace(PRESETS["rot-outliers"], kv_bits=4),
+    # Atom with groups of 32 and rotated keys: the format of the most accurate preset
+    "atomq-plus": dataclasses.replace(PRESETS["atomq-plus"], kv_bits=4),
     "int8": PRESETS["w8a8"],
     "w4a16": PRESETS["w4a16"],
 }
@@ -90,13 +93,13 @@ def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.floa
     The tensors are made on ``device`` one at a time, decoder layer by decoder layer; ``prepare_layer(model,
     i)``, when given, runs once layer i's tensors are in the model and before layer i + 1's are made (so a
     build that converts float weights, e.g. to FP8, holds one layer of them at a time). ``kv_bits`` sets the
-    model's KV numerics (the engine's kv_cache_dtype "auto" follows it); ``fmt="atom"`` defaults to 4.
+    model's KV numerics (the engine's kv_cache_dtype "auto" follows it); the ``KV4_FORMATS`` default to 4.
     Returns a LoadedModel with a ByteTokenizer; ``meta`` records {"random": shape, "format": fmt}.
     """
     if fmt not in RANDOM_FORMATS:
         raise ValueError(f"unknown random-weight format {fmt!r}; choose one of {sorted(RANDOM_FORMATS)}")
     qcfg = RANDOM_FORMATS[fmt]
-    if kv_bits is not None or fmt not in ("atom", "rot-outliers"):
+    if kv_bits is not None or fmt not in KV4_FORMATS:
         qcfg = dataclasses.replace(qcfg, kv_bits=kv_bits)
     config = shape_config(shape)
     from .args import ModelArgs
@@ -185,6 +188,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("w4a16", "W4A16, FP16 KV", "w4a16", "auto", "fp16"),
     Config("atom", "Atom W4A4, INT4 KV", "atom", "auto", "int4"),
     Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
+    Config("atomq-plus", "Atom W4A4, groups of 32, rotated INT4 keys", "atomq-plus", "auto", "int4"),
 )}
 
 

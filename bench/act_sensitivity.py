@@ -1,0 +1,82 @@
+"""Where a W4A4 checkpoint loses accuracy: WikiText-2 perplexity with one part of its run-time
+quantization switched off at a time (the activations of one kind of linear, or the KV cache), from one
+loaded checkpoint. The weights stay as stored in every row, so a row's gain over "all quantized" is what
+that part's quantization costs.
+
+    PYTHONPATH=src python bench/act_sensitivity.py --model runs/ckpt --limit 40 --dtype float32 \\
+        --out runs/sensitivity.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+# row name -> the linears (name suffixes inside a layer) whose activations stay 16-bit; "kv": the KV cache
+PARTS: dict[str, tuple[str, ...]] = {
+    "all quantized": (),
+    "q/k/v input 16-bit": ("q_proj", "k_proj", "v_proj"),
+    "o_proj input 16-bit": ("o_proj",),
+    "gate/up input 16-bit": ("gate_proj", "up_proj"),
+    "down_proj input 16-bit": ("down_proj",),
+    "KV cache 16-bit": ("kv",),
+    "activations 16-bit (KV4)": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _set_part(model, keep: tuple[str, ...], saved: dict) -> None:
+    """Switch the quantization of the parts in ``keep`` off; restore every other part from ``saved``."""
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name in saved or (hasattr(mod, "spec") and mod.spec.a_bits is not None):
+            saved.setdefault(name, mod.spec)
+            mod.spec = dataclasses.replace(saved[name], a_bits=None) if leaf in keep else saved[name]
+        if hasattr(mod, "kv_bits"):
+            saved.setdefault(name + ".kv", mod.kv_bits)
+            mod.kv_bits = None if "kv" in keep else saved[name + ".kv"]
+
+
+def main() -> int:
+    from atomq.eval.ppl import perplexity, token_windows
+    from atomq.model.loader import load_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="atomq checkpoint directory")
+    ap.add_argument("--dataset", default="wikitext2")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
+    ns = ap.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    lm = load_model(ns.model, getattr(torch, ns.dtype), ns.device)
+    windows = token_windows(lm.tokenizer, ns.dataset, 2048, ns.data_dir)
+    rows, saved = [], {}
+    names = [n for n in ns.only.split(",") if n] or list(PARTS)
+    for name in names:
+        _set_part(lm.model, PARTS[name], saved)
+        t0 = time.time()
+        r = perplexity(lm.model, windows, ns.limit, progress=False)
+        rows.append({"row": name, "ppl": r.ppl, "windows": r.windows, "seconds": round(time.time() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        if ns.out:
+            with open(ns.out, "a") as f:
+                f.write(json.dumps({"model": ns.model, **rows[-1]}) + "\n")
+    base = rows[0]["ppl"] if names[0] == "all quantized" else None
+    print("\n| run-time quantization | ppl | vs all quantized |\n|---|---:|---:|")
+    for r in rows:
+        ratio = f"{r['ppl'] / base:.3f}x" if base else "-"
+        print(f"| {r['row']} | {r['ppl']:.3f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
