@@ -27,6 +27,9 @@ RECIPES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
                                            (", weights only", "--weights-only --kv-bits none"),
                                            (", a-clip 0.95", "--a-clip 0.95"), (", a-clip 1.0", "--a-clip 1.0")]),
     "rot-atom-g32": ("--preset rot-atom --group-size 32", [("", "")]),
+    "atomq-plus-v": ("--preset atomq-plus --v-rotate", [("", ""), (", KV16", "--kv-bits none")]),
+    "atomq-plus-o256": ("--preset atomq-plus --n-outliers 256", [("", ""), (", KV16", "--kv-bits none")]),
+    "atomq-plus-d": ("--preset atomq-plus --down-rotate", [("", "")]),
 }
 
 

@@ -43,6 +43,7 @@ class QuantConfig:
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
     calib_quantized_inputs: bool = False  # GPTQ calibrates each layer on fully quantized (W, A, KV) inputs
     v_rotate: bool = False  # Hadamard per head on the value path, folded into v_proj / o_proj (rotate does it too)
+    down_rotate: bool = False  # randomized Hadamard on the down_proj input, online (rotate does it too)
     rotate: bool = False  # randomized Hadamard rotations before calibration (calib/rotation.py)
     rotate_seed: int = 0
 
@@ -69,12 +70,19 @@ class QuantConfig:
             raise ValueError("gptq needs quantized weights (w_bits is None)")
         if self.rotate and self.v_rotate:
             raise ValueError("rotate already rotates the value path; v_rotate is for unrotated recipes")
+        if self.rotate and self.down_rotate:
+            raise ValueError("rotate already rotates the down_proj input; down_rotate is for unrotated recipes")
         if self.rotate and self.smooth_alpha is not None:
             raise ValueError("rotate and smooth_alpha both rescale the norm-produced inputs; choose one")
 
     @property
     def quantizes_linears(self) -> bool:
         return self.w_bits is not None or self.a_bits is not None
+
+    @property
+    def rotates_down(self) -> bool:
+        """The down_proj input is rotated online (after SiLU(gate) * up), so down gathers its own input."""
+        return self.rotate or self.down_rotate
 
     @property
     def reorder(self) -> bool:

@@ -138,3 +138,41 @@ def test_value_path_rotation_keeps_the_float_function(tiny_model, tmp_path, arch
     assert err[True] < 1.5 * err[False] + 1e-4, err
     with pytest.raises(ValueError, match="already rotates the value path"):
         preset("rot-atom", v_rotate=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_down_input_rotation_keeps_the_float_function(tiny_model, tmp_path, arch):
+    """down_rotate alone: R folded into down_proj's columns, applied online to SiLU(gate) * up."""
+    path = tiny_model(arch)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(path, ids)
+    err = {}
+    for down_rotate in (False, True):  # a checkpoint (16-bit storage) as close as the unrotated one
+        out = tmp_path / f"down-rotate-{down_rotate}"
+        quantize_model(str(path), str(out), dataclasses.replace(FP16, down_rotate=down_rotate, rotate_seed=2),
+                       CalibConfig(**CALIB), progress=False)
+        loaded = load_model(str(out))
+        assert loaded.qcfg.rotates_down == down_rotate and not loaded.qcfg.rotate
+        layer = loaded.model.model.layers[0]
+        mlp = layer.block_sparse_moe.experts[0] if arch == "mixtral" else layer.mlp
+        assert (mlp.down_rotation is not None) == down_rotate
+        err[down_rotate] = ((loaded.model(ids) - want).norm() / want.norm()).item()
+    assert err[True] < 1.5 * err[False] + 1e-4, err
+    with pytest.raises(ValueError, match="already rotates the down_proj input"):
+        preset("rot-atom", down_rotate=True)
+
+
+def test_partial_rotations_on_atom_quantize_load_and_run(tiny_model, calib_file, tmp_path):
+    """Atom with the value path and the down input rotated: down gathers its input after the rotation,
+    and the checkpoint runs close to the float model."""
+    src = tiny_model("llama")
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = _logits(src, ids)
+    out = tmp_path / "atom-vd"
+    quantize_model(str(src), str(out), preset("atom", v_rotate=True, down_rotate=True),
+                   CalibConfig(dataset=str(calib_file), **CALIB), progress=False)
+    loaded = load_model(str(out), torch.float32)
+    mlp = loaded.model.model.layers[0].mlp
+    assert mlp.down_rotation is not None and mlp.down_proj.spec.own_index
+    logits = loaded.model(ids)
+    assert torch.isfinite(logits).all() and ((logits - want).norm() / want.norm()).item() < 0.8

@@ -32,8 +32,8 @@ from ..model.specs import input_groups, layer_specs, plan_splits
 from ..quant import quantize_weight_rtn
 from .data import calibration_windows
 from .gptq import gptq_quantize
-from .rotation import (check_rotatable, down_rotation_factors, residual_rotation, rotate_globals, rotate_layer,
-                       rotate_value_path)
+from .rotation import (check_rotatable, down_rotation_factors, residual_rotation, rotate_down_input, rotate_globals,
+                       rotate_layer, rotate_value_path)
 from .stats import observe_inputs, hessian_key
 from .transforms import reorder_group, smooth_group
 
@@ -69,7 +69,7 @@ def quantize_layer_tensors(
 ) -> dict[str, torch.Tensor]:
     """Float layer tensors (relative names) + input statistics -> the quantized layer's tensors."""
     tensors = {k: v.float() for k, v in tensors.items()}
-    groups = input_groups(args, qcfg.rotate)
+    groups = input_groups(args, qcfg.rotates_down)
     if qcfg.smooth_alpha is not None:
         for g in groups:
             smooth_group(tensors, g, stats, qcfg.smooth_alpha)
@@ -122,7 +122,7 @@ def quantize_model(
     device = torch.device(ccfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate), dtype)
+    float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate, down_rotate=qcfg.down_rotate), dtype)
     # GPTQ's convention: the next layer sees weight-quantized outputs; optionally fully quantized ones
     prop_cfg = qcfg if qcfg.calib_quantized_inputs else dataclasses.replace(qcfg, a_bits=None, kv_bits=None)
     prop_model = build_model(config, prop_cfg, dtype)
@@ -131,11 +131,12 @@ def quantize_model(
     tied = bool(getattr(src.config, "tie_word_embeddings", False))
     glob = {name: src.get(name) for name in ("model.embed_tokens.weight", "model.norm.weight")}
     glob["lm_head.weight"] = src.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+    if qcfg.rotates_down:  # the layers rotate where they calibrate
+        down = tuple(f.to(device) for f in down_rotation_factors(args, qcfg.rotate_seed))
     if qcfg.rotate:
         q = residual_rotation(args, qcfg.rotate_seed)
-        down = down_rotation_factors(args, qcfg.rotate_seed)
         glob = rotate_globals(glob["model.embed_tokens.weight"], glob["model.norm.weight"], glob["lm_head.weight"], q)
-        q, down = q.to(device), tuple(f.to(device) for f in down)  # the layers rotate where they calibrate
+        q = q.to(device)
     elif tied:
         del glob["lm_head.weight"]
     out: dict[str, torch.Tensor] = {name: t.to(store) for name, t in glob.items()}
@@ -158,8 +159,9 @@ def quantize_model(
         raw = {n: src.get(prefix + n).to(device) for n in names}
         if qcfg.rotate:
             raw = rotate_layer(raw, args, q, down)
-        elif qcfg.v_rotate:
-            raw = rotate_value_path(raw, args)
+        else:  # the unrotated recipes' optional partial rotations
+            raw = rotate_value_path(raw, args) if qcfg.v_rotate else raw
+            raw = rotate_down_input(raw, args, down) if qcfg.down_rotate else raw
         stats = {}
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)

@@ -14,6 +14,7 @@ orthogonal mix over the rest, so 576 and 1536 work as well as 4096):
   ``QuantConfig.v_rotate`` applies this one alone (``rotate_value_path``) to an unrotated model.
 - R on the down_proj input [intermediate]: folded into down_proj's columns here and applied online to
   SiLU(gate) * up at run time (``model.layers.OnlineRotation``), since the nonlinearity sits between.
+  ``QuantConfig.down_rotate`` applies this one alone (``rotate_down_input``) to an unrotated model.
 
 Quantizing the rotated tensors spreads outlier channels over all channels, which is what lets one scale
 per row and per token (no groups) work at 4 bits.
@@ -93,11 +94,22 @@ def rotate_layer(t: dict[str, torch.Tensor], args: ModelArgs, q: torch.Tensor,
     t["post_attention_layernorm.weight"] = torch.ones_like(post_norm)
     t = rotate_value_path(t, args)  # then o_proj writes the (rotated) residual stream
     t["self_attn.o_proj.weight"] = q.t() @ t["self_attn.o_proj.weight"]
+    return rotate_down_input(t, args, down, q)
+
+
+def rotate_down_input(t: dict[str, torch.Tensor], args: ModelArgs, down: tuple[torch.Tensor, torch.Tensor],
+                      q: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One layer's tensors with R (``down``'s factors) folded into every down_proj / w2's input columns
+    and the factors added for the online rotation ("<mlp>.down_rotation.signs" / ".small"); with ``q``
+    (the residual rotation) down also writes the rotated stream: Q^T W R. Down weights come back fp32."""
+    t = dict(t)
+    mlps = ([f"block_sparse_moe.experts.{e}" for e in range(args.n_experts)] if args.is_moe else ["mlp"])
+    name = "w2" if args.is_moe else "down_proj"
     signs, small = down
     r = ref.rotation_matrix(signs, small)
     for p in mlps:
-        w = f"{p}.{names[2]}.weight"
-        t[w] = q.t() @ t[w] @ r
+        w = f"{p}.{name}.weight"
+        t[w] = (t[w].float() if q is None else q.t() @ t[w]) @ r
         t[f"{p}.down_rotation.signs"] = signs.clone()
         t[f"{p}.down_rotation.small"] = small.clone()
     return t

@@ -32,7 +32,7 @@ def build_model(hf_config: Any, qcfg: QuantConfig, dtype: torch.dtype = torch.fl
     args = ModelArgs.from_hf(hf_config)
     specs = layer_specs(args, qcfg)
     kv = KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate)
-    return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype, qcfg.rotate)
+    return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype, qcfg.rotates_down)
 
 
 def expected_tensors(model: CausalLM) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
