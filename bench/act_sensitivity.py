@@ -1,6 +1,6 @@
 """Where a W4A4 checkpoint loses accuracy: WikiText-2 perplexity with one part of its run-time
-quantization switched off at a time (the activations of one kind of linear, or the KV cache), from one
-loaded checkpoint. The weights stay as stored in every row, so a row's gain over "all quantized" is what
+quantization switched off (or to 8 bits) at a time (the activations of one kind of linear, or the KV
+cache), from one loaded checkpoint. The weights stay as stored in every row, so a row's gain over "all quantized" is what
 that part's quantization costs.
 
     PYTHONPATH=src python bench/act_sensitivity.py --model runs/ckpt --limit 40 --dtype float32 \\
@@ -16,25 +16,32 @@ import time
 
 import torch
 
-# row name -> the linears (name suffixes inside a layer) whose activations stay 16-bit; "kv": the KV cache
-PARTS: dict[str, tuple[str, ...]] = {
-    "all quantized": (),
-    "q/k/v input 16-bit": ("q_proj", "k_proj", "v_proj"),
-    "o_proj input 16-bit": ("o_proj",),
-    "gate/up input 16-bit": ("gate_proj", "up_proj"),
-    "down_proj input 16-bit": ("down_proj",),
-    "KV cache 16-bit": ("kv",),
-    "activations 16-bit (KV4)": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
+# cache, 16-bit), bits (None: 16-bit)
+PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "all quantized": ((), None),
+    "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
+    "o_proj input 16-bit": (("o_proj",), None),
+    "gate/up input 16-bit": (("gate_proj", "up_proj"), None),
+    "down_proj input 16-bit": (("down_proj",), None),
+    "KV cache 16-bit": (("kv",), None),
+    "activations 16-bit (KV4)": (ALL, None),
+    "down_proj input 8-bit (no clip)": (("down_proj",), 8),
+    "activations 8-bit (no clip; KV4)": (ALL, 8),
 }
 
 
-def _set_part(model, keep: tuple[str, ...], saved: dict) -> None:
-    """Switch the quantization of the parts in ``keep`` off; restore every other part from ``saved``."""
+def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict) -> None:
+    """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits);
+    restore every other part from ``saved``."""
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if name in saved or (hasattr(mod, "spec") and mod.spec.a_bits is not None):
             saved.setdefault(name, mod.spec)
-            mod.spec = dataclasses.replace(saved[name], a_bits=None) if leaf in keep else saved[name]
+            # 8 bits: no clip (a 0.9 clip trades 4-bit rounding error for clipping error)
+            changed = dataclasses.replace(saved[name], a_bits=bits, a_clip=1.0 if bits == 8 else saved[name].a_clip)
+            mod.spec = changed if leaf in keep else saved[name]
         if hasattr(mod, "kv_bits"):
             saved.setdefault(name + ".kv", mod.kv_bits)
             mod.kv_bits = None if "kv" in keep else saved[name + ".kv"]
@@ -52,7 +59,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--only", default="", help="row names separated by ';' (default: all)")
     ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     ns = ap.parse_args()
     if ns.threads:
@@ -60,9 +67,9 @@ def main() -> int:
     lm = load_model(ns.model, getattr(torch, ns.dtype), ns.device)
     windows = token_windows(lm.tokenizer, ns.dataset, 2048, ns.data_dir)
     rows, saved = [], {}
-    names = [n for n in ns.only.split(",") if n] or list(PARTS)
+    names = [n for n in ns.only.split(";") if n] or list(PARTS)
     for name in names:
-        _set_part(lm.model, PARTS[name], saved)
+        _set_part(lm.model, *PARTS[name], saved)
         t0 = time.time()
         r = perplexity(lm.model, windows, ns.limit, progress=False)
         rows.append({"row": name, "ppl": r.ppl, "windows": r.windows, "seconds": round(time.time() - t0, 1)})

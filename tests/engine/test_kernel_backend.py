@@ -32,12 +32,20 @@ def test_triton_backend_equals_reference_backend(load, prompts, arch, kv):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("recipe", ["atom", "rot-outliers"])
+RECIPES = {  # name -> (preset, overrides)
+    "atom": ("atom", {"group_size": 32}),
+    "atom-w4a8": ("atom", {"group_size": 32, "a_bits": 8, "a_clip": 1.0}),  # 8-bit activations, same kernels
+    "atom-rotated-v-down": ("atom", {"v_rotate": True, "down_rotate": True}),
+    "rot-outliers": ("rot-outliers", {}),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
 def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file, tmp_path, prompts, monkeypatch,
                                                           recipe):
-    """A calibrated Atom checkpoint (or a rotated group-free one) served with the linear kernels (quantize +
-    merged W4A4 GEMMs) gives the same greedy tokens as with the reference linears, and the same logits up
-    to float rounding.
+    """A calibrated Atom checkpoint (W4A4, W4A8, partly or fully rotated) served with the linear kernels
+    (quantize + merged W4A4 GEMMs) gives the same greedy tokens as with the reference linears, and the same
+    logits up to float rounding.
 
     The W4A4 GEMM writes fp16; the fp32 reference linears are rounded the same way here. Without that the
     ~1e-4 rounding differences move some later INT4 activation / KV levels by one step and grow through the
@@ -52,8 +60,8 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
 
     interpreter_compat()
     out = tmp_path / "ckpt"
-    quantize_model(str(tiny_model("llama")), str(out),
-                   preset(recipe, gptq=False, **({"group_size": 32} if recipe == "atom" else {})),
+    name, overrides = RECIPES[recipe]
+    quantize_model(str(tiny_model("llama")), str(out), preset(name, gptq=False, **overrides),
                    CalibConfig(dataset=str(calib_file), n_samples=2, seq_len=32, dtype="float32"), progress=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -77,7 +85,7 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
         llm = LLM(lm, kv_cache_bytes=1 << 21, attention_backend="ref", linear_backend=backend, record_logits=True)
         assert llm.engine.linear_kernels == ({} if backend == "ref" else {"atom": 8})
         runs[backend] = llm.generate([prompts[0], prompts[1]], params)
-    if recipe == "rot-outliers":
+    if lm.qcfg.rotates_down:
         n = lm.model.model.layers[0].mlp.down_rotation.signs.shape[0]
         assert Hd.uses_dot(*ref.hadamard_split(n)) and len(rotations) > 0
     for r, t in zip(runs["ref"], runs["triton"]):

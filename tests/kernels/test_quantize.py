@@ -188,3 +188,28 @@ def test_quantize_rows_rejects_bad_inputs(device):
         Q.quantize_rows(x, "int8", 0.0)
     with pytest.raises(ValueError, match="contiguous"):
         Q.quantize_rows(x.t(), "int8")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["rows", "chunk"])
+@pytest.mark.parametrize("m,k,n_out,gs", [(7, 576, 128, 128), (7, 352, 32, 32), (5, 256, 32, None)])
+def test_eight_bit_activations_equal_the_reference(m, k, n_out, gs, cfg, device):
+    """bits=8 (W4A8 on the int8-operand GEMMs): the same kernels with 127 in place of 7."""
+    split = plan_split(k, n_out, gs)
+    x, res, w, idx = _inputs(m, k, device, seed=3 * m + k)
+    r = ref.quantize_act(x, idx, split, 8, 1.0)
+    a = Q.quantize_act(x, idx, split, 8, 1.0, out="int8", config=cfg)
+    assert r.q4.dtype == torch.int8 and r.q4.abs().max() > 7  # really 8-bit values
+    _assert_actq_equal(a.to_actq(8), r)
+    g = torch.Generator(device="cpu").manual_seed(m)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(torch.float16).to(device)
+    s = Q.silu_mul_quantize(gate_up, split, 8, 0.9, out="int8", config=cfg)
+    _assert_actq_equal(s.to_actq(8), ref.silu_mul_quantize(gate_up, split, 8, 0.9))
+    n, new_res = Q.rmsnorm_quantize(x, res, w, 1e-5, idx, split, 8, 1.0, out="int8", config=cfg)
+    rn, ref_res = ref.rmsnorm_quantize(x, res, w, 1e-5, idx, split, 8, 1.0)
+    assert torch.equal(new_res, ref_res)
+    rn_op = n.to_actq(8)
+    diff = sum((u != v).sum().item() for u, v in zip(rn_op, rn) if u is not None)
+    assert diff <= max(2, 1e-4 * sum(u.numel() for u in rn)), diff  # rare sum-of-squares ties, as for 4 bits
+    for out in ("packed", "fp8"):  # 8-bit values have no packed or e4m3 form
+        with pytest.raises(ValueError, match="8-bit activations"):
+            Q.quantize_act(x, idx, split, 8, out=out)

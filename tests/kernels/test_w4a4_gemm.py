@@ -80,6 +80,20 @@ def test_w4a4_gemm(m, n, k, n_out, gs, device):
     assert _rel(y2, ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
 
 
+@pytest.mark.parametrize("m,n,k,n_out,gs", [(7, 40, 576, 128, 128), (17, 32, 352, 32, 32), (5, 32, 256, 32, None)])
+def test_w4a8_through_the_same_kernel(m, n, k, n_out, gs, device):
+    """8-bit activations in the int8 operand: the tensor-core kernel's int8 dots take them as they are."""
+    x, pw, split, bias = _problem(m, n, k, n_out, gs, device, m * 13 + k)
+    a = Q.quantize_act(x, None, split, 8, 1.0, out="int8")
+    y = w4a4_gemm(a, prepare_weight(pw), bias)
+    assert _rel(y, ref.w4a4_gemm(a.to_actq(8), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+    # closer to the float product than W4A4 (what 8-bit activations are for)
+    wf = pw.dequantize(torch.float64)
+    exact = x.double() @ wf.t() + bias.double()
+    a4 = Q.quantize_act(x, None, split, 4, 0.9, out="int8")
+    assert _rel(y, exact) < 0.5 * _rel(w4a4_gemm(a4, prepare_weight(pw), bias), exact)
+
+
 def test_split_k_matches(device):
     x, pw, split, bias = _problem(3, 32, 576, 128, 64, device, 5)
     a = Q.quantize_act(x, None, split, out="int8")

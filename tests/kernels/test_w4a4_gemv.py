@@ -36,6 +36,15 @@ def test_gemv_matches_reference(m, n, k, n_out, gs, kb, out_dtype, device):
     assert _rel(y, want) <= TOL[out_dtype]
 
 
+@pytest.mark.parametrize("m,n,k,n_out,gs", [(1, 48, 320, 64, 64), (1, 32, 256, 32, None), (1, 48, 352, 64, 32)])
+def test_gemv_takes_eight_bit_activations(m, n, k, n_out, gs, device):
+    """W4A8: the dp4a products and the -8 * sum(a) correction hold for any int8 activation."""
+    x, pw, split, bias = _problem(m, n, k, n_out, gs, device, seed=5 * n)
+    a = Q.quantize_act(x, None, split, 8, 1.0, out="int8")
+    y = w4a4_gemm(a, prepare_weight(pw), bias, torch.float16, config=GemmConfig(kernel="gemv", k_blocks=2, ahead=2))
+    assert _rel(y, ref.w4a4_gemm(a.to_actq(8), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+
+
 @pytest.mark.parametrize("m,n,k,n_out,gs,kb,split", [
     (1, 40, 1216, 128, 128, 2, 3),  # 9 blocks: runs of 4, 4 and 1 block
     (2, 33, 1088, 0, 64, 1, 4),  # two tokens, N not a multiple of the tile, no outliers

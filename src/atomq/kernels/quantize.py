@@ -9,6 +9,8 @@ Twins in ``ref.py``: ``rmsnorm_quantize``, ``quantize_act``, ``silu_mul_quantize
 * ``out="int8"`` / ``out="fp8"`` -> ``ActOp``: the GEMM operand form. qa holds the same INT4 values
   (-8..7), one per byte, as int8 or float8_e4m3fn (which holds -8..7 exactly); the other fields are
   as in ActQ. ``ActOp.to_actq()`` packs it back (it is the same data).
+* ``bits=8`` (W4A8 on the same GEMM kernels, which multiply int8 bytes whatever they hold): the normal
+  channels as 8-bit values per group, ``out="int8"`` only.
 
 Numerics follow the reference bit for bit where the reference's arithmetic is order independent:
 scales are fp32 ``max(amax, 1e-6) * clip / qmax`` (correctly rounded division) rounded to fp16, the
@@ -46,7 +48,8 @@ _OUT_KINDS = {"packed": 0, "int8": 1, "fp8": 2}
 class ActOp(NamedTuple):
     """Quantized activations in GEMM operand form.
 
-    qa: int8 or float8_e4m3fn [M, Kn], INT4 values -8..7 one per element (normal channels)
+    qa: int8 or float8_e4m3fn [M, Kn], INT4 values -8..7 one per element (normal channels); with
+        8-bit activations int8 -128..127
     s4: fp16 [M, G]; q8: int8 [M, n_out] or None; s8: fp16 [M, 1] or None (as in ref.ActQ)
     """
 
@@ -55,9 +58,10 @@ class ActOp(NamedTuple):
     q8: torch.Tensor | None
     s8: torch.Tensor | None
 
-    def to_actq(self) -> ActQ:
-        """The packed ActQ with the same values (q4 uint8 [M, Kn // 2])."""
-        return ActQ(pack_int4(self.qa.to(torch.float32).to(torch.int8)), self.s4, self.q8, self.s8)
+    def to_actq(self, bits: int = 4) -> ActQ:
+        """The ActQ with the same values (bits 4: q4 packed uint8 [M, Kn // 2]; 8: q4 = qa)."""
+        q = self.qa.to(torch.float32).to(torch.int8)
+        return ActQ(pack_int4(q) if bits == 4 else q, self.s4, self.q8, self.s8)
 
 
 def interpreting() -> bool:
@@ -122,10 +126,12 @@ def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch, gather: bool) -> tuple[int,
 
 def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
             config: QuantizeLaunch | None = None, weight_gathered: bool = False):
-    if bits != 4:
-        raise ValueError("the Triton quantize kernels produce 4-bit activations (bits=4)")
+    if bits not in (4, 8):
+        raise ValueError(f"the Triton quantize kernels produce 4- or 8-bit activations, got bits={bits}")
     if out not in _OUT_KINDS:
         raise ValueError(f"out must be one of {sorted(_OUT_KINDS)}, got {out!r}")
+    if bits == 8 and out != "int8":
+        raise ValueError(f"8-bit activations come as the int8 operand (out='int8'), not out={out!r}")
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"expected a 2-D input with contiguous rows, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -182,7 +188,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
             res_out.stride(0) if res_out is not None else 0,
             q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
             MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
-            OUT_KIND=kind, GS=gs, ROWS=rows, BK=bk, EXACT_EXP=not interpreting(), num_warps=warps,
+            OUT_KIND=kind, GS=gs, ROWS=rows, BK=bk, EXACT_EXP=not interpreting(), QMAX=2 ** (bits - 1) - 1,
+            num_warps=warps,
         )
         return q, s4, q8, s8, (x if res_out is None else res_out)
     block = min(2048, _next_pow2(kn))
@@ -210,7 +217,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, num_warps=4 if block <= 1024 else 8, **launch_options(dev),
+        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, QMAX=2 ** (bits - 1) - 1,
+        num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
 
@@ -369,7 +377,7 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        USE_GDC: tl.constexpr,
+        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -423,14 +431,14 @@ if triton is not None:
                 v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
                                 MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 amax_v = tl.maximum(amax_v, tl.abs(v))
-            scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 7.0).to(tl.float16)
+            scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 1.0 * QMAX).to(tl.float16)
             tl.store(s4_ptr + row * stride_sm, scale)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
                 v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
                                 MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
-                _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), 7), KN, OUT_KIND, BLOCK)
+                _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
             for c0 in range(c_begin, c_end, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
@@ -442,10 +450,10 @@ if triton is not None:
                                 MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 vg = tl.reshape(v, [BLOCK // GS, GS])
                 amax = tl.max(tl.abs(vg), 1)
-                scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [BLOCK // GS]
+                scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)  # [BLOCK // GS]
                 gidx = c0 // GS + tl.arange(0, BLOCK // GS)
                 tl.store(s4_ptr + row * stride_sm + gidx, scale, mask=gidx < G)
-                qg = _sym_q(vg, scale.to(tl.float32)[:, None], 7)
+                qg = _sym_q(vg, scale.to(tl.float32)[:, None], QMAX)
                 _store_q4(q_ptr, row * stride_qm, c0, tl.reshape(qg, [BLOCK]), KN, OUT_KIND, BLOCK)
 
         if NO > 0 and last:
@@ -464,7 +472,7 @@ if triton is not None:
         M, K, KN, NO, G, eps, clip,
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
-        GS: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, EXACT_EXP: tl.constexpr,
+        GS: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, EXACT_EXP: tl.constexpr, QMAX: tl.constexpr = 7,
     ):
         """Same contract as _act_quant_kernel; ROWS whole rows per program ([ROWS, BK] in registers,
         BK = K rounded up to a power of two): one read of each input, the norm, SiLU and rounding in
@@ -507,17 +515,17 @@ if triton is not None:
         nmask = rmask[:, None] & (cols < KN)[None, :]
         if GS == 0:
             amax = tl.max(tl.where(nmask, tl.abs(v), 0.0), 1)
-            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [ROWS]
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)  # [ROWS]
             tl.store(s4_ptr + rows64 * stride_sm, scale, mask=rmask)
-            q = _sym_q(v, scale.to(tl.float32)[:, None], 7)
+            q = _sym_q(v, scale.to(tl.float32)[:, None], QMAX)
         else:
             vg = tl.reshape(v, [ROWS, BK // GS, GS])
             amax = tl.max(tl.abs(vg), 2)
-            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 7.0).to(tl.float16)  # [ROWS, BK // GS]
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)  # [ROWS, BK // GS]
             gidx = tl.arange(0, BK // GS)
             tl.store(s4_ptr + rows64[:, None] * stride_sm + gidx[None, :], scale,
                      mask=rmask[:, None] & (gidx < G)[None, :])
-            q = tl.reshape(_sym_q(vg, scale.to(tl.float32)[:, :, None], 7), [ROWS, BK])
+            q = tl.reshape(_sym_q(vg, scale.to(tl.float32)[:, :, None], QMAX), [ROWS, BK])
         if OUT_KIND == 0:
             lo, hi = tl.split(tl.reshape(q.to(tl.int32), [ROWS, BK // 2, 2]))
             byte = (lo & 15) | ((hi & 15) << 4)

@@ -5,7 +5,8 @@ kernel must equal its twin's exactly; float outputs agree within docs/NUMERICS.m
 
 Activation layout ("ActQ"): for an input of K channels split as ``Split(k, n_outliers, group_size)``
 (normal channels first, outliers last, see quant/layout.py):
-    q4:  uint8 [M, Kn // 2]   INT4 normal part, packed (quant/pack.py nibble order)
+    q4:  uint8 [M, Kn // 2]   INT4 normal part, packed (quant/pack.py nibble order); with 8-bit
+                              activations (W4A8 on the same GEMM) int8 [M, Kn], one value per byte
     s4:  fp16  [M, G]         one scale per token and group
     q8:  int8  [M, n_out]     INT8 outlier part (absent when n_out == 0)
     s8:  fp16  [M, 1]         one scale per token
@@ -53,13 +54,14 @@ def rmsnorm(
 def quantize_act(
     x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9
 ) -> ActQ:
-    """Gather x [M, K] by ``index`` (int32 [K], or None) and quantize to the ActQ layout (bits == 4)."""
-    if bits != 4:
-        raise ValueError("the packed ActQ layout is for 4-bit activations")
+    """Gather x [M, K] by ``index`` (int32 [K], or None) and quantize to the ActQ layout (bits 4, or 8:
+    the normal part unpacked int8)."""
+    if bits not in (4, 8):
+        raise ValueError(f"activations are quantized to 4 or 8 bits, got {bits}")
     if index is not None:
         x = x.index_select(-1, index.long())
     qn, qo = quantize_mixed(x, split, bits, clip)
-    return ActQ(pack_int4(qn.q), qn.scale, qo.q if qo else None, qo.scale if qo else None)
+    return ActQ(pack_int4(qn.q) if bits == 4 else qn.q, qn.scale, qo.q if qo else None, qo.scale if qo else None)
 
 
 def rmsnorm_quantize(
@@ -109,16 +111,17 @@ def w4a4_gemm(
 ) -> torch.Tensor:
     """Atom's mixed GEMM with exact integer group dot products (ATOM.md section 3).
 
-    a: ActQ of M tokens; w: PackedWeight of N rows (4-bit symmetric, same split as a); bias: [N] or None.
+    a: ActQ of M tokens (4-bit packed or 8-bit normal part); w: PackedWeight of N rows (4-bit symmetric,
+    same split as a); bias: [N] or None.
     Returns [M, N] of out_dtype: sum_g s4a[m,g] * s4w[n,g] * dot(qa[m,g], qw[n,g])
     + s8a[m] * s8w[n] * dot(qa_o[m], qw_o[n]) (+ bias), accumulated in fp32.
     """
-    qa = unpack_int4(a.q4).to(torch.int32)  # [M, Kn]
+    qa = (unpack_int4(a.q4) if a.q4.dtype == torch.uint8 else a.q4).to(torch.int32)  # [M, Kn]
     qw = unpack_int4(w.qweight).to(torch.int32)  # [N, Kn]
     m, kn = qa.shape
     n, g = qw.shape[0], a.s4.shape[1]
     gs = kn // g
-    # [G, M, gs] @ [G, gs, N] -> exact int32 [G, M, N] (|dot| <= gs * 64)
+    # [G, M, gs] @ [G, gs, N] -> exact in float64 [G, M, N] (|dot| <= gs * 1024)
     dots = torch.bmm(qa.view(m, g, gs).transpose(0, 1).double(), qw.view(n, g, gs).permute(1, 2, 0).double())
     out = (dots * a.s4.double().t().unsqueeze(-1) * w.scales.double().t().unsqueeze(1)).sum(0)
     if a.q8 is not None:

@@ -109,10 +109,10 @@ def prepare_weight(w: PackedWeight, row_tile: int = 16) -> PreparedWeight:
 
 
 def act_operand(a: ActQ | ActOp) -> ActOp:
-    """ActQ (packed) -> ActOp (int8 values); an ActOp passes through."""
+    """ActQ (packed INT4, or 8-bit int8) -> ActOp (int8 values); an ActOp passes through."""
     if isinstance(a, ActOp):
         return a
-    return ActOp(unpack_int4(a.q4), a.s4, a.q8, a.s8)
+    return ActOp(unpack_int4(a.q4) if a.q4.dtype == torch.uint8 else a.q4, a.s4, a.q8, a.s8)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def stored_format(lin: Linear) -> str:
     s = lin.spec
     if s.w_bits is None and s.a_bits is None:
         return "float"
-    if s.w_bits == 4 and s.w_sym and s.a_bits == 4:
+    if s.w_bits == 4 and s.w_sym and s.a_bits in (4, 8):  # 8-bit activations: W4A8 on the same kernels
         return "atom"
     if s.w_bits == 8 and s.w_sym and s.a_bits == 8 and s.split.group_size is None and not s.split.n_outliers:
         return "int8"
@@ -214,21 +214,23 @@ class W4A16Kernel(LinearKernel):
 
 
 class AtomKernel(LinearKernel):
-    """Atom W4A4: the fused quantize kernel (gather + INT4 groups + INT8 outliers) and the mixed GEMM."""
+    """Atom W4A4: the fused quantize kernel (gather + INT4 groups + INT8 outliers) and the mixed GEMM.
+    With ``a_bits`` 8 the groups' activations are 8-bit: W4A8 through the same int8-operand kernels."""
 
     name = "atom"
 
     def __init__(self, pw: PackedWeight, split: Split, a_clip: float, index: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype):
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, a_bits: int = 4):
         from ..kernels.w4a4_gemm import prepare_weight
 
         self.weight = prepare_weight(pw)
         self.split, self.a_clip, self.index, self.bias, self.out_dtype = split, a_clip, index, bias, out_dtype
+        self.a_bits = a_bits
 
     def prepare_input(self, x):
         from ..kernels.quantize import quantize_act
 
-        return quantize_act(x.contiguous(), self.index, self.split, 4, self.a_clip, out="int8")
+        return quantize_act(x.contiguous(), self.index, self.split, self.a_bits, self.a_clip, out="int8")
 
     def matmul(self, a):
         from ..kernels.w4a4_gemm import w4a4_gemm
@@ -268,7 +270,7 @@ def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: st
         if not use_kernels:
             return None
         index = lins[0].reorder_index if spec.own_index else None
-        return AtomKernel(_packed(lins), spec.split, spec.a_clip, index, bias, dtype)
+        return AtomKernel(_packed(lins), spec.split, spec.a_clip, index, bias, dtype, spec.a_bits)
     raise ValueError(f"weights stored as {fmt!r} have no run-time method")
 
 
