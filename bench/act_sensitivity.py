@@ -28,7 +28,7 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "KV cache 16-bit": (("kv",), None),
     "activations 16-bit (KV4)": (ALL, None),
     "down_proj input 8-bit (no clip)": (("down_proj",), 8),
-    "activations 8-bit (no clip; KV4)": (ALL, 8),
+    "activations 8-bit, no clip (KV4)": (ALL, 8),
 }
 
 

@@ -37,7 +37,7 @@ FAILS: list[str] = []
 # name -> (random format, linear method, kv cache dtype)
 CONFIGS = {"fp16": ("float", "auto", "fp16"), "fp8": ("float", "fp8", "fp8"), "w4a16": ("w4a16", "auto", "fp16"),
            "atom": ("atom", "auto", "int4"), "rot-outliers": ("rot-outliers", "auto", "int4"),
-           "atomq-plus": ("atomq-plus", "auto", "int4")}
+           "atomq-plus": ("atomq-plus", "auto", "int4"), "atom-a8": ("atom-a8", "auto", "int4")}
 
 
 def report(name: str, ok: bool, detail: str) -> None:
@@ -256,7 +256,7 @@ def _originals() -> dict:
 
 
 _ORIGINAL = _originals()
-_GEMV_DEFAULT, _GEMV_MAX_N = _W.GEMV_CONFIG, _W.GEMV_MAX_N
+_GEMV_DEFAULT, _GEMV_MAX_N, _GEMV_MAX_N_G32 = _W.GEMV_CONFIG, _W.GEMV_MAX_N, _W.GEMV_MAX_N_G32
 _GEMV_RULES, _GEMV_SPANS = _W.GEMV_RULES, _W.GEMV_SPANS
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
@@ -276,6 +276,7 @@ def _apply_variant(spec: str) -> None:
                                         ahead=int(kv.get("ahead", _GEMV_DEFAULT.ahead)),
                                         waves=float(kv.get("waves", _GEMV_DEFAULT.waves)))
     _W.GEMV_MAX_N = int(kv.get("maxn", _GEMV_MAX_N))
+    _W.GEMV_MAX_N_G32 = int(kv.get("maxn32", _GEMV_MAX_N_G32))
     _W.GEMV_SPANS = _GEMV_SPANS if "spans" not in kv else tuple(int(v) for v in kv["spans"].split("+"))
     _W.GEMV_RULES = _GEMV_RULES if "gemv" not in kv else tuple(
         (int(most), dataclasses.replace(_W.GEMV_CONFIG, k_blocks=int(kb), ahead=int(ahead)))
@@ -311,14 +312,14 @@ def main() -> int:
     ap.add_argument("--variants", default="", help=(
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "gemv=MOST:KB:AHEAD+..., "
-        "waves=W, maxn=N, spans=64+32, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, ablock=N, apre=0|1, spre=0|1, "
+        "waves=W, maxn=N, maxn32=N, spans=64+32, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, ablock=N, apre=0|1, spre=0|1, "
         "rotfuse=0|1, rotdot=0|1, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; ablock: tokens per tile of the INT4 words attention kernel; apre: decode attention "
         "loads its first tile of older tokens before the wait; spre: RoPE and the KV store "
         "load their staged inputs before the wait; skip: named decode kernels not run, an upper bound for fusing them away (outputs "
-        "wrong); waves: GEMV programs per SM the K split aims at; spans: weight spans the one-token GEMV takes (32: groups of 32); gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
+        "wrong); waves: GEMV programs per SM the K split aims at; spans: weight spans the one-token GEMV takes (32: groups of 32); maxn32: most weight rows it takes with groups of 32; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel; rotfuse: rotated models' SiLU * up and "
         "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores. Every config and "

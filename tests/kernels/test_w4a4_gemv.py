@@ -88,6 +88,7 @@ def test_pick_config_sends_one_token_on_small_products_to_the_gemv():
     assert pick_config(1, 4096, 4096, gemv=False).kernel == "triton"
     assert pick_config(1, 4096, 11008, gemv=True).kernel == "gemv"  # down_proj, split into K runs
     assert pick_config(1, 22016, 4096, gemv=True).kernel == "triton"  # gate_up: the tensor-core kernel
+    assert pick_config(1, 22016, 4096, gemv=True, span=32).kernel == "gemv"  # but with groups of 32 the GEMV
     assert pick_config(1, 4096, 3968, gemv=True) == GEMV_RULES[0][1]  # 7B o_proj: 8 blocks a step, 2 ahead
     assert pick_config(1, 4096, 11008, gemv=True) == GEMV_CONFIG
 
@@ -114,8 +115,9 @@ def test_gemv_full_size_gpu(m, n, k, gs):
 
 
 @pytest.mark.gpu
-def test_default_dispatch_uses_the_gemv_for_one_token_gpu():
-    x, pw, split, bias = _problem(1, 4096, 4096, 128, 128, "cuda", seed=2)
+@pytest.mark.parametrize("n,gs", [(4096, 128), (4096, 32), (22016, 32)])
+def test_default_dispatch_uses_the_gemv_for_one_token_gpu(n, gs):
+    x, pw, split, bias = _problem(1, n, 4096, 128, gs, "cuda", seed=2)
     a = Q.quantize_act(x, None, split, out="int8")
     calls = []
     real = G.w4a4_gemv

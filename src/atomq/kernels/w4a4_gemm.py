@@ -142,8 +142,11 @@ class GemmConfig:
 # stream at once. Measured 2026-11-24 in the 7B batch-1 engine (bench/gpu_engine_check.py --variants):
 # gate_up on the GEMV and weights two steps ahead both cost ~1% per decode step, though alone they win
 GEMV_MAX_N = 12288
-# weight spans the default dispatch sends to the GEMV (64: groups of 64, 128 or none; 32: groups of 32)
-GEMV_SPANS: tuple[int, ...] = (64,)
+# weight spans the default dispatch sends to the GEMV (64: groups of 64, 128 or none; 32: groups of 32).
+# Measured 2026-12-07 (H100, 7B shapes, one token): groups of 32 on the GEMV q/k/v 14.8, o 7.0, down 15.1 us
+# against 35.1 / 15.6 / 32.8 on the tensor-core decode kernel, so they take it at every N (GEMV_MAX_N_G32)
+GEMV_SPANS: tuple[int, ...] = (64, 32)
+GEMV_MAX_N_G32 = 1 << 20
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 # (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
 # Measured 2026-11-25: 8 K blocks a step with weights two steps ahead on 7B o_proj (16M) alone 8.1 -> 6.2 us,
@@ -153,11 +156,13 @@ GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
 )
 
 
-def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False) -> GemmConfig:
+def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False,
+                span: int = 64) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
-    kernel can take it; it does for one token and up to GEMV_MAX_N weight rows (docs/KERNELS.md)."""
-    if gemv and m == 1 and n <= GEMV_MAX_N:
+    kernel can take it; it does for one token and up to GEMV_MAX_N weight rows (GEMV_MAX_N_G32 for the
+    span 32 of groups of 32; docs/KERNELS.md)."""
+    if gemv and m == 1 and n <= (GEMV_MAX_N_G32 if span == 32 else GEMV_MAX_N):
         return next((cfg for most, cfg in GEMV_RULES if n * kp <= most), GEMV_CONFIG)
     if interpreting():  # small tiles keep the CPU interpreter quick
         return GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=2 if m < 16 else 1)
@@ -254,7 +259,7 @@ def w4a4_gemm(
         gpu = a.qa.is_cuda and not interpreting()
         gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w) is None
         gemv = m <= w4a4_gemv.MAX_M and gpu and w.span in GEMV_SPANS and w4a4_gemv.unsupported_reason(a, w) is None
-        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv)
+        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv, span=w.span)
     cfg = config
     if cfg.kernel == "gemv":
         reason = w4a4_gemv.unsupported_reason(a, w)

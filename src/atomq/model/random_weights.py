@@ -46,7 +46,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # stored formats a random model can be built in; "fp8" is a run-time method over float weights
 # (model/methods.py), so it is built as "float" and converted there
-KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus")  # formats whose KV cache is INT4 unless told otherwise
+KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus", "atom-a8")  # formats whose KV cache is INT4 unless told otherwise
 RANDOM_FORMATS: dict[str, QuantConfig] = {
     "float": PRESETS["fp16"],
     "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),
@@ -55,6 +55,8 @@ RANDOM_FORMATS: dict[str, QuantConfig] = {
     "rot-outliers": dataclasses.replace(PRESETS["rot-outliers"], kv_bits=4),
     # Atom with groups of 32 and rotated keys: the format of the most accurate preset
     "atomq-plus": dataclasses.replace(PRESETS["atomq-plus"], kv_bits=4),
+    # Atom's format with 8-bit activations (W4A8 on the same kernels)
+    "atom-a8": dataclasses.replace(PRESETS["atom"], a_bits=8, a_clip=1.0, kv_bits=4),
     "int8": PRESETS["w8a8"],
     "w4a16": PRESETS["w4a16"],
 }
@@ -189,6 +191,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("atom", "Atom W4A4, INT4 KV", "atom", "auto", "int4"),
     Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
     Config("atomq-plus", "Atom W4A4, groups of 32, rotated INT4 keys", "atomq-plus", "auto", "int4"),
+    Config("atom-a8", "Atom W4A8 (8-bit activations, same kernels), INT4 KV", "atom-a8", "auto", "int4"),
 )}
 
 
