@@ -30,6 +30,10 @@ RECIPES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
     "atomq-plus-v": ("--preset atomq-plus --v-rotate", [("", ""), (", KV16", "--kv-bits none")]),
     "atomq-plus-o256": ("--preset atomq-plus --n-outliers 256", [("", ""), (", KV16", "--kv-bits none")]),
     "atomq-plus-d": ("--preset atomq-plus --down-rotate", [("", "")]),
+    # W4A8: 8-bit activations on the same int8-operand kernels (no activation clip at 8 bits)
+    "atomq-plus-a8": ("--preset atomq-plus --a-bits 8 --a-clip 1.0", [("", ""), (", KV16", "--kv-bits none")]),
+    "atomq-a8-g128": ("--preset atomq --a-bits 8 --a-clip 1.0 --smooth-alpha 0.5 --calib-quantized-inputs "
+                      "--w-clip-search", [("", "")]),
 }
 
 
