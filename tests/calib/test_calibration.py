@@ -167,7 +167,8 @@ def test_atomq_plus_recipe_end_to_end(tiny_model, calib_file, tmp_path):
 
     model = str(tiny_model("llama"))
     ccfg = CalibConfig(dataset=str(calib_file), n_samples=4, seq_len=32, dtype="float32")
-    for name in ("atomq-plus", "rtn-w4a4"):
+    names = ("atomq-plus", "atomq-a8", "rtn-w4a4")
+    for name in names:
         quantize_model(model, str(tmp_path / name), preset(name), ccfg, progress=False)
     meta = json.loads((tmp_path / "atomq-plus" / "atomq_config.json").read_text())
     assert meta["quant"] == preset("atomq-plus").to_dict()
@@ -175,5 +176,6 @@ def test_atomq_plus_recipe_end_to_end(tiny_model, calib_file, tmp_path):
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(1))
     ref = load_model(model).model(ids)
     err = {name: ((load_model(str(tmp_path / name)).model(ids) - ref).norm() / ref.norm()).item()
-           for name in ("atomq-plus", "rtn-w4a4")}
+           for name in names}
     assert err["atomq-plus"] < 0.75 * err["rtn-w4a4"], err  # measured 0.56 against 1.01
+    assert err["atomq-a8"] < err["atomq-plus"], err  # 8-bit activations: the same recipe, closer
