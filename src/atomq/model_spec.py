@@ -3,7 +3,7 @@
 Either something model/loader.load_model opens (an atomq checkpoint, an HF directory, a .gguf file,
 'smollm2'), or ``random:SHAPE:CONFIG``: random weights of a real shape (model/random_weights.SHAPES, e.g.
 llama-2-7b, tiny-llama) in one of the serving configurations of random models (model/random_weights.CONFIGS:
-fp16, fp8, w4a16, atom, rot-outliers, atomq-plus), built and served exactly as the throughput benchmark does: the configuration's
+fp16, fp8, w4a16, atom, rot-outliers, atomq-plus, atom-a8), built and served exactly as the throughput benchmark does: the configuration's
 stored format, its linear method and its KV-cache dtype, and a ByteTokenizer. For speed measurements only.
 """
 
