@@ -64,10 +64,15 @@ def main() -> int:
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    names = [n for n in ns.only.split(";") if n] or list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {list(PARTS)}")
     lm = load_model(ns.model, getattr(torch, ns.dtype), ns.device)
+    if lm.qcfg.a_bits is None and lm.qcfg.kv_bits is None:
+        ap.error(f"{ns.model} quantizes neither activations nor the KV cache: nothing to switch off")
     windows = token_windows(lm.tokenizer, ns.dataset, 2048, ns.data_dir)
     rows, saved = [], {}
-    names = [n for n in ns.only.split(";") if n] or list(PARTS)
     for name in names:
         _set_part(lm.model, *PARTS[name], saved)
         t0 = time.time()
