@@ -333,6 +333,28 @@ def gemv_groups_bench() -> list[dict]:
     return rows
 
 
+def outlier_bench() -> list[dict]:
+    """The cost of 256 INT8 outlier channels against 128, groups of 32, default dispatch, 7B shapes (us)."""
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        if model != "llama2-7b":
+            continue
+        for m in (1, 16, 64, 2048):
+            line = f"g32 {layer:7s} M={m:<5d} |"
+            for n_out in (128, 256):
+                row = B.bench_gemm_shape(n, k, m, {"default": (None, "int8")}, baselines=n_out == 128,
+                                         which=(), gs=32, n_out=n_out)
+                row.update(model=model, layer=layer, group_size=32, n_outliers=n_out)
+                rows.append(row)
+                if n_out == 128:
+                    line += f" fp16 {row['fp16_ms'] * 1e3:7.1f}"
+                line += f" out{n_out} {row.get('default_ms', float('nan')) * 1e3:7.1f}"
+            print(line, flush=True)
+            lines.append(line)
+    _print_table("128 against 256 outlier channels, groups of 32 (us):", lines)
+    return rows
+
+
 def quant_bench() -> list[dict]:
     """Fused norm + quantize variants against the measured copy bandwidth (us and fraction of copy)."""
     QC = Q.QuantizeLaunch
@@ -472,6 +494,7 @@ def main() -> int:
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
     ap.add_argument("--gemv-groups", action="store_true", help="time one token at groups of 128 / 64 / 32 (7B)")
     ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
+    ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -508,6 +531,9 @@ def main() -> int:
             check_gemv()
         with open(args.out.replace(".json", "_gemv_groups.json"), "w") as f:
             json.dump(gemv_groups_bench(), f, indent=1)
+    if args.outlier_bench:
+        with open(args.out.replace(".json", "_outliers.json"), "w") as f:
+            json.dump(outlier_bench(), f, indent=1)
     if args.row_bench:
         with open(args.out.replace(".json", "_rows.json"), "w") as f:
             json.dump(row_bench(), f, indent=1)

@@ -34,6 +34,11 @@ RECIPES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
     "atomq-plus-a8": ("--preset atomq-plus --a-bits 8 --a-clip 1.0", [("", ""), (", KV16", "--kv-bits none")]),
     "atomq-a8-g128": ("--preset atomq --a-bits 8 --a-clip 1.0 --smooth-alpha 0.5 --calib-quantized-inputs "
                       "--w-clip-search", [("", "")]),
+    # group scales as integer multiples of one per row / token: the GEMM folds them into its int8 operands
+    "atomq-plus-l15": ("--preset atomq-plus --w-scale-levels 15 --a-scale-levels 15",
+                       [("", ""), (", KV16", "--kv-bits none"), (", weights only", "--weights-only --kv-bits none")]),
+    "atomq-l15": ("--preset atomq --w-scale-levels 15 --a-scale-levels 15", [("", "")]),
+    "atomq-a8-l15": ("--preset atomq-a8 --w-scale-levels 15", [("", "")]),
 }
 
 

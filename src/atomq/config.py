@@ -46,6 +46,10 @@ class QuantConfig:
     down_rotate: bool = False  # randomized Hadamard on the down_proj input, online (rotate does it too)
     rotate: bool = False  # randomized Hadamard rotations before calibration (calib/rotation.py)
     rotate_seed: int = 0
+    # group scales as integer multiples (1..levels) of one scale per weight row / per token: the GEMM can
+    # then fold them into its 8-bit integer operands and accumulate all K in int32 (docs/NUMERICS.md)
+    w_scale_levels: int | None = None
+    a_scale_levels: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)
@@ -72,6 +76,16 @@ class QuantConfig:
             raise ValueError("rotate already rotates the value path; v_rotate is for unrotated recipes")
         if self.rotate and self.down_rotate:
             raise ValueError("rotate already rotates the down_proj input; down_rotate is for unrotated recipes")
+        for name, bits in (("w_scale_levels", self.w_bits), ("a_scale_levels", self.a_bits)):
+            levels = getattr(self, name)
+            if levels is None:
+                continue
+            if not 2 <= levels <= 15:
+                raise ValueError(f"{name} must be in 2..15 (a 4-bit value times it must fit int8), got {levels}")
+            if bits not in (4, None) or self.group_size is None:  # (no effect while kept in 16 bit)
+                raise ValueError(f"{name} needs 4-bit groups (bits {bits}, group_size {self.group_size})")
+        if self.w_scale_levels is not None and not self.w_sym:
+            raise ValueError("w_scale_levels needs symmetric weights")
         if self.rotate and self.smooth_alpha is not None:
             raise ValueError("rotate and smooth_alpha both rescale the norm-produced inputs; choose one")
 

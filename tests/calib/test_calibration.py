@@ -58,6 +58,27 @@ def test_stacked_linears_quantize_as_they_would_alone(sym, clip_search):
             assert all(torch.equal(alone[k], part[k]) for k in alone)
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_with_level_scales(clip_search):
+    """Integer-multiplier group scales in GPTQ: each row's scales are one unit times 1..15, and GPTQ still
+    beats round-to-nearest with the same kind of scales."""
+    from atomq.quant.intq import level_base
+
+    x = correlated_inputs()
+    w = torch.randn(64, 256) * (torch.rand(1, 256) + 0.2)
+    split = plan_split(256, 32, 32)
+    pw = gptq_quantize(w, x.t() @ x, split, 4, 0.85, clip_search=clip_search, levels=15)
+    unit = level_base(w[:, : split.k_normal], 4, 15).float()
+    mult = pw.scales.float() / unit
+    assert torch.equal(mult, mult.round()) and mult.min() >= 1 and mult.max() <= 15  # exact multiples
+    rtn = quantize_weight_rtn(w, split, 4, 0.85, clip_search=clip_search, levels=15)
+    ref = x @ w.t()
+    err = {name: ((x @ p.dequantize().t() - ref).norm() / ref.norm()).item() for name, p in (("gptq", pw), ("rtn", rtn))}
+    assert err["gptq"] < 0.5 * err["rtn"], err
+    with pytest.raises(ValueError, match="symmetric groups"):
+        gptq_quantize(w, x.t() @ x, plan_split(256, 32, None), 4, 0.85, levels=15)
+
+
 def test_gptq_outputs_valid_codes_and_handles_dead_channels():
     x = correlated_inputs(k=128)
     x[:, 5] = 0  # a channel that is never active

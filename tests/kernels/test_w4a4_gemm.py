@@ -137,3 +137,4 @@ def test_full_size_gpu(m, n, k):
         assert bool(torch.isfinite(y).all())
         yr = ref.w4a4_gemm(a.to_actq(), sub, bias[cols], out_dtype=torch.float64)
         assert _rel(y[:, cols], yr) <= TOL[dt]
+

@@ -112,3 +112,34 @@ def test_clip_search_never_does_worse_than_any_fixed_clip():
     for c in CLIP_GRID:
         fixed = (fake_quant(x, 4, 64, clip=c) - x).pow(2).view(16, 4, 64).sum(-1)
         assert (err <= fixed + 1e-6).all()
+
+
+@pytest.mark.parametrize("levels", [4, 15])
+def test_level_scales_are_integer_multiples_of_one_unit_per_row(levels):
+    """Integer-multiplier group scales: every group's scale is unit * m with m in 1..levels, the unit one
+    fp16 per row; the values stay on the 4-bit grid and no worse than levels allow."""
+    from atomq.quant.intq import level_base, sym_scale_levels
+
+    x = torch.randn(6, 256) * torch.rand(6, 256).pow(4) * 10  # groups of very different ranges
+    scale = sym_scale_levels(x, 4, 32, 0.9, levels)
+    unit = level_base(x, 4, levels, 0.9)
+    mult = scale.float() / unit.float()
+    assert torch.equal(mult, mult.round()) and mult.min() >= 1 and mult.max() == levels  # exact multiples
+    qt = quantize_sym(x, 4, 32, scale=scale)
+    assert qt.q.min() >= -8 and qt.q.max() <= 7
+    err = (dequantize(qt) - x).pow(2).sum()
+    err_free = (fake_quant(x, 4, 32, 0.9) - x).pow(2).sum()
+    assert err < (3.0 if levels == 4 else 1.5) * err_free  # a coarse scale grid costs, a fine one little
+
+
+def test_mixed_quantization_with_levels_needs_symmetric_groups():
+    from atomq.quant import fake_quant_mixed
+
+    x = torch.randn(3, 192)
+    split = plan_split(192, 32, 32)
+    y = fake_quant_mixed(x, split, 4, 0.9, levels=15)
+    assert y.shape == x.shape and torch.equal(y[:, 160:], fake_quant_mixed(x, split, 4, 0.9)[:, 160:])
+    with pytest.raises(ValueError, match="symmetric groups"):
+        fake_quant_mixed(x, plan_split(192, 32, None), 4, 0.9, levels=15)
+    with pytest.raises(ValueError, match="symmetric groups"):
+        fake_quant_mixed(x, split, 4, 0.9, sym=False, levels=15)

@@ -66,14 +66,15 @@ def make_problem(n: int, k: int, m: int, device: str = "cuda", n_out: int = N_OU
 
 
 def bench_gemm_shape(n: int, k: int, m: int, configs: dict | None = None, baselines: bool = True,
-                     which: tuple[str, ...] = ("fp8", "int8", "w4a16"), gs: int | None = GROUP_SIZE) -> dict:
+                     which: tuple[str, ...] = ("fp8", "int8", "w4a16"), gs: int | None = GROUP_SIZE,
+                     n_out: int = N_OUTLIERS) -> dict:
     """Time every GEMM variant on one shape. configs: name -> (GemmConfig or None, operand 'int8'|'fp8'
     [, prepare_weight's row_tile]). baselines: also cuBLAS FP16 and the ``which`` others."""
     from ..kernels.quantize import quantize_act
     from ..kernels.w4a4_gemm import prepare_weight, w4a4_gemm
 
     dev = "cuda"
-    x, w, pw, split = make_problem(n, k, m, gs=gs)
+    x, w, pw, split = make_problem(n, k, m, gs=gs, n_out=n_out)
     row: dict = {"M": m, "N": n, "K": k, "flop": 2.0 * m * n * k}
     configs = configs or {"ours": (None, "int8")}
     pws_by_rt: dict = {}

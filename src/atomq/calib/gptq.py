@@ -8,7 +8,9 @@ by the inverse Hessian's Cholesky factor, is fed to the columns not yet rounded.
   error-updated weights, with the weight clip ratio;
 * the outlier columns (last n_out) receive the error feedback like the others, then are rounded to
   INT8 with one scale per output row computed from their updated values;
-* per-row mode (no groups) takes the scale from the original weights, as GPTQ does.
+* per-row mode (no groups) takes the scale from the original weights, as GPTQ does;
+* ``levels``: each group's scale is rounded to an integer multiple (1..levels) of one unit per row, the
+  unit taken from the original weights (``intq.level_base``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import PackedWeight, QTensor, Split
-from ..quant.intq import asym_params, sym_scale, sym_scale_search
+from ..quant.intq import asym_params, level_base, snap_scales, sym_scale, sym_scale_search
 from ..quant.mixed import OUTLIER_BITS
 
 
@@ -41,7 +43,7 @@ def _blocks(split: Split, block: int) -> list[tuple[int, int]]:
 
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True,
-    damp: float = 0.01, block: int = 128, clip_search: bool = False,
+    damp: float = 0.01, block: int = 128, clip_search: bool = False, levels: int | None = None,
 ) -> PackedWeight:
     """w [N, K] float (reordered), h [K, K] Hessian (sum of x x^T, same order) -> PackedWeight.
 
@@ -66,6 +68,9 @@ def gptq_quantize(
     qmax = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
     qmin = -(2 ** (bits - 1)) if sym else 0
     s_out = None
+    if levels is not None and (g is None or not sym):
+        raise ValueError("integer-multiplier scales (levels) need symmetric groups")
+    unit = None if levels is None else level_base(w[:, : split.k_normal], bits, levels)  # [N, 1]
     if g is None:  # per-row: parameters from the original weights
         if sym and clip_search:
             scales[:, 0:1] = sym_scale_search(w[:, : split.k_normal], bits, None)
@@ -92,6 +97,8 @@ def gptq_quantize(
                         scales[:, gi : gi + 1] = sym_scale(wb[:, j : j + g], bits, None, clip)
                     else:
                         scales[:, gi : gi + 1], zeros[:, gi : gi + 1] = asym_params(wb[:, j : j + g], bits, None, clip)
+                    if unit is not None:
+                        scales[:, gi : gi + 1] = snap_scales(scales[:, gi : gi + 1], unit, levels)[1]
                 s = scales[:, gi].double().unsqueeze(1)
                 z = None if sym else zeros[:, gi].double().unsqueeze(1)
                 lo, hi = qmin, qmax

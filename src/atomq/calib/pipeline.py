@@ -88,9 +88,10 @@ def quantize_layer_tensors(
         w = torch.cat(ws) if len(ws) > 1 else ws[0]
         if qcfg.gptq:
             pw = gptq_quantize(w, stats[key].h, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym,
-                               qcfg.gptq_damp, qcfg.gptq_block, qcfg.w_clip_search)
+                               qcfg.gptq_damp, qcfg.gptq_block, qcfg.w_clip_search, qcfg.w_scale_levels)
         else:
-            pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym, qcfg.w_clip_search)
+            pw = quantize_weight_rtn(w, split, qcfg.w_bits, qcfg.w_clip, qcfg.w_sym, qcfg.w_clip_search,
+                                     qcfg.w_scale_levels)
         start = 0
         for name, wi in zip(names, ws):
             part = pw.rows(start, start + wi.shape[0])

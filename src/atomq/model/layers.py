@@ -32,6 +32,7 @@ class LinearSpec:
     w_sym: bool = True
     a_bits: int | None = None
     a_clip: float = 1.0
+    a_levels: int | None = None  # activation group scales as integer multiples of one per token (quant.intq)
     own_index: bool = False  # the linear gathers its input itself (o_proj); otherwise the norm does
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -98,7 +99,7 @@ class Linear(nn.Module):
         if s.own_index:
             x = x.index_select(-1, self.reorder_index.long())
         if s.a_bits is not None:
-            x = fake_quant_mixed(x, s.split, s.a_bits, s.a_clip)
+            x = fake_quant_mixed(x, s.split, s.a_bits, s.a_clip, levels=s.a_levels)
         return x
 
     def matmul(self, x) -> torch.Tensor:
@@ -125,7 +126,8 @@ def shared_forward(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
     if first.kernel is not None and len(first.kernel_outputs) == len(linears) > 1:
         outs = first.matmul(first.prepare_input(x2)).split(first.kernel_outputs, dim=-1)
     else:
-        input_spec = lambda lin: (lin.spec.split, lin.spec.a_bits, lin.spec.a_clip, lin.spec.own_index)  # noqa: E731
+        input_spec = lambda lin: (lin.spec.split, lin.spec.a_bits, lin.spec.a_clip, lin.spec.a_levels,  # noqa: E731
+                                  lin.spec.own_index)
         hooked = any(lin._forward_pre_hooks or lin._forward_hooks for lin in linears)  # calibration observers
         same = all(input_spec(lin) == input_spec(first) for lin in linears)
         if same and not hooked and not first.spec.own_index and first.kernel is None:

@@ -35,6 +35,8 @@ def stored_format(lin: Linear) -> str:
     s = lin.spec
     if s.w_bits is None and s.a_bits is None:
         return "float"
+    if s.a_levels is not None:  # integer-multiplier activation scales: reference numerics only so far
+        return "other"
     if s.w_bits == 4 and s.w_sym and s.a_bits in (4, 8):  # 8-bit activations: W4A8 on the same kernels
         return "atom"
     if s.w_bits == 8 and s.w_sym and s.a_bits == 8 and s.split.group_size is None and not s.split.n_outliers:

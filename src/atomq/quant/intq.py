@@ -76,6 +76,29 @@ def sym_scale_search(x: torch.Tensor, bits: int, group_size: int | None, clips=C
     return best
 
 
+def level_base(x: torch.Tensor, bits: int, levels: int, clip: float = 1.0) -> torch.Tensor:
+    """fp16 [..., 1]: the unit of integer-multiplier group scales over the last dimension of x [..., K],
+    clip * max|x| / (qmax * levels) rounded up to 7 significant bits, so that ``levels`` units cover the
+    largest group and every multiple unit * m (m <= 15) is exact in fp16."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_RANGE)
+    mant, exp = torch.frexp(amax * clip / (qmax * levels))
+    return torch.ldexp(torch.ceil(mant * 128) / 128, exp).to(SCALE_DTYPE)
+
+
+def snap_scales(scale: torch.Tensor, base: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales [..., G] rounded to integer multiples of base [..., 1]: (multiplier uint8 [..., G] in
+    1..levels, scale fp16 [..., G] = base * multiplier, exact)."""
+    mult = torch.round(scale.float() / base.float()).clamp(1, levels)
+    return mult.to(torch.uint8), (base.float() * mult).to(SCALE_DTYPE)
+
+
+def sym_scale_levels(x: torch.Tensor, bits: int, group_size: int, clip: float, levels: int) -> torch.Tensor:
+    """fp16 scale [..., G] for symmetric groups whose scales are integer multiples (1..levels) of one
+    per-row unit (``level_base`` with the same clip): the clipped group scale rounded to the nearest one."""
+    return snap_scales(sym_scale(x, bits, group_size, clip), level_base(x, bits, levels, clip), levels)[1]
+
+
 def quantize_sym(
     x: torch.Tensor, bits: int, group_size: int | None = None, clip: float = 1.0,
     scale: torch.Tensor | None = None,

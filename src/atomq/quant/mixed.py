@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .intq import QTensor, dequantize, quantize_asym, quantize_sym, sym_scale_search
+from .intq import (QTensor, dequantize, level_base, quantize_asym, quantize_sym, snap_scales, sym_scale_levels,
+                   sym_scale_search)
 from .layout import Split
 from .pack import pack_int4, unpack_int4
 
@@ -18,17 +19,23 @@ OUTLIER_BITS = 8
 
 
 def quantize_mixed(
-    x: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True
+    x: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True, levels: int | None = None,
 ) -> tuple[QTensor, QTensor | None]:
     """x [..., K] (already reordered) -> (normal part [..., Kn], outlier part [..., n_out] or None).
 
     The normal part is ``bits``-bit per group with ``clip``; the outliers are symmetric INT8 per row
-    with no clipping.
+    with no clipping. ``levels`` (symmetric groups): every group scale is an integer multiple, 1..levels,
+    of one unit per row (``intq.level_base``).
     """
     if x.shape[-1] != split.k:
         raise ValueError(f"expected last dimension {split.k}, got {tuple(x.shape)}")
     normal, outl = x[..., : split.k_normal], x[..., split.k_normal :]
-    if sym:
+    if levels is not None:
+        if not sym or split.group_size is None:
+            raise ValueError("integer-multiplier scales need symmetric groups")
+        qn = quantize_sym(normal, bits, split.group_size,
+                          scale=sym_scale_levels(normal, bits, split.group_size, clip, levels))
+    elif sym:
         qn = quantize_sym(normal, bits, split.group_size, clip)
     else:
         qn = quantize_asym(normal, bits, split.group_size, clip)
@@ -43,9 +50,10 @@ def dequantize_mixed(qn: QTensor, qo: QTensor | None, dtype=torch.float32) -> to
     return torch.cat(parts, dim=-1)
 
 
-def fake_quant_mixed(x: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True) -> torch.Tensor:
+def fake_quant_mixed(x: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True,
+                     levels: int | None = None) -> torch.Tensor:
     """Quantize-dequantize x [..., K] in the mixed format; same shape and dtype as x."""
-    return dequantize_mixed(*quantize_mixed(x, split, bits, clip, sym), dtype=x.dtype)
+    return dequantize_mixed(*quantize_mixed(x, split, bits, clip, sym, levels), dtype=x.dtype)
 
 
 @dataclass
@@ -108,14 +116,19 @@ class PackedWeight:
 
 
 def quantize_weight_rtn(
-    w: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True, clip_search: bool = False
+    w: torch.Tensor, split: Split, bits: int, clip: float, sym: bool = True, clip_search: bool = False,
+    levels: int | None = None,
 ) -> PackedWeight:
     """Round-to-nearest weight quantization: w [N, K] (reordered) -> PackedWeight.
 
     ``clip_search``: per (row, group) the clip ratio with the least squared error (symmetric only).
+    ``levels``: group scales are integer multiples (1..levels) of one unit per row (``intq.snap_scales``).
     """
-    qn, qo = quantize_mixed(w, split, bits, clip, sym)
+    qn, qo = quantize_mixed(w, split, bits, clip, sym, levels)
     if clip_search and sym:
         normal = w[:, : split.k_normal]
-        qn = quantize_sym(normal, bits, split.group_size, scale=sym_scale_search(normal, bits, split.group_size))
+        scale = sym_scale_search(normal, bits, split.group_size)
+        if levels is not None:
+            scale = snap_scales(scale, level_base(normal, bits, levels), levels)[1]
+        qn = quantize_sym(normal, bits, split.group_size, scale=scale)
     return PackedWeight.from_parts(qn, qo, bits=bits)
