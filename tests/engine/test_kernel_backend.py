@@ -36,6 +36,8 @@ RECIPES = {  # name -> (preset, overrides)
     "atom": ("atom", {"group_size": 32}),
     "atom-w4a8": ("atom", {"group_size": 32, "a_bits": 8, "a_clip": 1.0}),  # 8-bit activations, same kernels
     "atom-rotated-v-down": ("atom", {"v_rotate": True, "down_rotate": True}),
+    # integer-multiplier group scales: the GEMMs accumulate all of K in int32
+    "atom-levels": ("atom", {"group_size": 32, "w_scale_levels": 15, "a_scale_levels": 15}),
     "rot-outliers": ("rot-outliers", {}),
 }
 
@@ -84,6 +86,9 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
         # need the same rounding treatment)
         llm = LLM(lm, kv_cache_bytes=1 << 21, attention_backend="ref", linear_backend=backend, record_logits=True)
         assert llm.engine.linear_kernels == ({} if backend == "ref" else {"atom": 8})
+        if backend == "triton" and lm.qcfg.w_scale_levels:
+            kernel = lm.model.model.layers[0].self_attn.o_proj.kernel
+            assert kernel.weight.mult is not None and kernel.a_levels == 15
         runs[backend] = llm.generate([prompts[0], prompts[1]], params)
     if lm.qcfg.rotates_down:
         n = lm.model.model.layers[0].mlp.down_rotation.signs.shape[0]

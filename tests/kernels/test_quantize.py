@@ -213,3 +213,29 @@ def test_eight_bit_activations_equal_the_reference(m, k, n_out, gs, cfg, device)
     for out in ("packed", "fp8"):  # 8-bit values have no packed or e4m3 form
         with pytest.raises(ValueError, match="8-bit activations"):
             Q.quantize_act(x, idx, split, 8, out=out)
+
+
+@pytest.mark.parametrize("m,k,n_out,gs", [(7, 576, 128, 64), (3, 352, 32, 32), (2, 4096, 128, 128)])
+def test_integer_multiplier_scales_equal_the_reference(m, k, n_out, gs, device):
+    """levels: every group scale an integer multiple (1..15) of one unit per token, the operand holding
+    q * multiplier and s4 the unit; all three kernels against ref, decode sizes (one program per row)."""
+    split = plan_split(k, n_out, gs)
+    x, res, w, idx = _inputs(m, k, device, seed=5 * m + k)
+    x = (x.float() * torch.rand(m, k, generator=torch.Generator().manual_seed(k)).to(device).pow(3)).half()
+    a = Q.quantize_act(x, idx, split, out="int8", levels=15)
+    r = ref.quantize_act(x, idx, split, levels=15)
+    assert r.q4.abs().max() > 8 and bool((r.s4 == r.s4[:, :1]).all())  # multipliers in q, one unit per row
+    _assert_actq_equal(tuple(a), r)
+    g = torch.Generator(device="cpu").manual_seed(m)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(torch.float16).to(device)
+    _assert_actq_equal(tuple(Q.silu_mul_quantize(gate_up, split, out="int8", levels=15)),
+                       ref.silu_mul_quantize(gate_up, split, levels=15))
+    n, new_res = Q.rmsnorm_quantize(x, res, w, 1e-5, idx, split, out="int8", levels=15)
+    rn, ref_res = ref.rmsnorm_quantize(x, res, w, 1e-5, idx, split, levels=15)
+    assert torch.equal(new_res, ref_res)
+    diff = sum((u != v).sum().item() for u, v in zip(n, rn) if u is not None)
+    assert diff <= max(2, 1e-4 * sum(u.numel() for u in rn)), diff  # rare sum-of-squares ties
+    with pytest.raises(ValueError, match="levels"):
+        Q.quantize_act(x, idx, split, out="packed", levels=15)
+    with pytest.raises(ValueError, match="levels"):
+        Q.quantize_act(x, idx, plan_split(k, n_out, None), out="int8", levels=15)

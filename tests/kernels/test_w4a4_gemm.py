@@ -94,6 +94,27 @@ def test_w4a8_through_the_same_kernel(m, n, k, n_out, gs, device):
     assert _rel(y, exact) < 0.5 * _rel(w4a4_gemm(a4, prepare_weight(pw), bias), exact)
 
 
+@pytest.mark.parametrize("m,n,k,n_out,gs", [(7, 40, 576, 128, 128), (17, 32, 352, 32, 32), (5, 48, 448, 0, 64)])
+def test_integer_multiplier_scales_accumulate_in_int32(m, n, k, n_out, gs, device):
+    """Group scales that are integer multiples of one per weight row / token: the kernel folds the
+    multipliers into its int8 operands and sums all of K in int32; it equals the reference and the
+    promoting loop, with and without split K."""
+    x, _, split, bias = _problem(m, n, k, n_out, gs, device, m * 5 + k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(device)
+    pw = quantize_weight_rtn(w, split, 4, 0.85, levels=15)
+    a = Q.quantize_act(x, None, split, out="int8", levels=15)
+    assert a.qa.abs().max() > 8  # the multipliers are in the operand
+    p = prepare_weight(pw, levels=15)
+    yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), pw, bias, out_dtype=torch.float64)
+    for split_k in (1, 3):
+        cfg = GemmConfig(block_n=32, block_m=16, num_warps=4, num_stages=1, split_k=split_k)
+        y = w4a4_gemm(a, p, bias, config=cfg, uniform_act_scales=True)
+        assert _rel(y, yr) <= TOL[torch.float16]
+        assert _rel(w4a4_gemm(a, p, bias, config=cfg), yr) <= TOL[torch.float16]  # the promoting loop
+    with pytest.raises(ValueError, match="integer multiples"):
+        prepare_weight(quantize_weight_rtn(w, split, 4, 0.85), levels=15)
+
+
 def test_split_k_matches(device):
     x, pw, split, bias = _problem(3, 32, 576, 128, 64, device, 5)
     a = Q.quantize_act(x, None, split, out="int8")
@@ -137,4 +158,3 @@ def test_full_size_gpu(m, n, k):
         assert bool(torch.isfinite(y).all())
         yr = ref.w4a4_gemm(a.to_actq(), sub, bias[cols], out_dtype=torch.float64)
         assert _rel(y[:, cols], yr) <= TOL[dt]
-

@@ -125,9 +125,12 @@ def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch, gather: bool) -> tuple[int,
 
 
 def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
-            config: QuantizeLaunch | None = None, weight_gathered: bool = False):
+            config: QuantizeLaunch | None = None, weight_gathered: bool = False, levels: int | None = None):
     if bits not in (4, 8):
         raise ValueError(f"the Triton quantize kernels produce 4- or 8-bit activations, got bits={bits}")
+    if levels is not None and (bits != 4 or split.group_size is None or out != "int8" or not 2 <= levels <= 15):
+        raise ValueError(f"integer-multiplier scales (levels {levels}) need 4-bit groups, levels in 2..15 and "
+                         f"out='int8' (got bits {bits}, group size {split.group_size}, out {out!r})")
     if out not in _OUT_KINDS:
         raise ValueError(f"out must be one of {sorted(_OUT_KINDS)}, got {out!r}")
     if bits == 8 and out != "int8":
@@ -174,7 +177,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         raise ValueError(f"norm_block must be a power of two (or 0), got {cfg.norm_block}")
     dummy = s4
     bk = _next_pow2(k)
-    if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs):
+    if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs) and levels is None:
         rows, warps = _pick_rows(m, bk, cfg, index is not None)
         if weight_gathered and index is not None:  # this kernel normalizes before the gather
             weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)
@@ -196,7 +199,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     if gs:
         block = max(block, gs)
     chunk = kn  # channels of the normal part per program
-    if gs and m <= 16:  # decode: split each row's groups over programs (each recomputes the norm's sum of squares)
+    if gs and m <= 16 and levels is None:  # decode: split each row's groups over programs (each recomputes
+        # the norm's sum of squares); integer-multiplier scales need the whole row's maximum in one program
         small = max(gs, 64 if interpreting() else 256)
         want = max(1, (2 * _num_sms(dev)) // max(m, 1))
         if want > 1:
@@ -217,7 +221,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
-        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, QMAX=2 ** (bits - 1) - 1,
+        ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, QMAX=2 ** (bits - 1) - 1, LEVELS=levels or 0,
         num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
@@ -229,17 +233,18 @@ def _pack(out: str, q, s4, q8, s8):
 
 def quantize_act(
     x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
-    out: str = "packed", config: QuantizeLaunch | None = None,
+    out: str = "packed", config: QuantizeLaunch | None = None, levels: int | None = None,
 ) -> ActQ | ActOp:
-    """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act)."""
-    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config)
+    """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act;
+    ``levels``: integer-multiplier group scales, out='int8' only, qa = q * multiplier)."""
+    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config, levels=levels)
     return _pack(out, q, s4, q8, s8)
 
 
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantizeLaunch | None = None, weight_gathered: bool = False,
+    config: QuantizeLaunch | None = None, weight_gathered: bool = False, levels: int | None = None,
 ) -> tuple[ActQ | ActOp, torch.Tensor]:
     """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
 
@@ -247,16 +252,17 @@ def rmsnorm_quantize(
     which saves a gathered read per channel); index: int32 [K] or None.
     Returns (quantized activations, new residual [M, K] = x + residual, or x itself when residual is None).
     """
-    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config, weight_gathered)
+    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config, weight_gathered,
+                                 levels)
     return _pack(out, q, s4, q8, s8), res
 
 
 def silu_mul_quantize(
     gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantizeLaunch | None = None,
+    config: QuantizeLaunch | None = None, levels: int | None = None,
 ) -> ActQ | ActOp:
     """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
-    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config)
+    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config, levels=levels)
     return _pack(out, q, s4, q8, s8)
 
 
@@ -377,7 +383,7 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7,
+        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -389,7 +395,9 @@ if triton is not None:
         load of the norm's sum of squares (the whole row at decode sizes). GATHER_RES (one program
         per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
         ONE_BLOCK (CHUNK == BLOCK, with groups): the program's reorder index and norm weight load before
-        the wait for the kernel ahead (USE_GDC, kernels/pdl.py).
+        the wait for the kernel ahead (USE_GDC, kernels/pdl.py). LEVELS (groups, CHUNK the whole row): the
+        group scales are integer multiples (1..LEVELS) of one unit per row, found in a first pass over the
+        row; q holds q * multiplier and every group's s4 the unit (ref.quantize_act).
         """
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
@@ -440,6 +448,18 @@ if triton is not None:
                                 MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
+            if LEVELS:  # the unit: clip * max|normal channel| / (QMAX * LEVELS), rounded up to 7 significant bits
+                amax_v = tl.zeros([BLOCK], tl.float32)
+                for c0 in range(c_begin, c_end, BLOCK):
+                    offs = c0 + tl.arange(0, BLOCK)
+                    consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
+                    v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
+                                    MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
+                    amax_v = tl.maximum(amax_v, tl.abs(v))
+                t = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 1.0 * QMAX * LEVELS)
+                t = ((t.to(tl.int32, bitcast=True) + 0x1FFFF) & -131072).to(tl.float32, bitcast=True)
+                unit16 = t.to(tl.float16)
+                unit = unit16.to(tl.float32)
             for c0 in range(c_begin, c_end, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 if ONE_BLOCK:
@@ -452,8 +472,13 @@ if triton is not None:
                 amax = tl.max(tl.abs(vg), 1)
                 scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)  # [BLOCK // GS]
                 gidx = c0 // GS + tl.arange(0, BLOCK // GS)
-                tl.store(s4_ptr + row * stride_sm + gidx, scale, mask=gidx < G)
-                qg = _sym_q(vg, scale.to(tl.float32)[:, None], QMAX)
+                if LEVELS:
+                    mult = tl.minimum(tl.maximum(_rint(tl.math.div_rn(scale.to(tl.float32), unit)), 1.0), 1.0 * LEVELS)
+                    tl.store(s4_ptr + row * stride_sm + gidx, tl.zeros_like(scale) + unit16, mask=gidx < G)
+                    qg = _sym_q(vg, (unit * mult)[:, None], QMAX) * mult[:, None]
+                else:
+                    tl.store(s4_ptr + row * stride_sm + gidx, scale, mask=gidx < G)
+                    qg = _sym_q(vg, scale.to(tl.float32)[:, None], QMAX)
                 _store_q4(q_ptr, row * stride_qm, c0, tl.reshape(qg, [BLOCK]), KN, OUT_KIND, BLOCK)
 
         if NO > 0 and last:

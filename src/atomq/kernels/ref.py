@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import PackedWeight, Split, pack_int4, quantize_mixed, unpack_int4
-from ..quant.intq import asym_params, quantize_asym
+from ..quant.intq import asym_params, quantize_asym, quantize_levels
 
 # --------------------------------------------------------------------------------------------------
 # Norms and activation quantization
@@ -52,14 +52,24 @@ def rmsnorm(
 
 
 def quantize_act(
-    x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9
+    x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
+    levels: int | None = None,
 ) -> ActQ:
     """Gather x [M, K] by ``index`` (int32 [K], or None) and quantize to the ActQ layout (bits 4, or 8:
-    the normal part unpacked int8)."""
+    the normal part unpacked int8). ``levels`` (4 bits, groups): group scales are integer multiples
+    (1..levels) of one unit per token; q4 then holds q * multiplier unpacked (int8, |v| <= 8 * levels) and
+    every group of s4 the token's unit (quant.intq.quantize_levels)."""
     if bits not in (4, 8):
         raise ValueError(f"activations are quantized to 4 or 8 bits, got {bits}")
     if index is not None:
         x = x.index_select(-1, index.long())
+    if levels is not None:
+        if bits != 4 or split.group_size is None:
+            raise ValueError("integer-multiplier activation scales need 4-bit groups")
+        qm, unit = quantize_levels(x[..., : split.k_normal], bits, split.group_size, clip, levels)
+        qo = quantize_mixed(x, split, bits, clip)[1]
+        s4 = unit.expand(*unit.shape[:-1], split.n_groups).contiguous()
+        return ActQ(qm, s4, qo.q if qo else None, qo.scale if qo else None)
     qn, qo = quantize_mixed(x, split, bits, clip)
     return ActQ(pack_int4(qn.q) if bits == 4 else qn.q, qn.scale, qo.q if qo else None, qo.scale if qo else None)
 
@@ -67,6 +77,7 @@ def quantize_act(
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, weight_gathered: bool = False,
+    levels: int | None = None,
 ) -> tuple[ActQ, torch.Tensor]:
     """Fused (residual add +) RMSNorm + reorder gather + quantization. Returns (ActQ, new residual).
 
@@ -74,14 +85,15 @@ def rmsnorm_quantize(
     if weight_gathered and index is not None:
         weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)  # back to input order
     y, res = rmsnorm(x, weight, eps, residual)
-    return quantize_act(y, index, split, bits, clip), res
+    return quantize_act(y, index, split, bits, clip, levels), res
 
 
-def silu_mul_quantize(gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9) -> ActQ:
+def silu_mul_quantize(gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9,
+                      levels: int | None = None) -> ActQ:
     """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (down_proj input)."""
     gate, up = gate_up.chunk(2, dim=-1)
     h = (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
-    return quantize_act(h, None, split, bits, clip)
+    return quantize_act(h, None, split, bits, clip, levels)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

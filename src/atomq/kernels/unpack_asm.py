@@ -21,6 +21,25 @@ xor.b32 $1, t, f;
 }
 """
 
+# int8 out, each nibble times its group's multiplier m (1..15; 0 for padding). Args: $2 the packed bytes,
+# $3 / $11 the multipliers of the low / high nibbles, $7 / $15 the constants 0x80808080 - m * 0x08080808
+# (each arg of pack 4 fills four registers; their copies are equal). Per byte: n = v + 8 in 0..15, then
+# n * m + 128 - 8m stays in 8..233 (no carries between bytes), ^ 0x80 gives v * m as a signed byte.
+UNPACK_INT8_MULT_ASM = """{
+.reg .b32 t, m, e, f;
+mov.b32 m, 0x0f0f0f0f;
+mov.b32 e, 0x08080808;
+mov.b32 f, 0x80808080;
+lop3.b32 t, $2, m, e, 0x6a;
+mad.lo.u32 t, t, $3, $7;
+xor.b32 $0, t, f;
+shr.u32 t, $2, 4;
+lop3.b32 t, t, m, e, 0x6a;
+mad.lo.u32 t, t, $11, $15;
+xor.b32 $1, t, f;
+}
+"""
+
 # float8_e4m3fn out: the nibble (offset by 8) goes into the mantissa of fp16 1024 (prmt), minus 1032
 # gives v exactly in fp16, then a saturating convert to e4m3 (exact for -8..7).
 UNPACK_FP8_ASM = """{

@@ -25,6 +25,11 @@ Prepared weight layout (``prepare_weight``, once at load time), S = min(group_si
     sw:  fp32 [GP, N] group scales, transposed; GP = KP // group_size (padding groups 0).
          Per-row weights (group_size None): fp32 [1, N].
     w8:  int8 [N, n_out] outlier weights, s8w: fp32 [N] (absent when n_out == 0).
+    mult, unit (weights whose group scales are integer multiples of one per row, ``levels``): int32 [GP, N]
+         multipliers (padding groups 0) and fp32 [N] units, sw = unit * mult. With activations whose group
+         scales are all one per token (``uniform_act_scales``), the kernel multiplies each unpacked weight
+         by its group's multiplier (one IMAD per 4 values, in place of an add) and sums all of K in int32:
+         no per-group promotion, the group-free loop.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import PackedWeight, unpack_int4
+from ..quant.intq import split_level_scales
 from . import interpreter_compat, w4a4_gemv
 from .counters import arrival_counters
 from .pdl import launch_options
 from .quantize import ActOp, interpreting
 from .ref import ActQ
-from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM
+from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM, UNPACK_INT8_MULT_ASM
 
 try:  # guarded: atomq imports without triton
     import triton
@@ -64,16 +70,20 @@ class PreparedWeight:
     group_size: int | None
     span: int
     row_tile: int = 1
+    mult: torch.Tensor | None = None
+    unit: torch.Tensor | None = None
 
     @property
     def n_groups(self) -> int:
         return 1 if self.group_size is None else self.kn // self.group_size
 
 
-def prepare_weight(w: PackedWeight, row_tile: int = 16) -> PreparedWeight:
+def prepare_weight(w: PackedWeight, row_tile: int = 16, levels: int | None = None) -> PreparedWeight:
     """PackedWeight (4-bit symmetric, qweight uint8 [N, Kn // 2]) -> PreparedWeight on the same device.
 
     row_tile: rows per contiguous tile of the 4-bit weights (module docstring); 1 = row-major.
+    levels: the group scales are integer multiples (1..levels) of one per row (``QuantConfig.w_scale_levels``):
+    keep the multipliers for the integer-accumulating loop (module docstring).
     """
     if row_tile < 1 or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two, got {row_tile}")
@@ -105,7 +115,15 @@ def prepare_weight(w: PackedWeight, row_tile: int = 16) -> PreparedWeight:
         w8 = w.qweight_outlier.contiguous()
         s8w = w.scales_outlier.float().reshape(n).contiguous()
         n_out = w8.shape[1]
-    return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span, rt)
+    mult = unit = None
+    if levels is not None:
+        parts = split_level_scales(w.scales, levels) if gs is not None else None
+        if parts is None:
+            raise ValueError(f"the weight's group scales are not integer multiples (1..{levels}) of one per row")
+        mult = torch.zeros(gp, n, dtype=torch.int32, device=q.device)
+        mult[:g_count] = parts[0].to(torch.int32).t()
+        unit = parts[1].contiguous()
+    return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span, rt, mult, unit)
 
 
 def act_operand(a: ActQ | ActOp) -> ActOp:
@@ -220,13 +238,16 @@ def _gemv_split(cfg: GemmConfig, programs: int, n_blocks: int, device: torch.dev
 
 def w4a4_gemm(
     a: ActQ | ActOp, w: PreparedWeight | PackedWeight, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None,
+    out_dtype: torch.dtype = torch.float16, config: GemmConfig | None = None, uniform_act_scales: bool = False,
 ) -> torch.Tensor:
     """Mixed W4A4 GEMM (twin: ref.w4a4_gemm).
 
     a: ActOp (qa int8 or float8_e4m3fn [M, Kn], s4 fp16 [M, G], q8 int8 [M, n_out], s8 fp16 [M, 1])
        or a packed ActQ (unpacked here with torch, slower). w: PreparedWeight (or PackedWeight, repacked
        on every call: prepare once for speed). bias: [N] or None. Returns out_dtype (fp16/bf16) [M, N].
+    uniform_act_scales: the caller vouches that each row of a.s4 holds one value (activations whose group
+       scales are integer multiples folded into qa); with a weight prepared with ``levels`` the tensor-core
+       kernel then accumulates all of K in int32 (module docstring).
     """
     if triton is None:
         raise RuntimeError("the Triton kernels need the 'triton' package (pip install atomq[triton])")
@@ -288,18 +309,21 @@ def w4a4_gemm(
     fused = locks is not None
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     gpu = not interpreting()
+    mult = w.mult is not None and uniform_act_scales and not fp8
     _w4a4_kernel[(tiles, split)](
         w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
+        w.mult if mult else dummy, w.unit if mult else dummy,
         a.qa, a.s4, q8, s8,
         bias if bias is not None else dummy, target, out, locks if fused else dummy,
         m, n, kn, w.n_groups, w.n_out, n_iters, per_split, split,
-        w.sw.stride(0), w.w8.stride(0) if has_out else 0,
+        w.sw.stride(0), w.w8.stride(0) if has_out else 0, w.mult.stride(0) if mult else 0,
         a.qa.stride(0), a.s4.stride(0), q8.stride(0), s8.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
         S=w.span, GS=w.group_size or 0, RT=w.row_tile, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
         GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
-        PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span, FUSED=fused,
+        PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span and not mult, FUSED=fused,
+        MULT=mult,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(out.device),
     )
     if split > 1 and not fused:
@@ -343,6 +367,28 @@ if triton is not None:
                 hi = hi.to(tl.float32).to(tl.float8e4nv)
         return lo, hi
 
+    _UNPACK_INT8_MULT = tl.constexpr(UNPACK_INT8_MULT_ASM)
+
+    @triton.jit
+    def _unpack_mult(wp, ml, mh, USE_ASM: tl.constexpr):
+        """Packed bytes int8 [BN, S] and the row multipliers of the low / high halves' groups (int32 [BN],
+        0..15) -> (low nibbles * ml, high nibbles * mh), int8 [BN, S] each."""
+        if USE_ASM:
+            shape = wp.shape
+            # 0x80808080 - m * 0x08080808 per row, wrapped to 32 bits (asm's byte-wise offsets)
+            cl = (2155905152 - ml.to(tl.int64) * 134744072).to(tl.int32)
+            ch = (2155905152 - mh.to(tl.int64) * 134744072).to(tl.int32)
+            lo, hi = tl.inline_asm_elementwise(
+                asm=_UNPACK_INT8_MULT,
+                constraints="=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                args=[wp, tl.broadcast_to(ml[:, None], shape), tl.broadcast_to(cl[:, None], shape),
+                      tl.broadcast_to(mh[:, None], shape), tl.broadcast_to(ch[:, None], shape)],
+                dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            lo = (((wp << 4) >> 4).to(tl.int32) * ml[:, None]).to(tl.int8)
+            hi = ((wp >> 4).to(tl.int32) * mh[:, None]).to(tl.int8)
+        return lo, hi
+
     @triton.jit
     def _dot(a, b, acc, OP_FP8: tl.constexpr):
         """a [BN, K] @ b [K, BM] (+ acc): int8 -> int32, fp8 -> fp32 (exact for these small integers)."""
@@ -370,14 +416,15 @@ if triton is not None:
 
     @triton.jit
     def _w4a4_kernel(
-        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr, fin_ptr, lock_ptr,
-        M, N, KN, G, NO, N_ITERS, PER_SPLIT, SPLIT,
-        stride_swg, stride_w8n, stride_am, stride_sam, stride_a8m, stride_s8am,
+        w_ptr, sw_ptr, w8_ptr, s8w_ptr, mult_ptr, unit_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+        fin_ptr, lock_ptr, M, N, KN, G, NO, N_ITERS, PER_SPLIT, SPLIT,
+        stride_swg, stride_w8n, stride_mg, stride_am, stride_sam, stride_a8m, stride_s8am,
         stride_os, stride_om, stride_on,
         S: tl.constexpr, GS: tl.constexpr, RT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
-        DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, USE_GDC: tl.constexpr,
+        DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, MULT: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
@@ -385,6 +432,8 @@ if triton is not None:
         s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]). FUSED (with PARTIAL): the last
         program to finish a tile (arrival counter lock[tile]) sums the SPLIT partials in order, adds
         the bias and writes fin [M, N]; it then resets the counter to 0. USE_GDC: kernels/pdl.py.
+        MULT (groups): weights times their group's multiplier (mult int32 [GP, N]) as they unpack, one int32
+        sum over K, scaled once by unit[n] (fp32 [N]) * sa[m, 0] (each row of sa holds one value).
         """
         gdc_enter(USE_GDC)
         pid = tl.program_id(0)
@@ -418,12 +467,20 @@ if triton is not None:
             sav = tl.load(sa_ptr + offs_m * stride_sam + it0, mask=mask_m & (it0 < G), other=0.0).to(tl.float32)
         for it in range(it0, it1):
             wp = tl.load(w_rows + (it * (RT * S) + offs_s)[None, :], mask=mask_n[:, None], other=0)
-            wl, wh = _unpack(wp, USE_ASM, OP_FP8)
+            if MULT:  # the groups' multipliers of the low and high halves (one group per block, or one each)
+                ml = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it) * stride_mg + offs_n, mask=mask_n, other=0)
+                mh = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it + 1) * stride_mg + offs_n, mask=mask_n,
+                             other=0)
+                wl, wh = _unpack_mult(wp, ml, mh, USE_ASM)
+            else:
+                wl, wh = _unpack(wp, USE_ASM, OP_FP8)
             k_lo = it * (2 * S) + offs_s
             k_hi = k_lo + S
             al = tl.load(a_cols + k_lo[:, None], mask=mask_m[None, :] & (k_lo[:, None] < KN), other=0.0)
             ah = tl.load(a_cols + k_hi[:, None], mask=mask_m[None, :] & (k_hi[:, None] < KN), other=0.0)
-            if GS == 0:
+            if MULT:
+                acc_i = _dot(wh, ah, _dot(wl, al, acc_i, OP_FP8), OP_FP8)
+            elif GS == 0:
                 if OP_FP8:  # fresh fp32 per block keeps every partial sum exact
                     acc_i += _dot(wh, ah, _dot(wl, al, None, OP_FP8), OP_FP8)
                 else:
@@ -454,7 +511,11 @@ if triton is not None:
                 d = _dot(wh, ah, None, OP_FP8)
                 acc += _to_f32(d, OP_FP8, MAGIC_CVT) * _scales(
                     sw_ptr, sa_ptr, 2 * it + 1, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
-        if GS == 0:
+        if MULT:
+            unit = tl.load(unit_ptr + offs_n, mask=mask_n, other=0.0)
+            sa0 = tl.load(sa_ptr + offs_m * stride_sam, mask=mask_m, other=0.0).to(tl.float32)
+            acc = acc_i.to(tl.float32) * (unit[:, None] * sa0[None, :])
+        elif GS == 0:
             acc = acc_i.to(tl.float32) * _scales(
                 sw_ptr, sa_ptr, 0, G, stride_swg, stride_sam, offs_n, offs_m, mask_n, mask_m)
         elif DEFER:

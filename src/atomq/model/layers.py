@@ -33,6 +33,7 @@ class LinearSpec:
     a_bits: int | None = None
     a_clip: float = 1.0
     a_levels: int | None = None  # activation group scales as integer multiples of one per token (quant.intq)
+    w_levels: int | None = None  # the same for the stored weight's group scales (one unit per row)
     own_index: bool = False  # the linear gathers its input itself (o_proj); otherwise the norm does
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:

@@ -35,8 +35,6 @@ def stored_format(lin: Linear) -> str:
     s = lin.spec
     if s.w_bits is None and s.a_bits is None:
         return "float"
-    if s.a_levels is not None:  # integer-multiplier activation scales: reference numerics only so far
-        return "other"
     if s.w_bits == 4 and s.w_sym and s.a_bits in (4, 8):  # 8-bit activations: W4A8 on the same kernels
         return "atom"
     if s.w_bits == 8 and s.w_sym and s.a_bits == 8 and s.split.group_size is None and not s.split.n_outliers:
@@ -217,28 +215,33 @@ class W4A16Kernel(LinearKernel):
 
 class AtomKernel(LinearKernel):
     """Atom W4A4: the fused quantize kernel (gather + INT4 groups + INT8 outliers) and the mixed GEMM.
-    With ``a_bits`` 8 the groups' activations are 8-bit: W4A8 through the same int8-operand kernels."""
+    With ``a_bits`` 8 the groups' activations are 8-bit: W4A8 through the same int8-operand kernels.
+    ``a_levels`` / ``w_levels``: group scales that are integer multiples of one per token / weight row;
+    with both, the tensor-core GEMM accumulates all of K in int32 (kernels/w4a4_gemm.py)."""
 
     name = "atom"
 
     def __init__(self, pw: PackedWeight, split: Split, a_clip: float, index: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, a_bits: int = 4):
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, a_bits: int = 4, a_levels: int | None = None,
+                 w_levels: int | None = None):
         from ..kernels.w4a4_gemm import prepare_weight
 
-        self.weight = prepare_weight(pw)
+        self.weight = prepare_weight(pw, levels=w_levels)
         self.split, self.a_clip, self.index, self.bias, self.out_dtype = split, a_clip, index, bias, out_dtype
-        self.a_bits = a_bits
+        self.a_bits, self.a_levels = a_bits, a_levels
 
     def prepare_input(self, x):
         from ..kernels.quantize import quantize_act
 
-        return quantize_act(x.contiguous(), self.index, self.split, self.a_bits, self.a_clip, out="int8")
+        return quantize_act(x.contiguous(), self.index, self.split, self.a_bits, self.a_clip, out="int8",
+                            levels=self.a_levels)
 
     def matmul(self, a):
         from ..kernels.w4a4_gemm import w4a4_gemm
 
         out_dtype = self.out_dtype if self.out_dtype != torch.float32 else torch.float16
-        return w4a4_gemm(a, self.weight, self.bias, out_dtype).to(self.out_dtype)
+        return w4a4_gemm(a, self.weight, self.bias, out_dtype,
+                         uniform_act_scales=self.a_levels is not None).to(self.out_dtype)
 
 
 def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: str) -> LinearKernel | None:
@@ -272,7 +275,8 @@ def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: st
         if not use_kernels:
             return None
         index = lins[0].reorder_index if spec.own_index else None
-        return AtomKernel(_packed(lins), spec.split, spec.a_clip, index, bias, dtype, spec.a_bits)
+        return AtomKernel(_packed(lins), spec.split, spec.a_clip, index, bias, dtype, spec.a_bits, spec.a_levels,
+                          spec.w_levels)
     raise ValueError(f"weights stored as {fmt!r} have no run-time method")
 
 

@@ -88,7 +88,7 @@ def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, res
         k = first.kernel
         weight = norm.weight if index is None else norm.gathered_weight()
         return rmsnorm_quantize(x, residual, weight, norm.eps, index, k.split, k.a_bits, k.a_clip, out="int8",
-                                weight_gathered=index is not None)
+                                weight_gathered=index is not None, levels=k.a_levels)
     y, residual = ops.rmsnorm(x, norm.weight, norm.eps, residual)
     if index is not None:
         y = y.index_select(-1, index.long())
@@ -149,7 +149,7 @@ def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
         from ..kernels.quantize import silu_mul_quantize
 
         k = down.kernel
-        return down.matmul(silu_mul_quantize(gate_up, k.split, k.a_bits, k.a_clip, out="int8"))
+        return down.matmul(silu_mul_quantize(gate_up, k.split, k.a_bits, k.a_clip, out="int8", levels=k.a_levels))
     return down.matmul(down.prepare_input(ops.silu_mul(gate_up)))
 
 

@@ -91,7 +91,7 @@ def layer_specs(args: ModelArgs, qcfg: QuantConfig) -> dict[str, LinearSpec]:
             continue
         specs[name] = LinearSpec(
             k, n, bias, split=split, w_bits=qcfg.w_bits, w_sym=qcfg.w_sym,
-            a_bits=qcfg.a_bits, a_clip=qcfg.a_clip, a_levels=qcfg.a_scale_levels,
+            a_bits=qcfg.a_bits, a_clip=qcfg.a_clip, a_levels=qcfg.a_scale_levels, w_levels=qcfg.w_scale_levels,
             own_index=qcfg.reorder and (name == "self_attn.o_proj"
                                         or (qcfg.rotates_down and name.endswith(("down_proj", ".w2")))),
         )

@@ -93,10 +93,43 @@ def snap_scales(scale: torch.Tensor, base: torch.Tensor, levels: int) -> tuple[t
     return mult.to(torch.uint8), (base.float() * mult).to(SCALE_DTYPE)
 
 
+def split_level_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stored group scales fp16 [N, G] that are integer multiples of one unit per row -> (multiplier uint8
+    [N, G] in 1..levels, unit fp32 [N], with scale == unit * multiplier exactly), or None when some row's
+    scales are not. Per row, the unit is the row's largest scale divided by the largest j <= levels that
+    leaves every quotient an integer in 1..levels (any such split serves a GEMM equally)."""
+    s = scale.float()
+    top = s.amax(dim=-1, keepdim=True)
+    unit = torch.zeros_like(top)
+    found = torch.zeros_like(top, dtype=torch.bool)
+    for j in range(levels, 0, -1):
+        u = top / j
+        m = s / u
+        ok = ((m == m.round()) & (m >= 1) & (m <= levels) & (u * m.round() == s)).all(dim=-1, keepdim=True)
+        take = ok & ~found
+        unit = torch.where(take, u, unit)
+        found |= ok
+    if not bool(found.all()):
+        return None
+    return torch.round(s / unit).to(torch.uint8), unit.squeeze(-1)
+
+
 def sym_scale_levels(x: torch.Tensor, bits: int, group_size: int, clip: float, levels: int) -> torch.Tensor:
     """fp16 scale [..., G] for symmetric groups whose scales are integer multiples (1..levels) of one
     per-row unit (``level_base`` with the same clip): the clipped group scale rounded to the nearest one."""
     return snap_scales(sym_scale(x, bits, group_size, clip), level_base(x, bits, levels, clip), levels)[1]
+
+
+def quantize_levels(x: torch.Tensor, bits: int, group_size: int, clip: float, levels: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric groups with integer-multiplier scales, in the form an integer GEMM consumes:
+    x [..., K] -> (q * multiplier int8 [..., K], |value| <= 8 * levels; unit fp16 [..., 1]), so that
+    x ~ unit * (q * multiplier). Same numbers as quantize_sym with ``sym_scale_levels``."""
+    unit = level_base(x, bits, levels, clip)
+    mult, scale = snap_scales(sym_scale(x, bits, group_size, clip), unit, levels)
+    q = quantize_sym(x, bits, group_size, scale=scale).q
+    qm = q.to(torch.int16) * mult.to(torch.int16).repeat_interleave(group_size, dim=-1)
+    return qm.to(torch.int8), unit
 
 
 def quantize_sym(
