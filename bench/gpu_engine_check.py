@@ -31,13 +31,12 @@ from atomq.kernels import w4a4_gemm as _W
 from atomq.engine import model_runner as _runner
 from atomq.model import methods as _methods
 from atomq.model.methods import _input_groups, _kernel_for, weight_nbytes
+from atomq.model import random_weights as RW
 from atomq.model.random_weights import random_model
 
 FAILS: list[str] = []
 # name -> (random format, linear method, kv cache dtype)
-CONFIGS = {"fp16": ("float", "auto", "fp16"), "fp8": ("float", "fp8", "fp8"), "w4a16": ("w4a16", "auto", "fp16"),
-           "atom": ("atom", "auto", "int4"), "rot-outliers": ("rot-outliers", "auto", "int4"),
-           "atomq-plus": ("atomq-plus", "auto", "int4"), "atom-a8": ("atom-a8", "auto", "int4")}
+CONFIGS = {c.name: (c.weights, c.linear_method, c.kv_cache_dtype) for c in RW.CONFIGS.values()}
 
 
 def report(name: str, ok: bool, detail: str) -> None:

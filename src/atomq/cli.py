@@ -30,7 +30,7 @@ _HELP = {
 
 _MODEL_HELP = ("atomq checkpoint, HF directory, .gguf file, 'smollm2', or random:SHAPE:CONFIG: random weights of a "
                "real shape (llama-2-7b, llama-2-13b, llama-2-70b, mixtral-8x7b; tiny-llama, tiny-mixtral) in a "
-               "bench throughput configuration (fp16, fp8, w4a16, atom, rot-outliers, atomq-plus, atom-a8), e.g. random:llama-2-7b:atom "
+               "bench throughput configuration (fp16, fp8, w4a16, atom, rot-outliers, atomq-plus, atom-a8, atom-levels, atomq-plus-levels), e.g. random:llama-2-7b:atom "
                "(byte tokenizer; for speed measurements)")
 
 _NONE = "none"  # what a user types for "kept in 16 bit" / "no groups"; becomes None in _overrides
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--models", default="llama-2-7b",
                     help="comma-separated random-weight shapes: llama-2-7b, llama-2-13b, llama-2-70b, mixtral-8x7b "
                          "(tiny-llama, tiny-mixtral for tests)")
-    bt.add_argument("--configs", default="fp16,fp8,w4a16,atom", help="comma-separated: fp16, fp8, w4a16, atom (the default), rot-outliers, atomq-plus and atom-a8")
+    bt.add_argument("--configs", default="fp16,fp8,w4a16,atom", help="comma-separated: fp16, fp8, w4a16, atom (the default), rot-outliers, atomq-plus, atom-a8, atom-levels and atomq-plus-levels")
     bt.add_argument("--budgets", default="full,24GB",
                     help="comma-separated: full (the whole device) and/or <N>GB (weights + KV + reserve <= N GiB)")
     bt.add_argument("--reserve-gb", type=float, default=2.0,

@@ -46,7 +46,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # stored formats a random model can be built in; "fp8" is a run-time method over float weights
 # (model/methods.py), so it is built as "float" and converted there
-KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus", "atom-a8")  # formats whose KV cache is INT4 unless told otherwise
+KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus", "atom-a8", "atom-levels", "atomq-plus-levels")  # formats whose KV cache is INT4 unless told otherwise
 RANDOM_FORMATS: dict[str, QuantConfig] = {
     "float": PRESETS["fp16"],
     "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),
@@ -57,6 +57,9 @@ RANDOM_FORMATS: dict[str, QuantConfig] = {
     "atomq-plus": dataclasses.replace(PRESETS["atomq-plus"], kv_bits=4),
     # Atom's format with 8-bit activations (W4A8 on the same kernels)
     "atom-a8": dataclasses.replace(PRESETS["atom"], a_bits=8, a_clip=1.0, kv_bits=4),
+    # group scales as integer multiples of one per row / token: the GEMMs accumulate K in int32
+    "atom-levels": dataclasses.replace(PRESETS["atom"], kv_bits=4, w_scale_levels=15, a_scale_levels=15),
+    "atomq-plus-levels": dataclasses.replace(PRESETS["atomq-plus"], kv_bits=4, w_scale_levels=15, a_scale_levels=15),
     "int8": PRESETS["w8a8"],
     "w4a16": PRESETS["w4a16"],
 }
@@ -192,6 +195,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("rot-outliers", "group-free W4A4 + outliers (rotated), INT4 KV", "rot-outliers", "auto", "int4"),
     Config("atomq-plus", "Atom W4A4, groups of 32, rotated INT4 keys", "atomq-plus", "auto", "int4"),
     Config("atom-a8", "Atom W4A8 (8-bit activations, same kernels), INT4 KV", "atom-a8", "auto", "int4"),
+    Config("atom-levels", "Atom W4A4, integer-multiplier group scales, INT4 KV", "atom-levels", "auto", "int4"),
+    Config("atomq-plus-levels", "atomq-plus with integer-multiplier group scales", "atomq-plus-levels", "auto",
+           "int4"),
 )}
 
 
