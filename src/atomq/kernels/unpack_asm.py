@@ -21,21 +21,23 @@ xor.b32 $1, t, f;
 }
 """
 
-# int8 out, each nibble times its group's multiplier m (1..15; 0 for padding). Args: $2 the packed bytes,
-# $3 / $11 the multipliers of the low / high nibbles, $7 / $15 the constants 0x80808080 - m * 0x08080808
-# (each arg of pack 4 fills four registers; their copies are equal). Per byte: n = v + 8 in 0..15, then
-# n * m + 128 - 8m stays in 8..233 (no carries between bytes), ^ 0x80 gives v * m as a signed byte.
+# int8 out, each nibble times its group's multiplier m (1..15; 0 for padding). Args: $2 the packed bytes;
+# for the low nibbles $3 = m in every byte and $4 = 128 - 8m in every byte, for the high ones $5 and $6.
+# Per byte: n = v + 8 in 0..15, then n * m + 128 - 8m stays in 8..233 (no carries between bytes), and
+# ^ 0x80 gives v * m as a signed byte.
 UNPACK_INT8_MULT_ASM = """{
-.reg .b32 t, m, e, f;
+.reg .b32 t, u, m, e, f;
 mov.b32 m, 0x0f0f0f0f;
 mov.b32 e, 0x08080808;
 mov.b32 f, 0x80808080;
+and.b32 u, $3, 0xff;
 lop3.b32 t, $2, m, e, 0x6a;
-mad.lo.u32 t, t, $3, $7;
+mad.lo.u32 t, t, u, $4;
 xor.b32 $0, t, f;
+and.b32 u, $5, 0xff;
 shr.u32 t, $2, 4;
 lop3.b32 t, t, m, e, 0x6a;
-mad.lo.u32 t, t, $11, $15;
+mad.lo.u32 t, t, u, $6;
 xor.b32 $1, t, f;
 }
 """

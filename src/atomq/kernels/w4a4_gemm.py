@@ -373,16 +373,12 @@ if triton is not None:
     def _unpack_mult(wp, ml, mh, USE_ASM: tl.constexpr):
         """Packed bytes int8 [BN, S] and the row multipliers of the low / high halves' groups (int32 [BN],
         0..15) -> (low nibbles * ml, high nibbles * mh), int8 [BN, S] each."""
-        if USE_ASM:
-            shape = wp.shape
-            # 0x80808080 - m * 0x08080808 per row, wrapped to 32 bits (asm's byte-wise offsets)
-            cl = (2155905152 - ml.to(tl.int64) * 134744072).to(tl.int32)
-            ch = (2155905152 - mh.to(tl.int64) * 134744072).to(tl.int32)
+        if USE_ASM:  # per-row bytes broadcast to the packed bytes' shape: m, and 128 - 8m (wraps to int8)
+            zero = tl.zeros_like(wp)
             lo, hi = tl.inline_asm_elementwise(
-                asm=_UNPACK_INT8_MULT,
-                constraints="=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                args=[wp, tl.broadcast_to(ml[:, None], shape), tl.broadcast_to(cl[:, None], shape),
-                      tl.broadcast_to(mh[:, None], shape), tl.broadcast_to(ch[:, None], shape)],
+                asm=_UNPACK_INT8_MULT, constraints="=r,=r,r,r,r,r,r",
+                args=[wp, zero + ml.to(tl.int8)[:, None], zero + (128 - 8 * ml).to(tl.int8)[:, None],
+                      zero + mh.to(tl.int8)[:, None], zero + (128 - 8 * mh).to(tl.int8)[:, None]],
                 dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             lo = (((wp << 4) >> 4).to(tl.int32) * ml[:, None]).to(tl.int8)

@@ -82,8 +82,10 @@ def level_base(x: torch.Tensor, bits: int, levels: int, clip: float = 1.0) -> to
     largest group and every multiple unit * m (m <= 15) is exact in fp16."""
     qmax = 2 ** (bits - 1) - 1
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_RANGE)
-    mant, exp = torch.frexp(amax * clip / (qmax * levels))
-    return torch.ldexp(torch.ceil(mant * 128) / 128, exp).to(SCALE_DTYPE)
+    t = (amax * clip / (qmax * levels)).contiguous()
+    # ceil to 7 significant bits on the fp32 bit pattern: exact on every device (the kernels do the same)
+    t = ((t.view(torch.int32) + 0x1FFFF) & -0x20000).view(torch.float32)
+    return t.to(SCALE_DTYPE)
 
 
 def snap_scales(scale: torch.Tensor, base: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +100,7 @@ def split_level_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, 
     [N, G] in 1..levels, unit fp32 [N], with scale == unit * multiplier exactly), or None when some row's
     scales are not. Per row, the unit is the row's largest scale divided by the largest j <= levels that
     leaves every quotient an integer in 1..levels (any such split serves a GEMM equally)."""
-    s = scale.float()
+    s = scale.float().cpu()  # exact IEEE divisions (CUDA divides by a scalar through its reciprocal)
     top = s.amax(dim=-1, keepdim=True)
     unit = torch.zeros_like(top)
     found = torch.zeros_like(top, dtype=torch.bool)
@@ -111,7 +113,7 @@ def split_level_scales(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, 
         found |= ok
     if not bool(found.all()):
         return None
-    return torch.round(s / unit).to(torch.uint8), unit.squeeze(-1)
+    return torch.round(s / unit).to(torch.uint8).to(scale.device), unit.squeeze(-1).to(scale.device)
 
 
 def sym_scale_levels(x: torch.Tensor, bits: int, group_size: int, clip: float, levels: int) -> torch.Tensor:
