@@ -173,7 +173,7 @@ names = list(inspect.signature(fn.fn).parameters)
 const = dict(S=span, GS=gs, RT=16, BLOCK_N=64, BLOCK_M=16, BLOCK_O=64, GROUP_M=8, HAS_OUT=True, HAS_BIAS=False,
              PARTIAL=False, OP_FP8=False, USE_ASM=True, MAGIC_CVT=False, DEFER=False, PREFETCH=False, FUSED=False,
              MULT=True, USE_GDC=True)
-ints = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*i32", "lock_ptr": "*i32"}
+ints = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*u8", "lock_ptr": "*i32"}
 sig = {n: ints.get(n) or ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in names}
 src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                 attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})

@@ -199,8 +199,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     if gs:
         block = max(block, gs)
     chunk = kn  # channels of the normal part per program
-    if gs and m <= 16 and levels is None:  # decode: split each row's groups over programs (each recomputes
-        # the norm's sum of squares); integer-multiplier scales need the whole row's maximum in one program
+    if gs and m <= 16:  # decode: split each row's groups over programs (each recomputes the norm's sum of
+        # squares and, with levels, the row's maximum)
         small = max(gs, 64 if interpreting() else 256)
         want = max(1, (2 * _num_sms(dev)) // max(m, 1))
         if want > 1:
@@ -222,6 +222,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
         ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, QMAX=2 ** (bits - 1) - 1, LEVELS=levels or 0,
+        BLOCK_L=min(_next_pow2(kn), 64 if interpreting() else 8192),
         num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
     return q, s4, q8, s8, (x if res_out is None else res_out)
@@ -383,7 +384,7 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0,
+        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0, BLOCK_L: tl.constexpr = 1,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -395,9 +396,10 @@ if triton is not None:
         load of the norm's sum of squares (the whole row at decode sizes). GATHER_RES (one program
         per row): the gathers read that new residual back; W_OUT_ORDER: w is given in output order.
         ONE_BLOCK (CHUNK == BLOCK, with groups): the program's reorder index and norm weight load before
-        the wait for the kernel ahead (USE_GDC, kernels/pdl.py). LEVELS (groups, CHUNK the whole row): the
-        group scales are integer multiples (1..LEVELS) of one unit per row, found in a first pass over the
-        row; q holds q * multiplier and every group's s4 the unit (ref.quantize_act).
+        the wait for the kernel ahead (USE_GDC, kernels/pdl.py). LEVELS (groups): the group scales are integer
+        multiples (1..LEVELS) of one unit per row, from a first pass over the whole row's normal channels in
+        loads of BLOCK_L (every program of a split row makes it); q holds q * multiplier and every group's
+        s4 the unit (ref.quantize_act).
         """
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
@@ -449,9 +451,9 @@ if triton is not None:
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
             if LEVELS:  # the unit: clip * max|normal channel| / (QMAX * LEVELS), rounded up to 7 significant bits
-                amax_v = tl.zeros([BLOCK], tl.float32)
-                for c0 in range(c_begin, c_end, BLOCK):
-                    offs = c0 + tl.arange(0, BLOCK)
+                amax_v = tl.zeros([BLOCK_L], tl.float32)
+                for c0 in range(0, KN, BLOCK_L):
+                    offs = c0 + tl.arange(0, BLOCK_L)
                     consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
                     v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
                                     MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)

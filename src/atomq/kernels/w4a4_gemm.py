@@ -25,7 +25,7 @@ Prepared weight layout (``prepare_weight``, once at load time), S = min(group_si
     sw:  fp32 [GP, N] group scales, transposed; GP = KP // group_size (padding groups 0).
          Per-row weights (group_size None): fp32 [1, N].
     w8:  int8 [N, n_out] outlier weights, s8w: fp32 [N] (absent when n_out == 0).
-    mult, unit (weights whose group scales are integer multiples of one per row, ``levels``): int32 [GP, N]
+    mult, unit (weights whose group scales are integer multiples of one per row, ``levels``): uint8 [GP, N]
          multipliers (padding groups 0) and fp32 [N] units, sw = unit * mult. With activations whose group
          scales are all one per token (``uniform_act_scales``), the kernel multiplies each unpacked weight
          by its group's multiplier (one IMAD per 4 values, in place of an add) and sums all of K in int32:
@@ -120,8 +120,8 @@ def prepare_weight(w: PackedWeight, row_tile: int = 16, levels: int | None = Non
         parts = split_level_scales(w.scales, levels) if gs is not None else None
         if parts is None:
             raise ValueError(f"the weight's group scales are not integer multiples (1..{levels}) of one per row")
-        mult = torch.zeros(gp, n, dtype=torch.int32, device=q.device)
-        mult[:g_count] = parts[0].to(torch.int32).t()
+        mult = torch.zeros(gp, n, dtype=torch.uint8, device=q.device)
+        mult[:g_count] = parts[0].t()
         unit = parts[1].contiguous()
     return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span, rt, mult, unit)
 
@@ -464,9 +464,10 @@ if triton is not None:
         for it in range(it0, it1):
             wp = tl.load(w_rows + (it * (RT * S) + offs_s)[None, :], mask=mask_n[:, None], other=0)
             if MULT:  # the groups' multipliers of the low and high halves (one group per block, or one each)
-                ml = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it) * stride_mg + offs_n, mask=mask_n, other=0)
+                ml = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it) * stride_mg + offs_n, mask=mask_n,
+                             other=0).to(tl.int32)
                 mh = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it + 1) * stride_mg + offs_n, mask=mask_n,
-                             other=0)
+                             other=0).to(tl.int32)
                 wl, wh = _unpack_mult(wp, ml, mh, USE_ASM)
             else:
                 wl, wh = _unpack(wp, USE_ASM, OP_FP8)

@@ -82,7 +82,7 @@ def level_base(x: torch.Tensor, bits: int, levels: int, clip: float = 1.0) -> to
     largest group and every multiple unit * m (m <= 15) is exact in fp16."""
     qmax = 2 ** (bits - 1) - 1
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_RANGE)
-    t = (amax * clip / (qmax * levels)).contiguous()
+    t = (amax * clip / torch.full_like(amax, qmax * levels)).contiguous()  # a tensor divisor: exact on CUDA too
     # ceil to 7 significant bits on the fp32 bit pattern: exact on every device (the kernels do the same)
     t = ((t.view(torch.int32) + 0x1FFFF) & -0x20000).view(torch.float32)
     return t.to(SCALE_DTYPE)
