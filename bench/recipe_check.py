@@ -21,6 +21,7 @@ from pathlib import Path
 RECIPES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
     "fp16": (None, [("", "")]),
     "atom": ("--preset atom", [("", ""), (" + rotated keys (atomq)", "--kv-rotate"), (", KV16", "--kv-bits none")]),
+    "atomq": ("--preset atomq", [("", "")]),
     "atomq-g32": ("--preset atomq --group-size 32", [("", "")]),
     "atomq-tuned": ("--preset atomq --smooth-alpha 0.5 --calib-quantized-inputs --w-clip-search", [("", "")]),
     "atomq-plus": ("--preset atomq-plus", [("", ""), (", KV16", "--kv-bits none"),

@@ -143,3 +143,16 @@ def test_mixed_quantization_with_levels_needs_symmetric_groups():
         fake_quant_mixed(x, plan_split(192, 32, None), 4, 0.9, levels=15)
     with pytest.raises(ValueError, match="symmetric groups"):
         fake_quant_mixed(x, split, 4, 0.9, sym=False, levels=15)
+
+
+def test_scale_levels_config_is_validated():
+    from atomq.config import QuantConfig, preset
+
+    assert preset("atomq-plus", w_scale_levels=15, a_scale_levels=15).a_scale_levels == 15
+    assert QuantConfig(a_bits=None, a_scale_levels=15).a_scale_levels == 15  # no effect while 16-bit
+    for bad, match in ((dict(a_scale_levels=16), "2..15"), (dict(w_scale_levels=1), "2..15"),
+                       (dict(group_size=None, w_scale_levels=15), "4-bit groups"),
+                       (dict(a_bits=8, a_scale_levels=15), "4-bit groups"),
+                       (dict(w_sym=False, gptq=False, w_scale_levels=15), "symmetric")):
+        with pytest.raises(ValueError, match=match):
+            QuantConfig(**bad)
