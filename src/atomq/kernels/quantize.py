@@ -362,6 +362,20 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, RES_OUT, row_ro,
+                  MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, EXACT_EXP: tl.constexpr,
+                  GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, BLOCK: tl.constexpr):
+        """max |value| over one row's normal output channels [0, KN), in loads of BLOCK channels (fp32)."""
+        amax_v = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, KN, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
+            v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
+                            MODE, HAS_RES, EXACT_EXP, RES_OUT, row_ro, GATHER_RES)
+            amax_v = tl.maximum(amax_v, tl.abs(v))
+        return tl.max(amax_v, 0)
+
+    @triton.jit
     def _store_q4(q_ptr, row_q, c0, q, KN, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
         """Store fp32 integers q [BLOCK] (channels c0..c0+BLOCK) packed (0), as int8 (1) or fp8 (2)."""
         if OUT_KIND == 0:
@@ -434,14 +448,9 @@ if triton is not None:
                 tl.debug_barrier()  # the residual row stored above is read back by other threads
 
         if GS == 0:
-            amax_v = tl.zeros([BLOCK], tl.float32)
-            for c0 in range(0, KN, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
-                v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
-                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
-                amax_v = tl.maximum(amax_v, tl.abs(v))
-            scale = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 1.0 * QMAX).to(tl.float16)
+            amax = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
+                             MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK)
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)
             tl.store(s4_ptr + row * stride_sm, scale)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
@@ -451,14 +460,9 @@ if triton is not None:
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
             if LEVELS:  # the unit: clip * max|normal channel| / (QMAX * LEVELS), rounded up to 7 significant bits
-                amax_v = tl.zeros([BLOCK_L], tl.float32)
-                for c0 in range(0, KN, BLOCK_L):
-                    offs = c0 + tl.arange(0, BLOCK_L)
-                    consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
-                    v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
-                                    MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
-                    amax_v = tl.maximum(amax_v, tl.abs(v))
-                t = tl.math.div_rn(tl.maximum(tl.max(amax_v, 0), 1e-6) * clip, 1.0 * QMAX * LEVELS)
+                amax = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
+                                 MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK_L)
+                t = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX * LEVELS)
                 t = ((t.to(tl.int32, bitcast=True) + 0x1FFFF) & -131072).to(tl.float32, bitcast=True)
                 unit16 = t.to(tl.float16)
                 unit = unit16.to(tl.float32)
