@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..quant import PackedWeight, Split, pack_int4, quantize_mixed, unpack_int4
 from ..quant.intq import asym_params, quantize_asym, quantize_levels
+from ..quant.mixed import quantize_outliers
 
 # --------------------------------------------------------------------------------------------------
 # Norms and activation quantization
@@ -67,7 +68,7 @@ def quantize_act(
         if bits != 4 or split.group_size is None:
             raise ValueError("integer-multiplier activation scales need 4-bit groups")
         qm, unit = quantize_levels(x[..., : split.k_normal], bits, split.group_size, clip, levels)
-        qo = quantize_mixed(x, split, bits, clip)[1]
+        qo = quantize_outliers(x, split)
         s4 = unit.expand(*unit.shape[:-1], split.n_groups).contiguous()
         return ActQ(qm, s4, qo.q if qo else None, qo.scale if qo else None)
     qn, qo = quantize_mixed(x, split, bits, clip)

@@ -46,7 +46,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # stored formats a random model can be built in; "fp8" is a run-time method over float weights
 # (model/methods.py), so it is built as "float" and converted there
-KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus", "atom-a8", "atom-levels", "atomq-plus-levels")  # formats whose KV cache is INT4 unless told otherwise
+# formats whose KV cache is INT4 unless told otherwise
+KV4_FORMATS = ("atom", "rot-outliers", "atomq-plus", "atom-a8", "atom-levels", "atomq-plus-levels")
 RANDOM_FORMATS: dict[str, QuantConfig] = {
     "float": PRESETS["fp16"],
     "atom": dataclasses.replace(PRESETS["atom"], kv_bits=4),

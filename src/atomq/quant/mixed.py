@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .intq import (QTensor, dequantize, level_base, quantize_asym, quantize_sym, snap_scales, sym_scale_levels,
-                   sym_scale_search)
+from .intq import (QTensor, dequantize, level_base, quantize_asym, quantize_sym, snap_scales, sym_scale,
+                   sym_scale_levels, sym_scale_search)
 from .layout import Split
 from .pack import pack_int4, unpack_int4
 
@@ -29,7 +29,7 @@ def quantize_mixed(
     """
     if x.shape[-1] != split.k:
         raise ValueError(f"expected last dimension {split.k}, got {tuple(x.shape)}")
-    normal, outl = x[..., : split.k_normal], x[..., split.k_normal :]
+    normal = x[..., : split.k_normal]
     if levels is not None:
         if not sym or split.group_size is None:
             raise ValueError("integer-multiplier scales need symmetric groups")
@@ -39,8 +39,14 @@ def quantize_mixed(
         qn = quantize_sym(normal, bits, split.group_size, clip)
     else:
         qn = quantize_asym(normal, bits, split.group_size, clip)
-    qo = quantize_sym(outl, OUTLIER_BITS, None, 1.0) if split.n_outliers else None
-    return qn, qo
+    return qn, quantize_outliers(x, split)
+
+
+def quantize_outliers(x: torch.Tensor, split: Split) -> QTensor | None:
+    """The outlier part of x [..., K] (reordered): symmetric INT8 per row, no clip; None without outliers."""
+    if not split.n_outliers:
+        return None
+    return quantize_sym(x[..., split.k_normal :], OUTLIER_BITS, None, 1.0)
 
 
 def dequantize_mixed(qn: QTensor, qo: QTensor | None, dtype=torch.float32) -> torch.Tensor:
@@ -122,13 +128,19 @@ def quantize_weight_rtn(
     """Round-to-nearest weight quantization: w [N, K] (reordered) -> PackedWeight.
 
     ``clip_search``: per (row, group) the clip ratio with the least squared error (symmetric only).
-    ``levels``: group scales are integer multiples (1..levels) of one unit per row (``intq.snap_scales``).
+    ``levels``: group scales are rounded to integer multiples (1..levels) of one unit per row, the unit
+    from the row's largest normal weight (clip 1.0, as GPTQ takes it; ``intq.snap_scales``).
     """
-    qn, qo = quantize_mixed(w, split, bits, clip, sym, levels)
-    if clip_search and sym:
-        normal = w[:, : split.k_normal]
-        scale = sym_scale_search(normal, bits, split.group_size)
+    if w.shape[-1] != split.k:
+        raise ValueError(f"expected last dimension {split.k}, got {tuple(w.shape)}")
+    if levels is not None and (not sym or split.group_size is None):
+        raise ValueError("integer-multiplier scales need symmetric groups")
+    normal, gs = w[:, : split.k_normal], split.group_size
+    if not sym:
+        qn = quantize_asym(normal, bits, gs, clip)
+    else:
+        scale = sym_scale_search(normal, bits, gs) if clip_search else sym_scale(normal, bits, gs, clip)
         if levels is not None:
             scale = snap_scales(scale, level_base(normal, bits, levels), levels)[1]
-        qn = quantize_sym(normal, bits, split.group_size, scale=scale)
-    return PackedWeight.from_parts(qn, qo, bits=bits)
+        qn = quantize_sym(normal, bits, gs, scale=scale)
+    return PackedWeight.from_parts(qn, quantize_outliers(w, split), bits=bits)
