@@ -333,19 +333,19 @@ def gemv_groups_bench() -> list[dict]:
     return rows
 
 
-def levels_bench() -> list[dict]:
+def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-7b",)) -> list[dict]:
     """Group scales as integer multiples of one per row / token (``levels``): the integer-accumulating
-    Triton loop against the promoting default (Triton at M <= 64 and for groups of 32, Gluon for groups of
-    128 above) and the group-free kernel of the same tiles; 7B shapes, us. Each levels result is checked
-    against ref.w4a4_gemm on 256 columns first."""
+    loops (Triton; Gluon for groups of 128 above M = 64, the default there) against the promoting default
+    (Triton at M <= 64 and for groups of 32, Gluon for groups of 128 above), the group-free default, cuBLAS
+    FP16 and FP8 ``_scaled_mm``; us. Each levels result is checked against ref.w4a4_gemm on 256 columns."""
     from atomq.quant import quantize_weight_rtn
 
     rows, lines = [], []
-    for gs in (32, 128):
+    for gs in group_sizes:
         for model, layer, n, k in B.LLAMA2_SHAPES:
-            if model != "llama2-7b":
+            if model not in models:
                 continue
-            for m in (16, 64, 256, 2048):
+            for m in ms:
                 split = plan_split(k, 128, gs)
                 w = torch.randn(n, k, device="cuda", dtype=torch.float16)
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -355,32 +355,42 @@ def levels_bench() -> list[dict]:
                 cols = torch.randperm(n, device="cuda")[:256]
                 sub = PackedWeight(pw.qweight[cols], pw.scales[cols], None, pw.qweight_outlier[cols],
                                    pw.scales_outlier[cols], 4)
-                y = w4a4_gemm(a, p, uniform_act_scales=True)
                 yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), sub, out_dtype=torch.float64)
-                rel = ((y[:, cols].double() - yr).norm() / yr.norm()).item()
-                report(f"levels g{gs} {layer} M={m}", rel < 1e-3, f"rel {rel:.1e}")
-                ps = [p] + [prepare_weight(pw, levels=15) for _ in range(B._copies(p.w4.numel()) - 1)]
                 tri = gemm_module.pick_config(m, n, p.kp, gluon=False)
+                for name, cfg in (("default", None), ("triton", tri)):
+                    y = w4a4_gemm(a, p, config=cfg, uniform_act_scales=True)
+                    rel = ((y[:, cols].double() - yr).norm() / yr.norm()).item()
+                    report(f"levels {name} g{gs} {model} {layer} M={m}", rel < 1e-3, f"rel {rel:.1e}")
+                ps = [p] + [prepare_weight(pw, levels=15) for _ in range(B._copies(p.w4.numel()) - 1)]
                 row = {"M": m, "N": n, "K": k, "model": model, "layer": layer, "group_size": gs}
                 row["levels_ms"] = B._time_ms(lambda: [w4a4_gemm(a, q, config=tri, uniform_act_scales=True)
                                                        for q in ps], len(ps))
+                row["levels_default_ms"] = B._time_ms(lambda: [w4a4_gemm(a, q, uniform_act_scales=True)
+                                                               for q in ps], len(ps))
                 row["grouped_ms"] = B._time_ms(lambda: [w4a4_gemm(a, q) for q in ps], len(ps))
                 del ps
                 pf = prepare_weight(quantize_weight_rtn(w, plan_split(k, 128, None), 4, 0.85))
                 af = Q.quantize_act(x, None, plan_split(k, 128, None), out="int8")
                 pfs = [pf] + [prepare_weight(quantize_weight_rtn(w, plan_split(k, 128, None), 4, 0.85))
                               for _ in range(B._copies(pf.w4.numel()) - 1)]
-                row["groupfree_ms"] = B._time_ms(lambda: [w4a4_gemm(af, q, config=tri) for q in pfs], len(pfs))
                 row["groupfree_default_ms"] = B._time_ms(lambda: [w4a4_gemm(af, q) for q in pfs], len(pfs))
                 del pfs
                 ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
                 row["fp16_ms"] = B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))
                 del ws
+                w8s = [w.to(torch.float8_e4m3fn) for _ in range(B._copies(w.numel()))]
+                x8, sa, sb = x.to(torch.float8_e4m3fn), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+                row["fp8_ms"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb,
+                                                                     out_dtype=torch.bfloat16) for wi in w8s], len(w8s))
+                del w8s
                 rows.append(row)
-                us = {key: row[key + "_ms"] * 1e3 for key in ("fp16", "grouped", "levels", "groupfree", "groupfree_default")}
-                line = (f"g{gs:<3d} {layer:7s} M={m:<5d} fp16 {us['fp16']:7.1f} grouped {us['grouped']:7.1f} "
-                        f"levels {us['levels']:7.1f} ({us['grouped'] / us['levels']:.2f}x, {us['fp16'] / us['levels']:.2f}x fp16) "
-                        f"groupfree triton {us['groupfree']:7.1f} default {us['groupfree_default']:7.1f}")
+                us = {key: row[key + "_ms"] * 1e3 for key in ("fp16", "fp8", "grouped", "levels", "levels_default",
+                                                                "groupfree_default")}
+                line = (f"g{gs:<3d} {model[-3:]} {layer:7s} M={m:<5d} fp16 {us['fp16']:7.1f} fp8 {us['fp8']:7.1f} "
+                        f"grouped {us['grouped']:7.1f} levels triton {us['levels']:7.1f} default "
+                        f"{us['levels_default']:7.1f} ({us['fp16'] / us['levels_default']:.2f}x fp16, "
+                        f"{us['fp8'] / us['levels_default']:.2f}x fp8, {us['grouped'] / us['levels_default']:.2f}x "
+                        f"grouped) groupfree {us['groupfree_default']:7.1f}")
                 print(line, flush=True)
                 lines.append(line)
     _print_table("integer-multiplier scales (us):", lines)
@@ -548,7 +558,10 @@ def main() -> int:
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
     ap.add_argument("--gemv-groups", action="store_true", help="time one token at groups of 128 / 64 / 32 (7B)")
     ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
-    ap.add_argument("--levels-bench", action="store_true", help="integer-multiplier group scales (7B)")
+    ap.add_argument("--levels-bench", action="store_true", help="integer-multiplier group scales")
+    ap.add_argument("--levels-groups", default="32,128", help="group sizes of --levels-bench")
+    ap.add_argument("--levels-ms", default="16,64,256,2048", help="M of --levels-bench")
+    ap.add_argument("--levels-models", default="llama2-7b", help="models of --levels-bench (llama2-7b,llama2-70b)")
     ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
@@ -588,7 +601,9 @@ def main() -> int:
             json.dump(gemv_groups_bench(), f, indent=1)
     if args.levels_bench:
         with open(args.out.replace(".json", "_levels.json"), "w") as f:
-            json.dump(levels_bench(), f, indent=1)
+            ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+            json.dump(levels_bench(ints(args.levels_ms), ints(args.levels_groups), tuple(args.levels_models.split(","))),
+                      f, indent=1)
     if args.outlier_bench:
         with open(args.out.replace(".json", "_outliers.json"), "w") as f:
             json.dump(outlier_bench(), f, indent=1)

@@ -24,7 +24,7 @@ from atomq.kernels.w4a4_gemm import GemmConfig, prepare_weight, w4a4_gemm  # noq
 from atomq.quant import plan_split, quantize_weight_rtn  # noqa: E402
 
 TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-PTR_TYPES = {"w_ptr": "*i8", "sw_ptr": "*fp32", "w8_ptr": "*i8", "s8w_ptr": "*fp32", "a_ptr": "*i8",
+PTR_TYPES = {"w_ptr": "*i8", "sw_ptr": "*fp32", "mult_ptr": "*u8", "w8_ptr": "*i8", "s8w_ptr": "*fp32", "a_ptr": "*i8",
              "sa_ptr": "*fp32", "a8_ptr": "*i8", "s8a_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
 
 
@@ -40,7 +40,7 @@ def _triton_ptxas() -> str | None:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
+def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False):
     """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -48,7 +48,7 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
     fn = hopper._w4a4_hopper_kernel
     names = list(inspect.signature(fn.fn).parameters)
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
-                 GROUPED=grouped, HAS_OUT=True, HAS_BIAS=True)
+                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True)
     sig = {n: PTR_TYPES.get(n) or ("constexpr" if n in const else "i32") for n in names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
@@ -67,12 +67,17 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool):
     return kernel.asm["ptx"], run.stderr
 
 
-@pytest.mark.parametrize("block_m,num_warps,stages,grouped", [(128, 4, 4, True), (64, 8, 4, True), (128, 4, 6, False)])
-def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped):
-    ptx, report = _compile_sm90(block_m, num_warps, stages, grouped)
+@pytest.mark.parametrize("block_m,num_warps,stages,grouped,mult", [
+    (128, 4, 4, True, False), (64, 8, 4, True, False), (128, 4, 6, False, False), (128, 8, 4, False, True),
+    (128, 4, 4, False, True)])
+def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, mult):
+    ptx, report = _compile_sm90(block_m, num_warps, stages, grouped, mult)
     assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
     assert "0 bytes spill stores" in report, report
     assert "serialized" not in report, report
+    if mult:  # the multipliers ride the ring in 4-byte copies and multiply the nibbles in the unpack
+        assert "mad.lo.u32" in ptx and "cp.async.ca.shared.global [ %r" in ptx.replace("\t", " ")
+        assert "cvt.rn.f32.s32" not in ptx.split("mad.lo.u32")[-1].split("wgmma.wait_group")[0]
 
 
 def test_unsupported_inputs_have_a_reason():
@@ -104,3 +109,27 @@ def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, group_
     yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
     rel = ((y.double() - yr).norm() / yr.norm()).item()
     assert torch.isfinite(y).all() and rel <= TOL[out_dtype], rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (2048, 12288, 4096)])
+@pytest.mark.parametrize("block_m,num_warps", [(128, 4), (128, 8)])
+def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps):
+    """Group scales that are integer multiples of one per row / token: the multiplier loop equals the
+    reference (and so the promoting loop of the same product)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs sm_90")
+    g = torch.Generator(device="cpu").manual_seed(m + n + 1)
+    split = plan_split(k, 128, 128)
+    pw = quantize_weight_rtn(torch.randn(n, k, generator=g).cuda(), split, 4, 0.85, levels=15)
+    x = (torch.randn(m, k, generator=g) * 2).to(torch.float16).cuda()
+    bias = torch.randn(n, generator=g).to(torch.float16).cuda()
+    a = Q.quantize_act(x, None, split, out="int8", levels=15)
+    p = prepare_weight(pw, levels=15)
+    assert hopper.unsupported_reason(a, p, mult=True) is None
+    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps)
+    y = w4a4_gemm(a, p, bias, config=cfg, uniform_act_scales=True)
+    yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    rel = ((y.double() - yr).norm() / yr.norm()).item()
+    assert torch.isfinite(y).all() and rel <= TOL[torch.float16], rel
+    assert torch.equal(y, w4a4_gemm(a, p, bias, uniform_act_scales=True))  # the default picks this loop

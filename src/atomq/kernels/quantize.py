@@ -460,9 +460,9 @@ if triton is not None:
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
             if LEVELS:  # the unit: clip * max|normal channel| / (QMAX * LEVELS), rounded up to 7 significant bits
-                amax = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
-                                 MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK_L)
-                t = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX * LEVELS)
+                row_max = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
+                                    MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK_L)
+                t = tl.math.div_rn(tl.maximum(row_max, 1e-6) * clip, 1.0 * QMAX * LEVELS)
                 t = ((t.to(tl.int32, bitcast=True) + 0x1FFFF) & -131072).to(tl.float32, bitcast=True)
                 unit16 = t.to(tl.float16)
                 unit = unit16.to(tl.float32)

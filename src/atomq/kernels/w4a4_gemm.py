@@ -120,7 +120,8 @@ def prepare_weight(w: PackedWeight, row_tile: int = 16, levels: int | None = Non
         parts = split_level_scales(w.scales, levels) if gs is not None else None
         if parts is None:
             raise ValueError(f"the weight's group scales are not integer multiples (1..{levels}) of one per row")
-        mult = torch.zeros(gp, n, dtype=torch.uint8, device=q.device)
+        # rows padded to 16 bytes: the Gluon kernel copies them 4 bytes at a time
+        mult = torch.zeros(gp, -(-n // 16) * 16, dtype=torch.uint8, device=q.device)[:, :n]
         mult[:g_count] = parts[0].t()
         unit = parts[1].contiguous()
     return PreparedWeight(w4, sw, w8, s8w, n, kn, kp, n_out, gs, span, rt, mult, unit)
@@ -279,11 +280,11 @@ def w4a4_gemm(
     mult = w.mult is not None and uniform_act_scales and a.qa.dtype == torch.int8  # the int32-sum loop applies
     if config is None:
         gpu = a.qa.is_cuda and not interpreting()
-        # the Gluon kernel promotes per group; the Triton multiplier loop is faster (measured 2026-12-07,
-        # groups of 128, M = 256 / 2048: 1.22-1.33x), so integer-multiplier products stay on Triton
-        gluon = m > 64 and gpu and not mult and _hopper().unsupported_reason(a, w) is None
+        gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w, mult) is None
         gemv = m <= w4a4_gemv.MAX_M and gpu and w.span in GEMV_SPANS and w4a4_gemv.unsupported_reason(a, w) is None
-        config = pick_config(m, n, w.kp, gluon=gluon, grouped=w.group_size is not None, gemv=gemv, span=w.span)
+        # the Gluon multiplier loop is the group-free loop: its tiles
+        grouped = w.group_size is not None and not (gluon and mult)
+        config = pick_config(m, n, w.kp, gluon=gluon, grouped=grouped, gemv=gemv, span=w.span)
     cfg = config
     if cfg.kernel == "gemv":
         reason = w4a4_gemv.unsupported_reason(a, w)
@@ -296,11 +297,11 @@ def w4a4_gemm(
                                    split=split if locks is not None else 1, locks=locks, ahead=cfg.ahead)
     if cfg.kernel == "gluon":
         hopper = _hopper()
-        reason = hopper.unsupported_reason(a, w)
+        reason = hopper.unsupported_reason(a, w, mult)
         if reason:
             raise ValueError(reason)
         return hopper.w4a4_gemm_hopper(a, w, bias, out, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                                       stages=cfg.num_stages, group_m=cfg.group_m)
+                                       stages=cfg.num_stages, group_m=cfg.group_m, mult=mult)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)

@@ -15,6 +15,9 @@ by wgmma from shared memory. What differs is the schedule, written out by hand:
 - One scale per row and per token (group-free recipes): a single int32 sum over all of K with one
   block's wgmmas kept in flight while the next block is unpacked, scaled once at the end; this is the
   plain INT8 GEMM's pipeline plus the 4-bit unpack.
+- Groups of 128 whose scales are integer multiples of one per row and per token (``levels``; the
+  activation multipliers are already in the int8 operand): the group-free loop, with each unpacked
+  weight times its group's multiplier (uint8 [G, N], carried by the ring) and the units as the scales.
 
 Activation scales are read transposed and in fp32 (``sa_t`` [G, M]); the wrapper builds that copy.
 Measured against cuBLAS FP16 and FP8 in docs/KERNELS.md.
@@ -28,7 +31,7 @@ import re
 
 import torch
 
-from .unpack_asm import UNPACK_INT8_ASM
+from .unpack_asm import UNPACK_INT8_ASM, UNPACK_INT8_MULT_ASM
 
 try:  # guarded: Gluon is experimental and absent from older Triton releases
     import triton
@@ -48,8 +51,9 @@ except ImportError:  # pragma: no cover
 SPAN = 64  # channels per nibble half; a K block of 2 * SPAN = 128 is one group
 
 
-def unsupported_reason(a, w) -> str | None:
-    """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` here (None: it can)."""
+def unsupported_reason(a, w, mult: bool = False) -> str | None:
+    """Why this kernel cannot take ActOp ``a`` and PreparedWeight ``w`` here (None: it can); ``mult``:
+    for the integer-multiplier loop."""
     if not AVAILABLE:
         return "this Triton has no Gluon"
     if not a.qa.is_cuda or _capability(a.qa.device.index or 0) != (9, 0):
@@ -60,6 +64,9 @@ def unsupported_reason(a, w) -> str | None:
         return f"the Gluon kernel takes groups of {2 * SPAN} or one scale per row, got groups of {w.group_size}"
     if w.kn % 16:
         return f"the Gluon kernel needs Kn (normal channels) a multiple of 16, got {w.kn}"
+    if mult and (w.group_size != 2 * SPAN or w.mult.stride(0) % 16 or w.n % 16):
+        return (f"the Gluon multiplier loop takes groups of {2 * SPAN} and copies the multipliers 4 bytes at a "
+                f"time (N and their row stride multiples of 16)")
     return None
 
 
@@ -69,31 +76,34 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,
-                     num_warps: int = 4, stages: int = 4, group_m: int = 8) -> torch.Tensor:
+                     num_warps: int = 4, stages: int = 4, group_m: int = 8, mult: bool = False) -> torch.Tensor:
     """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
 
     The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
     Tiles: BLOCK_N = 16 * num_warps weight rows (one 64-row warpgroup per 4 warps) x block_m tokens.
+    mult: the integer-multiplier loop (``w.mult``; the caller vouches that each row of a.s4 holds one value).
     """
     m = a.qa.shape[0]
     n = w.n
     block_n = 16 * num_warps
-    grouped = w.group_size is not None
-    # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
-    sa_t = a.s4.t().float().contiguous()
+    grouped = w.group_size is not None and not mult
+    if mult:  # the units are the scales: fp32 [N] and [1, M]
+        sw, sa_t = w.unit, a.s4[:, 0].float().view(1, m)
+    else:  # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
+        sw, sa_t = w.sw, a.s4.t().float().contiguous()
     has_out = w.n_out > 0
     dummy = w.sw
     n_blocks = w.kp // (2 * SPAN)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
     _w4a4_hopper_kernel[grid](
-        w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
+        w.w4, sw, w.mult if mult else w.w4, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa, sa_t, a.q8 if has_out else a.qa, a.s8 if has_out else a.s4,
         bias if bias is not None else dummy, out,
         m, n, w.kn, w.n_out, n_blocks,
-        w.sw.stride(0), w.w8.stride(0) if has_out else 0, a.qa.stride(0), sa_t.stride(0),
-        a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
+        sw.stride(0), w.mult.stride(0) if mult else 0, w.w8.stride(0) if has_out else 0, a.qa.stride(0),
+        sa_t.stride(0), a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
-        GROUPED=grouped, HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
+        GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
     )
     return out
 
@@ -101,6 +111,7 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
 if AVAILABLE:
 
     _UNPACK_INT8 = gl.constexpr(UNPACK_INT8_ASM)
+    _UNPACK_INT8_MULT = gl.constexpr(UNPACK_INT8_MULT_ASM)
 
     @gluon.jit
     def _unpack(wp):
@@ -110,9 +121,21 @@ if AVAILABLE:
             is_pure=True, pack=4)
 
     @gluon.jit
-    def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s, sa_s,
-                     offs_k, offs_n, offs_m, N_BLOCKS, KN, N, M, stride_swg, stride_sag, mask_wn, mask_am,
-                     S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr):
+    def _unpack_mult(wp, mv):
+        """Packed bytes int8 [BN, S] and each row's group multiplier mv int32 [BN] (1..15; 0 for padding
+        rows) -> (low nibbles * mv, high nibbles * mv) int8 [BN, S], same layout (one group per block)."""
+        zero = gl.zeros_like(wp)
+        mb = zero + mv.to(gl.int8)[:, None]  # the asm's per-byte m and 128 - 8m (wraps to int8)
+        cb = zero + (128 - 8 * mv).to(gl.int8)[:, None]
+        return gl.inline_asm_elementwise(
+            asm=_UNPACK_INT8_MULT, constraints="=r,=r,r,r,r,r,r", args=[wp, mb, cb, mb, cb],
+            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+    @gluon.jit
+    def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
+                     offs_k, offs_n, offs_m, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag, stride_mg,
+                     mask_wn, mask_am, S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr,
+                     MULT: gl.constexpr):
         """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
         (masked off, so zero-filled, at and past N_BLOCKS)."""
         live = it < N_BLOCKS
@@ -125,17 +148,23 @@ if AVAILABLE:
         if GROUPED:
             cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n, mask=(offs_n < N) & live)
             cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m, mask=(offs_m < M) & live)
+        if MULT:  # 4 multipliers per copy (cp.async moves 4, 8 or 16 bytes)
+            cp_async_load(mult_s.index(slot), mult_ptr + it * stride_mg + offs_n4, mask=(offs_n4 < N) & live)
         cp.commit_group()
 
     @gluon.jit
-    def _block_mma(it, w_s, al_s, ah_s, d, w_op: gl.constexpr, STAGES: gl.constexpr, PENDING: gl.constexpr,
-                   ACCUMULATE: gl.constexpr):
+    def _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op: gl.constexpr, STAGES: gl.constexpr,
+                   PENDING: gl.constexpr, ACCUMULATE: gl.constexpr, MULT: gl.constexpr):
         """Issue K block ``it``'s two wgmmas (low, high nibbles), async, once its copies have landed
         (at most PENDING newer commit groups in flight). ACCUMULATE: d += block; else d = block (d then
-        only lends its registers)."""
+        only lends its registers). MULT: the weights times their group's multipliers."""
         slot = it % STAGES
         cp.wait_group(PENDING)
-        wl, wh = _unpack(w_s.index(slot).load(w_op))
+        if MULT:
+            mv = mult_s.index(slot).load(gl.SliceLayout(1, w_op)).to(gl.int32)
+            wl, wh = _unpack_mult(w_s.index(slot).load(w_op), mv)
+        else:
+            wl, wh = _unpack(w_s.index(slot).load(w_op))
         fence_async_shared()
         d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, use_acc=ACCUMULATE, is_async=True)
         return warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
@@ -149,17 +178,19 @@ if AVAILABLE:
 
     @gluon.jit
     def _w4a4_hopper_kernel(
-        w_ptr, sw_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+        w_ptr, sw_ptr, mult_ptr, w8_ptr, s8w_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
         M, N, KN, NO, N_BLOCKS,
-        stride_swg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
+        stride_swg, stride_mg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
-        STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, HAS_OUT: gl.constexpr,
-        HAS_BIAS: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, MULT: gl.constexpr,
+        HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
-        not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]).
+        not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]; with MULT the
+        weights are multiplied by mult[block, n] as they unpack).
 
-        w: int8 packed tiles (module docstring of w4a4_gemm); sw: fp32 [G, N]; w8: int8 [N, NO];
+        w: int8 packed tiles (module docstring of w4a4_gemm); sw: fp32 [G, N] (MULT: the units [1, N]);
+        mult: uint8 [G, N] (MULT only); w8: int8 [N, NO];
         s8w: fp32 [N]; a: int8 [M, KN]; sa: fp32 [G, M]; a8: int8 [M, NO]; s8a: fp16 [M, 1];
         bias: [N]; out: fp16/bf16 [M, N].
         """
@@ -179,6 +210,7 @@ if AVAILABLE:
         w_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         cp16: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
         cp1: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        cp4: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
         # shared layouts: packed weights read back in the operand layout; activations as wgmma's B
         w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=2, max_phase=4, order=[1, 0])
         a_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
@@ -189,6 +221,7 @@ if AVAILABLE:
         ah_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_sl)
         sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], v_sl)
         sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], v_sl)
+        mult_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N if MULT else 4], v_sl)
 
         # copy addressing: weight row r of block it at (r // RT) * N_BLOCKS * RT * S + it * RT * S + (r % RT) * S
         rows_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cp16))
@@ -200,37 +233,38 @@ if AVAILABLE:
         mask_am = (rows_a < M)[:, None]
         offs_n1 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, cp1)
         offs_m1 = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, cp1)
+        offs_n4 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, cp4)
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
         d = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
         if GROUPED:
             # per block: wgmmas, wait, promote; the slot is then refilled with block it + STAGES
             for i in gl.static_range(STAGES):
-                _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s, sa_s,
-                             offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             mask_wn, mask_am, S, RT, GROUPED)
+                _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
+                             offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
+                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
             for it in range(N_BLOCKS):
                 slot = it % STAGES
-                d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 1, False)
+                d = _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 1, False, False)
                 d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
                 acc = _promote(acc, d, slot, sw_s, sa_s, mma)
-                _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s,
-                             sa_s, offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             mask_wn, mask_am, S, RT, GROUPED)
+                _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
+                             sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
+                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
         else:
             # one int32 sum: block it's wgmmas run while block it + 1 is unpacked; once block it - 1
             # has retired, its slot is refilled with block it + STAGES - 1
             for i in gl.static_range(STAGES - 1):
-                _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s, sa_s,
-                             offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             mask_wn, mask_am, S, RT, GROUPED)
+                _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
+                             offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
+                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
             for it in range(N_BLOCKS):
-                d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 2, True)
+                d = _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 2, True, MULT)
                 d = warpgroup_mma_wait(num_outstanding=2, deps=(d,))
                 nxt = it + STAGES - 1
-                _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, w_s, al_s, ah_s, sw_s,
-                             sa_s, offs_k, offs_n1, offs_m1, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             mask_wn, mask_am, S, RT, GROUPED)
+                _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
+                             sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
+                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
             d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
             swv = gl.load(sw_ptr + pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)),
                           mask=pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)) < N, other=0.0)
