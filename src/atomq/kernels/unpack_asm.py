@@ -42,6 +42,24 @@ xor.b32 $1, t, f;
 }
 """
 
+# The same with one multiplier for both halves (a K block inside one group): $3 = m in every byte,
+# $4 = 128 - 8m in every byte.
+UNPACK_INT8_MULT1_ASM = """{
+.reg .b32 t, u, m, e, f;
+mov.b32 m, 0x0f0f0f0f;
+mov.b32 e, 0x08080808;
+mov.b32 f, 0x80808080;
+and.b32 u, $3, 0xff;
+lop3.b32 t, $2, m, e, 0x6a;
+mad.lo.u32 t, t, u, $4;
+xor.b32 $0, t, f;
+shr.u32 t, $2, 4;
+lop3.b32 t, t, m, e, 0x6a;
+mad.lo.u32 t, t, u, $4;
+xor.b32 $1, t, f;
+}
+"""
+
 # float8_e4m3fn out: the nibble (offset by 8) goes into the mantissa of fp16 1024 (prmt), minus 1032
 # gives v exactly in fp16, then a saturating convert to e4m3 (exact for -8..7).
 UNPACK_FP8_ASM = """{

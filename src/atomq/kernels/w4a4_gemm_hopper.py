@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from .unpack_asm import UNPACK_INT8_ASM, UNPACK_INT8_MULT_ASM
+from .unpack_asm import UNPACK_INT8_ASM, UNPACK_INT8_MULT1_ASM
 
 try:  # guarded: Gluon is experimental and absent from older Triton releases
     import triton
@@ -111,7 +111,7 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
 if AVAILABLE:
 
     _UNPACK_INT8 = gl.constexpr(UNPACK_INT8_ASM)
-    _UNPACK_INT8_MULT = gl.constexpr(UNPACK_INT8_MULT_ASM)
+    _UNPACK_INT8_MULT1 = gl.constexpr(UNPACK_INT8_MULT1_ASM)
 
     @gluon.jit
     def _unpack(wp):
@@ -128,7 +128,7 @@ if AVAILABLE:
         mb = zero + mv.to(gl.int8)[:, None]  # the asm's per-byte m and 128 - 8m (wraps to int8)
         cb = zero + (128 - 8 * mv).to(gl.int8)[:, None]
         return gl.inline_asm_elementwise(
-            asm=_UNPACK_INT8_MULT, constraints="=r,=r,r,r,r,r,r", args=[wp, mb, cb, mb, cb],
+            asm=_UNPACK_INT8_MULT1, constraints="=r,=r,r,r,r", args=[wp, mb, cb],
             dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
 
     @gluon.jit
