@@ -10,13 +10,16 @@ from atomq import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("arch, kv", [("llama", "int4"), ("mixtral", "fp16")])
-def test_triton_backend_equals_reference_backend(load, prompts, arch, kv):
+def test_triton_backend_equals_reference_backend(tiny_model, prompts, arch, kv):
     pytest.importorskip("triton")
     from atomq.kernels import interpreter_compat
+    from atomq.model.loader import load_model
 
     interpreter_compat()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load(arch, kv_bits=4 if kv == "int4" else None, device=device)
+    # head_dim 32, the kernels' smallest (the default tiny model's 16 runs on the reference ops only)
+    path = tiny_model(arch, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    lm = load_model(str(path), kv_bits=4 if kv == "int4" else None, device=device)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     runs = {}
     for backend in ("ref", "triton"):

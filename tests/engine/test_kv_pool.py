@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atomq import LLM, SamplingParams
-from atomq.engine.kv_pool import KVPool, bytes_per_token, num_blocks_for, resolve_kv_dtype
+from atomq.engine.kv_pool import KVPool, bytes_per_token, num_blocks_for, paged_ops, resolve_kv_dtype
 
 
 @pytest.mark.parametrize("mode, per_head", [("int4", 2 * (64 + 3)), ("fp16", 2 * 256), ("fp8", 2 * 128)])
@@ -30,6 +30,15 @@ def test_kv_dtype_resolution():
         resolve_kv_dtype("auto", 8)
     with pytest.raises(ValueError, match="unknown kv cache dtype 'bf8'"):
         resolve_kv_dtype("bf8", None)
+
+
+def test_attention_kernels_need_head_dim_32():
+    """The kernels' tensor-core dots run over half a head: smaller heads get the reference ops under 'auto'
+    and a clear error when the kernels are forced."""
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        paged_ops(torch.device("cpu"), "triton", head_dim=16)
+    assert paged_ops(torch.device("cuda"), "auto", head_dim=16).backend == "ref"
+    assert paged_ops(torch.device("cpu"), "auto", head_dim=128).backend == "ref"
 
 
 def test_fp8_pages_track_the_full_forward(load, prompts, greedy_reference):

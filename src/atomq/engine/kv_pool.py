@@ -46,12 +46,20 @@ class PagedOps:
 ATTENTION_BACKENDS = ("auto", "triton", "ref")
 
 
-def paged_ops(device: torch.device, backend: str = "auto") -> PagedOps:
-    """'auto': the Triton kernels on CUDA (when Triton imports), the reference ops elsewhere; 'triton'
-    forces the kernels (on CPU they need TRITON_INTERPRET=1); 'ref' forces the reference ops."""
+MIN_KERNEL_HEAD_DIM = 32  # the prefill kernel's tl.dot runs over head_dim / 2 channels: 16 at least
+
+
+def paged_ops(device: torch.device, backend: str = "auto", head_dim: int = MIN_KERNEL_HEAD_DIM) -> PagedOps:
+    """'auto': the Triton kernels on CUDA (when Triton imports and head_dim >= MIN_KERNEL_HEAD_DIM), the
+    reference ops elsewhere; 'triton' forces the kernels (on CPU they need TRITON_INTERPRET=1); 'ref'
+    forces the reference ops."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
+    if backend == "triton" and head_dim < MIN_KERNEL_HEAD_DIM:
+        raise ValueError(f"the attention kernels need head_dim >= {MIN_KERNEL_HEAD_DIM} (tensor-core dots over "
+                         f"half a head), got {head_dim}; use attention_backend='ref'")
+    kernels_fit = head_dim >= MIN_KERNEL_HEAD_DIM
+    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda" and kernels_fit):
         try:
             from ..kernels import elementwise as E
             from ..kernels.decode_attention import paged_decode_attention
@@ -116,7 +124,7 @@ class KVPool:
             raise ValueError(f"an INT4 cache needs an even head_dim, got {head_dim}")
         self.mode, self.num_blocks, self.block_size = mode, num_blocks, block_size
         self.device = torch.device(device)
-        self.ops = paged_ops(self.device, backend)
+        self.ops = paged_ops(self.device, backend, head_dim)
         if self.ops.backend == "triton" and mode == "model":
             raise ValueError("kv cache dtype 'model' runs on the reference ops only; use fp16, fp8 or int4 "
                              "with the Triton kernels")
