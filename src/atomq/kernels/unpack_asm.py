@@ -22,10 +22,13 @@ xor.b32 $1, t, f;
 """
 
 # int8 out, each nibble times its group's multiplier m (1..15; 0 for padding). Args: $2 the packed bytes;
-# for the low nibbles $3 = m in every byte and $4 = 128 - 8m in every byte, for the high ones $5 and $6.
+# for the low nibbles $3 = m in every byte and $4 = 128 - 8m in every byte, for the high ones $5 and $6
+# (``shared``: the high nibbles take $3 and $4 too, one multiplier for a K block inside one group).
 # Per byte: n = v + 8 in 0..15, then n * m + 128 - 8m stays in 8..233 (no carries between bytes), and
 # ^ 0x80 gives v * m as a signed byte.
-UNPACK_INT8_MULT_ASM = """{
+def _unpack_int8_mult_asm(shared: bool) -> str:
+    high_m, high_c = ("", "$4") if shared else ("and.b32 u, $5, 0xff;\n", "$6")
+    return f"""{{
 .reg .b32 t, u, m, e, f;
 mov.b32 m, 0x0f0f0f0f;
 mov.b32 e, 0x08080808;
@@ -34,31 +37,16 @@ and.b32 u, $3, 0xff;
 lop3.b32 t, $2, m, e, 0x6a;
 mad.lo.u32 t, t, u, $4;
 xor.b32 $0, t, f;
-and.b32 u, $5, 0xff;
-shr.u32 t, $2, 4;
+{high_m}shr.u32 t, $2, 4;
 lop3.b32 t, t, m, e, 0x6a;
-mad.lo.u32 t, t, u, $6;
+mad.lo.u32 t, t, u, {high_c};
 xor.b32 $1, t, f;
-}
+}}
 """
 
-# The same with one multiplier for both halves (a K block inside one group): $3 = m in every byte,
-# $4 = 128 - 8m in every byte.
-UNPACK_INT8_MULT1_ASM = """{
-.reg .b32 t, u, m, e, f;
-mov.b32 m, 0x0f0f0f0f;
-mov.b32 e, 0x08080808;
-mov.b32 f, 0x80808080;
-and.b32 u, $3, 0xff;
-lop3.b32 t, $2, m, e, 0x6a;
-mad.lo.u32 t, t, u, $4;
-xor.b32 $0, t, f;
-shr.u32 t, $2, 4;
-lop3.b32 t, t, m, e, 0x6a;
-mad.lo.u32 t, t, u, $4;
-xor.b32 $1, t, f;
-}
-"""
+
+UNPACK_INT8_MULT_ASM = _unpack_int8_mult_asm(shared=False)
+UNPACK_INT8_MULT1_ASM = _unpack_int8_mult_asm(shared=True)
 
 # float8_e4m3fn out: the nibble (offset by 8) goes into the mantissa of fp16 1024 (prmt), minus 1032
 # gives v exactly in fp16, then a saturating convert to e4m3 (exact for -8..7).
