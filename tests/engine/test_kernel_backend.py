@@ -49,8 +49,8 @@ RECIPES = {  # name -> (preset, overrides)
 def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file, tmp_path, prompts, monkeypatch,
                                                           recipe):
     """A calibrated Atom checkpoint (W4A4, W4A8, partly or fully rotated) served with the linear kernels
-    (quantize + merged W4A4 GEMMs) gives the same greedy tokens as with the reference linears, and the same
-    logits up to float rounding.
+    (quantize + merged W4A4 GEMMs) gives the same greedy tokens as with the reference linears (up to a
+    near-tie, ``_assert_same_greedy_run``), and the same logits up to float rounding.
 
     The W4A4 GEMM writes fp16; the fp32 reference linears are rounded the same way here. Without that the
     ~1e-4 rounding differences move some later INT4 activation / KV levels by one step and grow through the
@@ -100,11 +100,14 @@ def test_atom_engine_with_kernels_equals_reference_engine(tiny_model, calib_file
         _assert_same_greedy_run(r, t, rel_tol=1e-2)
 
 
+TIE_MARGIN = 0.25  # logits of these tiny models span about +-8; a top-2 gap below this is a near-tie
+
+
 def _assert_same_greedy_run(ref_run, run, rel_tol: float) -> None:
     """Same greedy tokens as the reference and the same logits (norm-wise within rel_tol over the steps
-    compared), except where the reference's own top-2 margin is within the two runs' logit difference at
-    that step: there the last fp16 rounding may pick the other token, and the runs are compared no further
-    (each then continues a different sequence).
+    compared), except at a near-tie of the reference (top-2 logit margin below TIE_MARGIN, never the first
+    step): there the last fp16 rounding may pick the other token, which must then be the reference's
+    runner-up, and the runs are compared no further (each continues a different sequence).
 
     Why that can happen: the GEMM kernels round their (exact, for integer-multiplier scales) sums once to
     fp32 and then to fp16, the reference linears sum in fp32; a few outputs a layer then differ by one fp16
@@ -114,11 +117,11 @@ def _assert_same_greedy_run(ref_run, run, rel_tol: float) -> None:
     steps = len(run.token_ids)
     for step, (tok, want_tok) in enumerate(zip(run.token_ids, ref_run.token_ids)):
         if tok != want_tok:
-            got, want = run.logits[step].float(), ref_run.logits[step].float()
-            top2 = want.topk(2).values
-            margin, err = (top2[0] - top2[1]).item(), (got - want).abs().max().item()
-            assert margin <= 2 * err, (f"step {step}: token {tok} vs {want_tok} with a reference margin of "
-                                       f"{margin:.4f}, more than twice the largest logit difference {err:.4f}")
+            top2 = ref_run.logits[step].float().topk(2)
+            margin = (top2.values[0] - top2.values[1]).item()
+            assert step > 0 and margin < TIE_MARGIN, (f"step {step}: token {tok} vs {want_tok} where the "
+                                                      f"reference's top-2 margin is {margin:.4f}")
+            assert tok == top2.indices[1].item()  # the reference's runner-up
             steps = step + 1
             break
     got, want = torch.stack(run.logits[:steps]).float(), torch.stack(ref_run.logits[:steps]).float()

@@ -33,11 +33,14 @@ def test_kv_dtype_resolution():
 
 
 def test_attention_kernels_need_head_dim_32():
+    pytest.importorskip("triton")
     """The kernels' tensor-core dots run over half a head: smaller heads get the reference ops under 'auto'
     and a clear error when the kernels are forced."""
-    with pytest.raises(ValueError, match="head_dim >= 32"):
+    with pytest.raises(ValueError, match="power of two >= 32"):
         paged_ops(torch.device("cpu"), "triton", head_dim=16)
     assert paged_ops(torch.device("cuda"), "auto", head_dim=16).backend == "ref"
+    assert paged_ops(torch.device("cuda"), "auto", head_dim=80).backend == "ref"  # not a power of two
+    assert paged_ops(torch.device("cuda"), "auto", head_dim=32).backend == "triton"  # (only imports here)
     assert paged_ops(torch.device("cpu"), "auto", head_dim=128).backend == "ref"
 
 

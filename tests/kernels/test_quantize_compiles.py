@@ -1,4 +1,5 @@
-"""The fused quantize kernels compile for sm_90 (offline, no GPU needed), for every mode the engine launches.
+"""The fused quantize kernels compile for sm_90 (offline, no GPU needed): every mode (plain gather, norm,
+SiLU * up), with and without groups, levels, reorder index, residual, 8-bit groups, decode split or not.
 
 The interpreter runs the kernels' Python, not the compiler's rules (a loop-carried value that changes
 shape, say, passes there and fails to compile), so each launch the wrappers make is recorded on CPU
@@ -42,15 +43,18 @@ Q.launch_options = lambda device: {"USE_GDC": True, "launch_pdl": True}
 Q._num_sms = lambda device: 132
 
 g = torch.Generator().manual_seed(0)
-for m, k, n_out, gs, levels in [(1, 4096, 128, 128, None), (1, 4096, 128, 128, 15), (64, 4096, 128, 128, 15),
-                                (2, 11008, 128, 32, 15), (256, 576, 64, 32, None)]:
+for m, k, n_out, gs, levels, bits, plain in [
+        (1, 4096, 128, 128, None, 4, False), (1, 4096, 128, 128, 15, 4, False), (64, 4096, 128, 128, 15, 4, False),
+        (2, 11008, 128, 32, 15, 4, False), (256, 576, 64, 32, None, 4, False), (1, 4096, 128, 128, None, 8, False),
+        (1, 4096, 128, None, None, 4, True), (300, 4096, 0, None, None, 4, True)]:
     split = plan_split(k, n_out, gs)
     x = torch.randn(m, k, generator=g).half()
-    idx = torch.randperm(k, generator=g).int()
+    idx = None if plain else torch.randperm(k, generator=g).int()  # plain: no reorder index, no residual
     w = torch.rand(k, generator=g).half()
-    Q.quantize_act(x, idx, split, out="int8", levels=levels)
-    Q.rmsnorm_quantize(x, x.clone(), w, 1e-5, idx, split, out="int8", weight_gathered=True, levels=levels)
-    Q.silu_mul_quantize(torch.randn(m, 2 * k, generator=g).half(), split, out="int8", levels=levels)
+    Q.quantize_act(x, idx, split, bits, out="int8", levels=levels)
+    Q.rmsnorm_quantize(x, None if plain else x.clone(), w, 1e-5, idx, split, bits, out="int8",
+                       weight_gathered=not plain, levels=levels)
+    Q.silu_mul_quantize(torch.randn(m, 2 * k, generator=g).half(), split, bits, out="int8", levels=levels)
 
 for fn, args, kw in launches:
     params = inspect.signature(fn.fn).parameters
@@ -74,4 +78,4 @@ def test_quantize_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _RECORD_AND_COMPILE], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "compiled 15" in run.stdout, run.stdout
+    assert "compiled 24" in run.stdout, run.stdout

@@ -113,6 +113,8 @@ def test_integer_multiplier_scales_accumulate_in_int32(m, n, k, n_out, gs, devic
         assert _rel(w4a4_gemm(a, p, bias, config=cfg), yr) <= TOL[torch.float16]  # the promoting loop
     with pytest.raises(ValueError, match="integer multiples"):
         prepare_weight(quantize_weight_rtn(w, split, 4, 0.85), levels=15)
+    with pytest.raises(ValueError, match="levels must be in 2..15"):  # nibble * multiplier fits one byte
+        prepare_weight(pw, levels=16)
 
 
 def test_split_k_matches(device):

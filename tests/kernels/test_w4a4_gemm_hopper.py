@@ -1,8 +1,9 @@
 """The Gluon W4A4 prefill kernel (sm_90 only).
 
 On any machine: it compiles for sm_90 (Triton ships ptxas), and ptxas reports no spills and no
-serialized wgmma. On an H100 (``-m gpu``): equal to ref.w4a4_gemm within the tolerances of
-test_w4a4_gemm.py, groups of 128 and one scale per row, ragged M and N, bias, fp16 and bf16 out.
+serialized wgmma, the integer-multiplier loop included. On an H100 (``-m gpu``): equal to ref.w4a4_gemm
+within the tolerances of test_w4a4_gemm.py, groups of 128 and one scale per row, ragged M and N, bias,
+fp16 and bf16 out; the multiplier loop too, and the default dispatch takes it.
 """
 
 import inspect
@@ -76,7 +77,8 @@ def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, m
     assert "0 bytes spill stores" in report, report
     assert "serialized" not in report, report
     if mult:  # the multipliers ride the ring in 4-byte copies and multiply the nibbles in the unpack
-        assert "mad.lo.u32" in ptx and "cp.async.ca.shared.global [ %r" in ptx.replace("\t", " ")
+        copies = [line for line in ptx.splitlines() if "cp.async.ca.shared.global" in line]
+        assert "mad.lo.u32" in ptx and any(", 0x4," in line for line in copies)
         assert "cvt.rn.f32.s32" not in ptx.split("mad.lo.u32")[-1].split("wgmma.wait_group")[0]
 
 
@@ -111,10 +113,26 @@ def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, group_
     assert torch.isfinite(y).all() and rel <= TOL[out_dtype], rel
 
 
+def test_integer_multiplier_loop_reasons(monkeypatch):
+    """The multiplier loop takes groups of 128 with 16-byte aligned multiplier rows (prepare_weight pads
+    them, so any N) and nothing else; checked with the device test patched away."""
+    monkeypatch.setattr(hopper, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for n, gs in [(4104, 128), (4096, 128), (40, 64)]:
+        split = plan_split(512, 0, gs)
+        pw = quantize_weight_rtn(torch.randn(n, 512), split, 4, 0.85, levels=15)
+        p = prepare_weight(pw, levels=15)
+        a = Q.ActOp(torch.zeros(4, 512, dtype=torch.int8), torch.ones(4, 512 // gs, dtype=torch.float16), None, None)
+        assert p.mult.stride(0) % 16 == 0 and p.mult.shape == (512 // gs, n)
+        reason = hopper.unsupported_reason(a, p, mult=True)
+        assert (reason is None) == (gs == 128), (n, gs, reason)
+        assert hopper.unsupported_reason(a, p) is None or gs != 128  # the promoting loop takes it too
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (2048, 12288, 4096)])
+@pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 8, 11008), (2048, 12288, 4096)])
 @pytest.mark.parametrize("block_m,num_warps", [(128, 4), (128, 8)])
-def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps):
+def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps, monkeypatch):
     """Group scales that are integer multiples of one per row / token: the multiplier loop equals the
     reference (and so the promoting loop of the same product)."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -132,4 +150,13 @@ def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_
     yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), pw, bias, out_dtype=torch.float64)  # q * m: int8
     rel = ((y.double() - yr).norm() / yr.norm()).item()
     assert torch.isfinite(y).all() and rel <= TOL[torch.float16], rel
-    assert torch.equal(y, w4a4_gemm(a, p, bias, uniform_act_scales=True))  # the default picks this loop
+    real, calls = hopper.w4a4_gemm_hopper, []
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hopper, "w4a4_gemm_hopper", spy)
+    y_default = w4a4_gemm(a, p, bias, uniform_act_scales=True)
+    assert [kw["mult"] for kw in calls] == [True]  # the default dispatch takes the multiplier loop
+    assert torch.equal(y, y_default)  # exact int32 sums and the same epilogue whatever the tiles

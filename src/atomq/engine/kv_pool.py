@@ -49,16 +49,21 @@ ATTENTION_BACKENDS = ("auto", "triton", "ref")
 MIN_KERNEL_HEAD_DIM = 32  # the prefill kernel's tl.dot runs over head_dim / 2 channels: 16 at least
 
 
+def kernels_take_head_dim(head_dim: int) -> bool:
+    """The attention kernels take heads of a power of two >= MIN_KERNEL_HEAD_DIM (64 and 128 in practice)."""
+    return head_dim >= MIN_KERNEL_HEAD_DIM and not head_dim & (head_dim - 1)
+
+
 def paged_ops(device: torch.device, backend: str = "auto", head_dim: int = MIN_KERNEL_HEAD_DIM) -> PagedOps:
-    """'auto': the Triton kernels on CUDA (when Triton imports and head_dim >= MIN_KERNEL_HEAD_DIM), the
-    reference ops elsewhere; 'triton' forces the kernels (on CPU they need TRITON_INTERPRET=1); 'ref'
-    forces the reference ops."""
+    """'auto': the Triton kernels on CUDA (when Triton imports and they take the head size), the reference
+    ops elsewhere; 'triton' forces the kernels (on CPU they need TRITON_INTERPRET=1); 'ref' forces the
+    reference ops."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend == "triton" and head_dim < MIN_KERNEL_HEAD_DIM:
-        raise ValueError(f"the attention kernels need head_dim >= {MIN_KERNEL_HEAD_DIM} (tensor-core dots over "
-                         f"half a head), got {head_dim}; use attention_backend='ref'")
-    kernels_fit = head_dim >= MIN_KERNEL_HEAD_DIM
+    kernels_fit = kernels_take_head_dim(head_dim)
+    if backend == "triton" and not kernels_fit:
+        raise ValueError(f"the attention kernels need head_dim a power of two >= {MIN_KERNEL_HEAD_DIM} "
+                         f"(tensor-core dots over half a head), got {head_dim}; use attention_backend='ref'")
     if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda" and kernels_fit):
         try:
             from ..kernels import elementwise as E

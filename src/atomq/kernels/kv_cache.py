@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .kv_layout import BLOCK_SIZE, KV_LAYOUTS, KV_MODES, PagedKVCache, kv_bytes_per_token  # noqa: F401
-from . import pdl
+from . import interpreter_compat, pdl
 from .pdl import gdc_enter, launch_options
 
 FP8_MAX = 448.0
@@ -60,8 +60,8 @@ def allocate_kv_cache(
         raise ValueError(f"mode must be one of {KV_MODES}, got {mode!r}")
     if layout not in KV_LAYOUTS:
         raise ValueError(f"layout must be one of {KV_LAYOUTS}, got {layout!r}")
-    if head_dim % 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 32, got {head_dim}")
     h, bs = num_kv_heads, block_size
     lead = (num_blocks, h, bs) if layout == "HND" else (num_blocks, bs, h)
     if mode == "int4":
@@ -193,6 +193,7 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
     t = k.shape[0]
     if t == 0:
         return
+    interpreter_compat()
     h, d = cache.num_kv_heads, cache.head_dim
     sb, sh, ss = cache.data_strides()
     mb, mh, ms = cache.meta_strides()

@@ -26,7 +26,8 @@ Prepared weight layout (``prepare_weight``, once at load time), S = min(group_si
          Per-row weights (group_size None): fp32 [1, N].
     w8:  int8 [N, n_out] outlier weights, s8w: fp32 [N] (absent when n_out == 0).
     mult, unit (weights whose group scales are integer multiples of one per row, ``levels``): uint8 [GP, N]
-         multipliers (padding groups 0) and fp32 [N] units, sw = unit * mult. With activations whose group
+         multipliers (padding groups 0; a view of rows padded to 16 bytes, for the Gluon kernel's 4-byte
+         copies) and fp32 [N] units, sw = unit * mult. With activations whose group
          scales are all one per token (``uniform_act_scales``), the kernel multiplies each unpacked weight
          by its group's multiplier (one IMAD per 4 values, in place of an add) and sums all of K in int32:
          no per-group promotion, the group-free loop.
@@ -87,6 +88,8 @@ def prepare_weight(w: PackedWeight, row_tile: int = 16, levels: int | None = Non
     """
     if row_tile < 1 or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two, got {row_tile}")
+    if levels is not None and not 2 <= levels <= 15:  # nibble * multiplier must stay in one byte
+        raise ValueError(f"levels must be in 2..15, got {levels}")
     if w.bits != 4 or w.zeros is not None:
         raise ValueError("the W4A4 kernel takes 4-bit symmetric weights")
     q = unpack_int4(w.qweight)  # int8 [N, Kn]
@@ -282,7 +285,7 @@ def w4a4_gemm(
         gpu = a.qa.is_cuda and not interpreting()
         gluon = m > 64 and gpu and _hopper().unsupported_reason(a, w, mult) is None
         gemv = m <= w4a4_gemv.MAX_M and gpu and w.span in GEMV_SPANS and w4a4_gemv.unsupported_reason(a, w) is None
-        # the Gluon multiplier loop is the group-free loop: its tiles
+        # the Gluon multiplier loop is its group-free loop, so it takes the group-free tiles
         grouped = w.group_size is not None and not (gluon and mult)
         config = pick_config(m, n, w.kp, gluon=gluon, grouped=grouped, gemv=gemv, span=w.span)
     cfg = config

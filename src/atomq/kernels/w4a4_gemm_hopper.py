@@ -19,7 +19,8 @@ by wgmma from shared memory. What differs is the schedule, written out by hand:
   activation multipliers are already in the int8 operand): the group-free loop, with each unpacked
   weight times its group's multiplier (uint8 [G, N], carried by the ring) and the units as the scales.
 
-Activation scales are read transposed and in fp32 (``sa_t`` [G, M]); the wrapper builds that copy.
+Activation scales are read transposed and in fp32 (``sa_t`` [G, M]; the multiplier loop: the units,
+[1, M]); the wrapper builds that copy.
 Measured against cuBLAS FP16 and FP8 in docs/KERNELS.md.
 Importable without Gluon (``AVAILABLE`` says whether the kernel exists); runs on sm_90 only.
 """
@@ -64,9 +65,9 @@ def unsupported_reason(a, w, mult: bool = False) -> str | None:
         return f"the Gluon kernel takes groups of {2 * SPAN} or one scale per row, got groups of {w.group_size}"
     if w.kn % 16:
         return f"the Gluon kernel needs Kn (normal channels) a multiple of 16, got {w.kn}"
-    if mult and (w.group_size != 2 * SPAN or w.mult.stride(0) % 16 or w.n % 16):
+    if mult and (w.group_size != 2 * SPAN or w.mult.stride(0) % 16 or w.mult.data_ptr() % 16):
         return (f"the Gluon multiplier loop takes groups of {2 * SPAN} and copies the multipliers 4 bytes at a "
-                f"time (N and their row stride multiples of 16)")
+                f"time (rows 16-byte aligned, as prepare_weight pads them)")
     return None
 
 
@@ -148,8 +149,9 @@ if AVAILABLE:
         if GROUPED:
             cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n, mask=(offs_n < N) & live)
             cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m, mask=(offs_m < M) & live)
-        if MULT:  # 4 multipliers per copy (cp.async moves 4, 8 or 16 bytes)
-            cp_async_load(mult_s.index(slot), mult_ptr + it * stride_mg + offs_n4, mask=(offs_n4 < N) & live)
+        if MULT:  # 4 multipliers per copy (cp.async moves 4, 8 or 16 bytes): masked by the padded row (zeros
+            # past N), which keeps every 4-byte piece whole for any N
+            cp_async_load(mult_s.index(slot), mult_ptr + it * stride_mg + offs_n4, mask=(offs_n4 < stride_mg) & live)
         cp.commit_group()
 
     @gluon.jit
