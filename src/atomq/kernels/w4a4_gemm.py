@@ -47,7 +47,7 @@ from .counters import arrival_counters
 from .pdl import launch_options
 from .quantize import ActOp, interpreting
 from .ref import ActQ
-from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM, UNPACK_INT8_MULT_ASM
+from .unpack_asm import UNPACK_FP8_ASM, UNPACK_INT8_ASM, UNPACK_INT8_MULT1_ASM, UNPACK_INT8_MULT_ASM
 
 try:  # guarded: atomq imports without triton
     import triton
@@ -374,18 +374,24 @@ if triton is not None:
         return lo, hi
 
     _UNPACK_INT8_MULT = tl.constexpr(UNPACK_INT8_MULT_ASM)
+    _UNPACK_INT8_MULT1 = tl.constexpr(UNPACK_INT8_MULT1_ASM)
 
     @triton.jit
-    def _unpack_mult(wp, ml, mh, USE_ASM: tl.constexpr):
+    def _unpack_mult(wp, ml, mh, USE_ASM: tl.constexpr, SHARED: tl.constexpr):
         """Packed bytes int8 [BN, S] and the row multipliers of the low / high halves' groups (int32 [BN],
-        0..15) -> (low nibbles * ml, high nibbles * mh), int8 [BN, S] each."""
+        0..15; SHARED: one group, mh is ml) -> (low nibbles * ml, high nibbles * mh), int8 [BN, S] each."""
         if USE_ASM:  # per-row bytes broadcast to the packed bytes' shape: m, and 128 - 8m (wraps to int8)
             zero = tl.zeros_like(wp)
-            lo, hi = tl.inline_asm_elementwise(
-                asm=_UNPACK_INT8_MULT, constraints="=r,=r,r,r,r,r,r",
-                args=[wp, zero + ml.to(tl.int8)[:, None], zero + (128 - 8 * ml).to(tl.int8)[:, None],
-                      zero + mh.to(tl.int8)[:, None], zero + (128 - 8 * mh).to(tl.int8)[:, None]],
-                dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+            m_lo, c_lo = zero + ml.to(tl.int8)[:, None], zero + (128 - 8 * ml).to(tl.int8)[:, None]
+            if SHARED:
+                lo, hi = tl.inline_asm_elementwise(
+                    asm=_UNPACK_INT8_MULT1, constraints="=r,=r,r,r,r", args=[wp, m_lo, c_lo],
+                    dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+            else:
+                lo, hi = tl.inline_asm_elementwise(
+                    asm=_UNPACK_INT8_MULT, constraints="=r,=r,r,r,r,r,r",
+                    args=[wp, m_lo, c_lo, zero + mh.to(tl.int8)[:, None], zero + (128 - 8 * mh).to(tl.int8)[:, None]],
+                    dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         else:
             lo = (((wp << 4) >> 4).to(tl.int32) * ml[:, None]).to(tl.int8)
             hi = ((wp >> 4).to(tl.int32) * mh[:, None]).to(tl.int8)
@@ -434,7 +440,7 @@ if triton is not None:
         s8a: fp16 [M, 1]; out: [M, N] (PARTIAL: fp32 [SPLIT, M, N]). FUSED (with PARTIAL): the last
         program to finish a tile (arrival counter lock[tile]) sums the SPLIT partials in order, adds
         the bias and writes fin [M, N]; it then resets the counter to 0. USE_GDC: kernels/pdl.py.
-        MULT (groups): weights times their group's multiplier (mult int32 [GP, N]) as they unpack, one int32
+        MULT (groups): weights times their group's multiplier (mult uint8 [GP, N]) as they unpack, one int32
         sum over K, scaled once by unit[n] (fp32 [N]) * sa[m, 0] (each row of sa holds one value).
         """
         gdc_enter(USE_GDC)
@@ -472,9 +478,11 @@ if triton is not None:
             if MULT:  # the groups' multipliers of the low and high halves (one group per block, or one each)
                 ml = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it) * stride_mg + offs_n, mask=mask_n,
                              other=0).to(tl.int32)
-                mh = tl.load(mult_ptr + (it if GS == 2 * S else 2 * it + 1) * stride_mg + offs_n, mask=mask_n,
-                             other=0).to(tl.int32)
-                wl, wh = _unpack_mult(wp, ml, mh, USE_ASM)
+                if GS == 2 * S:
+                    mh = ml
+                else:
+                    mh = tl.load(mult_ptr + (2 * it + 1) * stride_mg + offs_n, mask=mask_n, other=0).to(tl.int32)
+                wl, wh = _unpack_mult(wp, ml, mh, USE_ASM, GS == 2 * S)
             else:
                 wl, wh = _unpack(wp, USE_ASM, OP_FP8)
             k_lo = it * (2 * S) + offs_s
