@@ -333,6 +333,37 @@ def gemv_groups_bench() -> list[dict]:
     return rows
 
 
+def accumulate_bench(ms=(1, 16)) -> list[dict]:
+    """Decode GEMMs (default dispatch) with their split-K reduction as written (partials, an arrival counter,
+    the last run's sum, fp16 out) against accumulating into the operand's fp32 accumulator (ActOp.acc:
+    fire-and-forget adds); 7B and 70B shapes, us. The accumulator is not re-zeroed between timed calls
+    (timing only); the results are checked once against the reference first."""
+    from atomq.bench.gemm import _copies, _time_ms, make_problem
+
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        for m in ms:
+            x, w, pw, split = make_problem(n, k, m)
+            del w
+            first = prepare_weight(pw)
+            ps = [first] + [prepare_weight(pw) for _ in range(_copies(first.w4.numel()) - 1)]
+            a = Q.quantize_act(x, None, split, out="int8")
+            acc = Q.quantize_act(x, None, split, out="int8", acc_cols=n)
+            yr = ref.w4a4_gemm(a.to_actq(), pw, None, out_dtype=torch.float64)
+            rel = ((w4a4_gemm(acc, first).double() - yr).norm() / yr.norm()).item()
+            report(f"accumulate {model} {layer} M={m}", rel <= 1e-3, f"rel err {rel:.2e}")
+            row = dict(model=model, layer=layer, M=m, N=n, K=k, rel_err=rel)
+            row["counter_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
+            row["accumulate_ms"] = _time_ms(lambda: [w4a4_gemm(acc, p) for p in ps], len(ps))
+            rows.append(row)
+            line = (f"{model:10s} {layer:7s} M={m:<3d}| counter {row['counter_ms'] * 1e3:6.1f} "
+                    f"accumulate {row['accumulate_ms'] * 1e3:6.1f}")
+            print(line, flush=True)
+            lines.append(line)
+    _print_table("decode GEMM: split-K reduction vs accumulating (us):", lines)
+    return rows
+
+
 def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-7b",)) -> list[dict]:
     """Group scales as integer multiples of one per row / token (``levels``): the integer-accumulating
     loops (Triton; Gluon for groups of 128 above M = 64, the default there) against the promoting default
@@ -556,6 +587,8 @@ def main() -> int:
     ap.add_argument("--gluon-only", action="store_true", help="check only the Gluon kernel")
     ap.add_argument("--row-bench", action="store_true", help="also time group-free W4A4 against FP16 and FP8")
     ap.add_argument("--gemv-bench", action="store_true", help="also time the M <= 4 CUDA-core GEMV variants")
+    ap.add_argument("--accumulate-bench", action="store_true",
+                    help="also time the decode GEMMs' split-K reduction against accumulating into ActOp.acc")
     ap.add_argument("--gemv-groups", action="store_true", help="time one token at groups of 128 / 64 / 32 (7B)")
     ap.add_argument("--quant-bench", action="store_true", help="also time the norm + quantize gather variants")
     ap.add_argument("--levels-bench", action="store_true", help="integer-multiplier group scales")
@@ -599,6 +632,9 @@ def main() -> int:
             check_gemv()
         with open(args.out.replace(".json", "_gemv_groups.json"), "w") as f:
             json.dump(gemv_groups_bench(), f, indent=1)
+    if args.accumulate_bench:
+        with open(args.out.replace(".json", "_accumulate.json"), "w") as f:
+            json.dump(accumulate_bench(), f, indent=1)
     if args.levels_bench:
         with open(args.out.replace(".json", "_levels.json"), "w") as f:
             ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731

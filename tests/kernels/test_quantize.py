@@ -239,3 +239,39 @@ def test_integer_multiplier_scales_equal_the_reference(m, k, n_out, gs, device):
         Q.quantize_act(x, idx, split, out="packed", levels=15)
     with pytest.raises(ValueError, match="levels"):
         Q.quantize_act(x, idx, plan_split(k, n_out, None), out="int8", levels=15)
+
+
+@pytest.mark.parametrize("m,k,n_out,gs,acc_cols", [(1, 576, 64, 64, 1000), (3, 640, 128, 128, 64), (2, 512, 0, 32, 3)])
+def test_accumulator_zeroed_and_fp32_inputs_rounded_as_the_reference(m, k, n_out, gs, acc_cols, device, monkeypatch):
+    """acc_cols: the launch zeroes the next GEMM's fp32 accumulator (every column, whatever the programs per
+    row); an fp32 input (a GEMM's accumulator) is rounded to the value dtype first, as the twins do."""
+    monkeypatch.setattr(Q, "_new_acc", lambda m, n, dev: torch.full((m, n), float("nan"), device=dev))
+    split = plan_split(k, n_out, gs)
+    x, res, w, idx = _inputs(m, k, device, seed=3 * m + k)
+    x32 = x.float() * (1 + 1e-3 * torch.rand(m, k, device=device))  # not on the fp16 grid
+    a = Q.quantize_act(x, idx, split, out="int8", acc_cols=acc_cols)
+    assert a.acc.shape == (m, acc_cols) and a.acc.dtype == torch.float32 and not a.acc.any()
+    _assert_actq_equal(a.to_actq(), ref.quantize_act(x, idx, split))
+
+    b, new_res = Q.rmsnorm_quantize(x32, res, w, 1e-5, idx, split, out="int8", acc_cols=acc_cols)
+    r, ref_res = ref.rmsnorm_quantize(x32, res, w, 1e-5, idx, split)
+    assert new_res.dtype == torch.float16 and torch.equal(new_res, ref_res)
+    assert torch.equal(new_res, (x32.half().float() + res.float()).half())  # x rounded once, then the add
+    assert not b.acc.any()
+    diff = sum((u != v).sum().item() for u, v in zip(b.to_actq(), r) if u is not None)
+    assert diff <= 2
+
+    gate_up = torch.cat([x32, x32.flip(1)], 1)
+    c = Q.silu_mul_quantize(gate_up, split, out="int8", acc_cols=acc_cols, dtype=torch.float16)
+    _assert_actq_equal(c.to_actq(), ref.silu_mul_quantize(gate_up, split, dtype=torch.float16))
+    assert not c.acc.any()
+    assert Q.quantize_act(x, idx, split, out="int8").acc is None
+
+
+def test_accumulator_validation(device):
+    split = plan_split(256, 0, 128)
+    x = _inputs(2, 256, device, seed=0)[0]
+    with pytest.raises(ValueError, match="operand form"):
+        Q.quantize_act(x, None, split, out="packed", acc_cols=8)
+    with pytest.raises(TypeError, match="rounded to"):
+        Q.silu_mul_quantize(torch.cat([x, x], 1), split, out="int8", dtype=torch.int8)

@@ -133,6 +133,21 @@ def test_split_k_matches(device):
             assert torch.equal(y3, w4a4_gemm(a, w, bias, config=GemmConfig(split_k=3, fused_reduce=fused, **cfg)))
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_accumulates_into_the_operands_accumulator(split_k, device):
+    """With ActOp.acc each K run adds its tile into the zeroed fp32 accumulator (bias with run 0), which is
+    returned unrounded; no partials, counters or reduce kernel."""
+    x, pw, split, bias = _problem(3, 40, 576, 128, 64, device, 6)
+    a = Q.quantize_act(x, None, split, out="int8", acc_cols=40)
+    yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    cfg = GemmConfig(split_k=split_k, block_n=32, block_m=16, num_warps=4, num_stages=1)
+    y = w4a4_gemm(a, prepare_weight(pw), bias, config=cfg)
+    assert y is a.acc and y.dtype == torch.float32
+    assert _rel(y, yr) <= 1e-3
+    with pytest.raises(ValueError, match="accumulator"):
+        w4a4_gemm(a._replace(acc=torch.zeros(3, 41, device=device)), pw, bias)
+
+
 def test_validation(device):
     x, pw, split, _ = _problem(2, 32, 320, 64, 64, device, 1)
     a = Q.quantize_act(x, None, split, out="int8")

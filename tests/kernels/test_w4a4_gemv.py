@@ -149,13 +149,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atomq.kernels import w4a4_gemv as G
 
-w, gs, ahead, partial = json.loads(sys.argv[1])
+w, gs, ahead, partial, acc = json.loads(sys.argv[1])
 fn = G._gemv_kernel
 names = list(inspect.signature(fn.fn).parameters)
 const = dict(RT=16, KB=4 * 16 // w, W=w, GS=gs, HAS_OUT=True, HAS_BIAS=True, PARTIAL=partial, BLOCK_O=128,
-             USE_ASM=True, AHEAD=ahead, USE_GDC=True)
+             USE_ASM=True, AHEAD=ahead, ACC=acc, USE_GDC=True)
 ptrs = {"W4": "*i32", "SW": "*fp32", "W8": "*i8", "S8W": "*fp32", "QA": "*i32", "S4": "*fp16", "Q8": "*i8",
-        "S8": "*fp16", "BIAS": "*fp16", "OUT": "*fp16", "PART": "*fp32", "LOCK": "*i32"}
+        "S8": "*fp16", "BIAS": "*fp16", "OUT": "*fp32" if acc else "*fp16", "PART": "*fp32", "LOCK": "*i32"}
 sig = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
 src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                 attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs})
@@ -164,10 +164,11 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_wa
 
 
 @pytest.mark.parametrize("w,gs", [(16, 128), (16, 64), (8, 32)])  # words per row and block (span / 4)
-@pytest.mark.parametrize("ahead,partial", [(1, False), (2, True)])
-def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, tmp_path):
+@pytest.mark.parametrize("ahead,partial,acc", [(1, False, False), (2, True, False), (1, False, True)])
+def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, acc, tmp_path):
     """Compiled offline for sm_90 (no GPU needed; a process without the interpreter): the PTX multiplies
-    with dp4a and waits on the kernel ahead, and ptxas spills nothing."""
+    with dp4a and waits on the kernel ahead, an accumulating run adds with a ``red`` (no atomic that
+    returns a value), and ptxas spills nothing."""
     import json
     import os
     import subprocess
@@ -176,11 +177,12 @@ def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, t
     from test_w4a4_gemm_hopper import _triton_ptxas
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([w, gs, ahead, partial])],
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([w, gs, ahead, partial, acc])],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     ptx = run.stdout
     assert "dp4a.u32.s32" in ptx and "griddepcontrol.wait" in ptx
+    assert ("red.global.gpu.relaxed.add.f32" in ptx) == acc and ("atom." in ptx) == partial
     ptxas = _triton_ptxas()
     if ptxas is None or not os.path.exists(ptxas):
         pytest.skip("Triton's ptxas is not installed")
@@ -189,3 +191,18 @@ def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, t
     run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "0 bytes spill stores" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("m,n,k,n_out,gs,kb,split", [
+    (1, 40, 1216, 128, 128, 2, 3),  # runs of 4, 4 and 1 block
+    (2, 33, 1088, 0, 64, 1, 4),
+    (1, 40, 1216, 64, 32, 1, 1),  # one run: its add is the whole sum
+])
+def test_gemv_accumulates_into_the_operands_accumulator(m, n, k, n_out, gs, kb, split, device):
+    """With ActOp.acc every K run adds into the zeroed fp32 accumulator (bias with run 0); no counters."""
+    x, pw, qsplit, bias = _problem(m, n, k, n_out, gs, device, seed=k + m)
+    a = Q.quantize_act(x, None, qsplit, out="int8", acc_cols=n)
+    want = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
+    y = w4a4_gemm(a, prepare_weight(pw), bias, config=GemmConfig(kernel="gemv", k_blocks=kb, split_k=split))
+    assert y is a.acc and y.dtype == torch.float32
+    assert _rel(y, want) <= TOL[torch.float16]

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 _OUT_KINDS = {"packed": 0, "int8": 1, "fp8": 2}
+_VAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class ActOp(NamedTuple):
@@ -51,17 +52,24 @@ class ActOp(NamedTuple):
     qa: int8 or float8_e4m3fn [M, Kn], INT4 values -8..7 one per element (normal channels); with
         8-bit activations int8 -128..127
     s4: fp16 [M, G]; q8: int8 [M, n_out] or None; s8: fp16 [M, 1] or None (as in ref.ActQ)
+    acc: fp32 [M, N] zeros or None: the accumulator of the GEMM that takes this operand (``acc_cols``
+        of the quantize functions), zeroed by the kernel that made it; a decode GEMM adds its K runs'
+        partial sums into it (w4a4_gemm).
     """
 
     qa: torch.Tensor
     s4: torch.Tensor
     q8: torch.Tensor | None
     s8: torch.Tensor | None
+    acc: torch.Tensor | None = None
 
     def to_actq(self, bits: int = 4) -> ActQ:
         """The ActQ with the same values (bits 4: q4 packed uint8 [M, Kn // 2]; 8: q4 = qa)."""
         q = self.qa.to(torch.float32).to(torch.int8)
         return ActQ(pack_int4(q) if bits == 4 else q, self.s4, self.q8, self.s8)
+
+    def without_acc(self) -> "ActOp":
+        return self._replace(acc=None)
 
 
 def interpreting() -> bool:
@@ -124,8 +132,18 @@ def _pick_rows(m: int, bk: int, cfg: QuantizeLaunch, gather: bool) -> tuple[int,
     return rows, warps
 
 
+def _new_acc(m: int, n: int, device: torch.device) -> torch.Tensor:
+    """The uninitialized fp32 [m, n] accumulator a launch zeroes (a seam for tests)."""
+    return torch.empty(m, n, dtype=torch.float32, device=device)
+
+
 def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int, clip: float, out: str,
-            config: QuantizeLaunch | None = None, weight_gathered: bool = False, levels: int | None = None):
+            config: QuantizeLaunch | None = None, weight_gathered: bool = False, levels: int | None = None,
+            acc_cols: int = 0, dtype: torch.dtype | None = None):
+    """Validate, allocate and launch. dtype: the value dtype that x is rounded to as it loads (x may be
+    an fp32 GEMM accumulator); the norm's default is the residual's dtype, else x's. acc_cols: also
+    return an fp32 [M, acc_cols] zeroed by the launch (None when 0).
+    Returns (q, s4, q8, s8, new residual or x, acc)."""
     if bits not in (4, 8):
         raise ValueError(f"the Triton quantize kernels produce 4- or 8-bit activations, got bits={bits}")
     if levels is not None and (bits != 4 or split.group_size is None or out != "int8" or not 2 <= levels <= 15):
@@ -139,6 +157,12 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         raise ValueError(f"expected a 2-D input with contiguous rows, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"unsupported input dtype {x.dtype}")
+    if dtype is None:
+        dtype = residual.dtype if mode == 1 and residual is not None else x.dtype
+    if dtype not in _VAL_DTYPES:
+        raise TypeError(f"values are rounded to fp16, bf16 or fp32, not {dtype}")
+    if acc_cols and out == "packed":
+        raise ValueError("an accumulator (acc_cols) goes with the GEMM operand form, not out='packed'")
     m = x.shape[0]
     k = x.shape[1] // 2 if mode == 2 else x.shape[1]
     if mode == 2 and x.shape[1] % 2:
@@ -161,7 +185,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         if residual is not None:
             if residual.shape != x.shape or residual.stride(-1) != 1:
                 raise ValueError("residual must match x's shape with contiguous rows")
-            res_out = torch.empty_like(x)
+            res_out = torch.empty_like(residual)
     kind = _OUT_KINDS[out]
     if kind == 0:
         q = torch.empty(m, kn // 2, dtype=torch.uint8, device=dev)
@@ -170,14 +194,15 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     s4 = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
     q8 = torch.empty(m, n_out, dtype=torch.int8, device=dev) if n_out else None
     s8 = torch.empty(m, 1, dtype=torch.float16, device=dev) if n_out else None
+    acc = _new_acc(m, acc_cols, dev) if acc_cols else None
     if m == 0:
-        return q, s4, q8, s8, (x if res_out is None else res_out)
+        return q, s4, q8, s8, (x if res_out is None else res_out), acc
     cfg = config or DEFAULT_LAUNCH
     if cfg.norm_block and cfg.norm_block & (cfg.norm_block - 1):
         raise ValueError(f"norm_block must be a power of two (or 0), got {cfg.norm_block}")
     dummy = s4
     bk = _next_pow2(k)
-    if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs) and levels is None:
+    if cfg.kernel == "rows" and bk <= ROWS_MAX_ELEMS and (not gs or bk >= gs) and levels is None and dtype == x.dtype:
         rows, warps = _pick_rows(m, bk, cfg, index is not None)
         if weight_gathered and index is not None:  # this kernel normalizes before the gather
             weight = torch.empty_like(weight).index_copy_(0, index.long(), weight)
@@ -194,7 +219,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
             OUT_KIND=kind, GS=gs, ROWS=rows, BK=bk, EXACT_EXP=not interpreting(), QMAX=2 ** (bits - 1) - 1,
             num_warps=warps,
         )
-        return q, s4, q8, s8, (x if res_out is None else res_out)
+        return q, s4, q8, s8, (x if res_out is None else res_out), None if acc is None else acc.zero_()
     block = min(2048, _next_pow2(kn))
     if gs:
         block = max(block, gs)
@@ -210,7 +235,10 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     # is a chain of dependent memory round trips that every program of the row repeats)
     block_r = block if chunk >= kn or mode != 1 else max(block, cfg.norm_block or min(_next_pow2(k), 8192))
     gather_res = cfg.gather_residual and mode == 1 and residual is not None and chunk >= kn and index is not None
-    _kernels()[(m, triton.cdiv(kn, chunk))](
+    n_chunks = triton.cdiv(kn, chunk)
+    acc_block = min(1024, _next_pow2(triton.cdiv(max(acc_cols, 1), n_chunks)))
+    acc_chunk = -(-triton.cdiv(max(acc_cols, 1), n_chunks) // acc_block) * acc_block  # columns zeroed per program
+    _kernels()[(m, n_chunks)](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
         weight if weight is not None else dummy, index if index is not None else dummy,
         q, s4, q8 if q8 is not None else dummy, s8 if s8 is not None else dummy,
@@ -218,53 +246,63 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         res_out.stride(0) if res_out is not None else 0,
         q.stride(0), s4.stride(0), q8.stride(0) if q8 is not None else 0,
+        acc if acc is not None else dummy, acc_cols, acc_chunk, acc_cols,
         MODE=mode, HAS_RES=residual is not None and mode == 1, HAS_IDX=index is not None,
         OUT_KIND=kind, GS=gs, BLOCK=block, BLOCK_R=block_r, BLOCK_O=max(2, _next_pow2(n_out)),
         EXACT_EXP=not interpreting(), GATHER_RES=gather_res, W_OUT_ORDER=weight_gathered and index is not None,
         ONE_BLOCK=cfg.preload and bool(gs) and chunk == block, QMAX=2 ** (bits - 1) - 1, LEVELS=levels or 0,
         BLOCK_L=min(_next_pow2(kn), 64 if interpreting() else 8192),
+        VAL_T=getattr(tl, str(dtype)[6:]), ACC=acc is not None, ACC_BLOCK=acc_block,
         num_warps=4 if block <= 1024 else 8, **launch_options(dev),
     )
-    return q, s4, q8, s8, (x if res_out is None else res_out)
+    return q, s4, q8, s8, (x if res_out is None else res_out), acc
 
 
-def _pack(out: str, q, s4, q8, s8):
-    return ActQ(q, s4, q8, s8) if out == "packed" else ActOp(q, s4, q8, s8)
+def _pack(out: str, q, s4, q8, s8, acc=None):
+    return ActQ(q, s4, q8, s8) if out == "packed" else ActOp(q, s4, q8, s8, acc)
 
 
 def quantize_act(
     x: torch.Tensor, index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9,
-    out: str = "packed", config: QuantizeLaunch | None = None, levels: int | None = None,
+    out: str = "packed", config: QuantizeLaunch | None = None, levels: int | None = None, acc_cols: int = 0,
 ) -> ActQ | ActOp:
     """Gather x [M, K] (fp16/bf16/fp32) by ``index`` (int32 [K] or None) and quantize (twin: ref.quantize_act;
-    ``levels``: integer-multiplier group scales, out='int8' only, qa = q * multiplier)."""
-    q, s4, q8, s8, _ = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config, levels=levels)
-    return _pack(out, q, s4, q8, s8)
+    ``levels``: integer-multiplier group scales, out='int8' only, qa = q * multiplier). acc_cols: the
+    ActOp also carries a zeroed fp32 [M, acc_cols] accumulator for its GEMM (ActOp.acc)."""
+    q, s4, q8, s8, _, acc = _launch(0, x, None, None, 0.0, index, split, bits, clip, out, config, levels=levels,
+                                    acc_cols=acc_cols)
+    return _pack(out, q, s4, q8, s8, acc)
 
 
 def rmsnorm_quantize(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
     index: torch.Tensor | None, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
     config: QuantizeLaunch | None = None, weight_gathered: bool = False, levels: int | None = None,
+    acc_cols: int = 0,
 ) -> tuple[ActQ | ActOp, torch.Tensor]:
     """(residual add +) RMSNorm + gather + quantize (twin: ref.rmsnorm_quantize).
 
-    x, residual: [M, K] same float dtype; weight: [K] (weight_gathered: in output order, weight[index],
-    which saves a gathered read per channel); index: int32 [K] or None.
+    x, residual: [M, K] float (x is rounded to residual's dtype first: it may be a GEMM's fp32
+    accumulator); weight: [K] (weight_gathered: in output order, weight[index], which saves a gathered
+    read per channel); index: int32 [K] or None. acc_cols: as in quantize_act.
     Returns (quantized activations, new residual [M, K] = x + residual, or x itself when residual is None).
     """
-    q, s4, q8, s8, res = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config, weight_gathered,
-                                 levels)
-    return _pack(out, q, s4, q8, s8), res
+    q, s4, q8, s8, res, acc = _launch(1, x, residual, weight, eps, index, split, bits, clip, out, config,
+                                      weight_gathered, levels, acc_cols)
+    return _pack(out, q, s4, q8, s8, acc), res
 
 
 def silu_mul_quantize(
     gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9, out: str = "packed",
-    config: QuantizeLaunch | None = None, levels: int | None = None,
+    config: QuantizeLaunch | None = None, levels: int | None = None, acc_cols: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> ActQ | ActOp:
-    """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize)."""
-    q, s4, q8, s8, _ = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config, levels=levels)
-    return _pack(out, q, s4, q8, s8)
+    """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (twin: ref.silu_mul_quantize).
+    dtype: gate_up is rounded to it first (default its own; an fp32 GEMM accumulator is rounded to the
+    model dtype); acc_cols: as in quantize_act."""
+    q, s4, q8, s8, _, acc = _launch(2, gate_up, None, None, 0.0, None, split, bits, clip, out, config,
+                                    levels=levels, acc_cols=acc_cols, dtype=dtype)
+    return _pack(out, q, s4, q8, s8, acc)
 
 
 QUANT_KINDS = {"fp8": 0, "int8": 1}
@@ -335,43 +373,43 @@ if triton is not None:
     @triton.jit
     def _row_values(x_ptr, res_ptr, consts, row_x, row_r, mask, k, rstd,
                     MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                    EXACT_EXP: tl.constexpr, RES_OUT, row_ro, GATHER_RES: tl.constexpr):
+                    EXACT_EXP: tl.constexpr, RES_OUT, row_ro, GATHER_RES: tl.constexpr, VAL_T: tl.constexpr):
         """fp32 [BLOCK] values of the output channels of ``consts`` (from _row_consts) of one row, rounded
-        through x's dtype as the reference rounds them (after the residual add, after the norm, after
-        SiLU*up)."""
+        through the value dtype VAL_T as the reference rounds them (x as it loads, after the residual add,
+        after the norm, after SiLU*up)."""
         src, wv = consts
         if MODE == 2:
-            g = tl.load(x_ptr + row_x + src, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + row_x + k + src, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(x_ptr + row_x + src, mask=mask, other=0.0).to(VAL_T).to(tl.float32)
+            u = tl.load(x_ptr + row_x + k + src, mask=mask, other=0.0).to(VAL_T).to(tl.float32)
             if EXACT_EXP:
                 e = libdevice.exp(-g)
             else:
                 e = tl.exp(-g)
-            v = (tl.math.div_rn(g, 1.0 + e) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+            v = (tl.math.div_rn(g, 1.0 + e) * u).to(VAL_T).to(tl.float32)
         else:
             if GATHER_RES:  # x + residual as rounded and stored by pass 1 of this program
                 xv = tl.load(RES_OUT + row_ro + src, mask=mask, other=0.0)
             else:
-                xv = tl.load(x_ptr + row_x + src, mask=mask, other=0.0)
+                xv = tl.load(x_ptr + row_x + src, mask=mask, other=0.0).to(VAL_T)
                 if HAS_RES:
                     rv = tl.load(res_ptr + row_r + src, mask=mask, other=0.0)
-                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(VAL_T)
             v = xv.to(tl.float32)
             if MODE == 1:
-                v = ((v * rstd) * wv).to(x_ptr.dtype.element_ty).to(tl.float32)
+                v = ((v * rstd) * wv).to(VAL_T).to(tl.float32)
         return v
 
     @triton.jit
     def _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, RES_OUT, row_ro,
                   MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, EXACT_EXP: tl.constexpr,
-                  GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, BLOCK: tl.constexpr):
+                  GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, BLOCK: tl.constexpr, VAL_T: tl.constexpr):
         """max |value| over one row's normal output channels [0, KN), in loads of BLOCK channels (fp32)."""
         amax_v = tl.zeros([BLOCK], tl.float32)
         for c0 in range(0, KN, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
             v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
-                            MODE, HAS_RES, EXACT_EXP, RES_OUT, row_ro, GATHER_RES)
+                            MODE, HAS_RES, EXACT_EXP, RES_OUT, row_ro, GATHER_RES, VAL_T)
             amax_v = tl.maximum(amax_v, tl.abs(v))
         return tl.max(amax_v, 0)
 
@@ -395,10 +433,12 @@ if triton is not None:
         x_ptr, res_ptr, res_out_ptr, w_ptr, idx_ptr, q_ptr, s4_ptr, q8_ptr, s8_ptr,
         K, KN, NO, G, eps, clip, CHUNK,
         stride_xm, stride_rm, stride_rom, stride_qm, stride_sm, stride_q8m,
+        acc_ptr, ACC_N, ACC_CHUNK, stride_accm,
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
         USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0, BLOCK_L: tl.constexpr = 1,
+        VAL_T: tl.constexpr = tl.float16, ACC: tl.constexpr = False, ACC_BLOCK: tl.constexpr = 16,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -413,7 +453,9 @@ if triton is not None:
         the wait for the kernel ahead (USE_GDC, kernels/pdl.py). LEVELS (groups): the group scales are integer
         multiples (1..LEVELS) of one unit per row, from a first pass over the whole row's normal channels in
         loads of BLOCK_L (every program of a split row makes it); q holds q * multiplier and every group's
-        s4 the unit (ref.quantize_act).
+        s4 the unit (ref.quantize_act). VAL_T: x is rounded to it as it loads (_row_values). ACC: program
+        (row, c) zeroes columns [c * ACC_CHUNK, (c + 1) * ACC_CHUNK) of row ``row`` of acc fp32 [M, ACC_N],
+        the next GEMM's accumulator; after the wait, so every reader of that memory ahead has finished.
         """
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
@@ -426,6 +468,11 @@ if triton is not None:
             consts_b = _row_consts(w_ptr, idx_ptr, offs_b, offs_b < KN, MODE, HAS_IDX, W_OUT_ORDER)
             consts_o = _row_consts(w_ptr, idx_ptr, KN + offs_o, (offs_o < NO) & last, MODE, HAS_IDX, W_OUT_ORDER)
         gdc_enter(USE_GDC)
+        if ACC:
+            a_begin = chunk * ACC_CHUNK
+            for a0 in range(a_begin, tl.minimum(a_begin + ACC_CHUNK, ACC_N), ACC_BLOCK):
+                offs_a = a0 + tl.arange(0, ACC_BLOCK)
+                tl.store(acc_ptr + row * stride_accm + offs_a, tl.zeros([ACC_BLOCK], tl.float32), mask=offs_a < ACC_N)
         row_x = row * stride_xm
         row_r = row * stride_rm
         row_ro = row * stride_rom
@@ -435,10 +482,10 @@ if triton is not None:
             for c0 in range(0, K, BLOCK_R):
                 offs = c0 + tl.arange(0, BLOCK_R)
                 mask = offs < K
-                xv = tl.load(x_ptr + row_x + offs, mask=mask, other=0.0)
+                xv = tl.load(x_ptr + row_x + offs, mask=mask, other=0.0).to(VAL_T)
                 if HAS_RES:
                     rv = tl.load(res_ptr + row_r + offs, mask=mask, other=0.0)
-                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                    xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(VAL_T)
                     tl.store(res_out_ptr + row * stride_rom + offs, xv, mask=mask & (chunk == 0))
                 xf = xv.to(tl.float32)
                 acc += xf * xf
@@ -449,19 +496,19 @@ if triton is not None:
 
         if GS == 0:
             amax = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
-                             MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK)
+                             MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK, VAL_T)
             scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)
             tl.store(s4_ptr + row * stride_sm, scale)
             for c0 in range(0, KN, BLOCK):
                 offs = c0 + tl.arange(0, BLOCK)
                 consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
                 v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
-                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
+                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, VAL_T)
                 _store_q4(q_ptr, row * stride_qm, c0, _sym_q(v, scale.to(tl.float32), QMAX), KN, OUT_KIND, BLOCK)
         else:
             if LEVELS:  # the unit: clip * max|normal channel| / (QMAX * LEVELS), rounded up to 7 significant bits
                 row_max = _row_amax(x_ptr, res_ptr, w_ptr, idx_ptr, row_x, row_r, KN, K, rstd, res_out_ptr, row_ro,
-                                    MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK_L)
+                                    MODE, HAS_RES, HAS_IDX, EXACT_EXP, GATHER_RES, W_OUT_ORDER, BLOCK_L, VAL_T)
                 t = tl.math.div_rn(tl.maximum(row_max, 1e-6) * clip, 1.0 * QMAX * LEVELS)
                 t = ((t.to(tl.int32, bitcast=True) + 0x1FFFF) & -131072).to(tl.float32, bitcast=True)
                 unit16 = t.to(tl.float16)
@@ -473,7 +520,7 @@ if triton is not None:
                 else:
                     consts = _row_consts(w_ptr, idx_ptr, offs, offs < KN, MODE, HAS_IDX, W_OUT_ORDER)
                 v = _row_values(x_ptr, res_ptr, consts, row_x, row_r, offs < KN, K, rstd,
-                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
+                                MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, VAL_T)
                 vg = tl.reshape(v, [BLOCK // GS, GS])
                 amax = tl.max(tl.abs(vg), 1)
                 scale = tl.math.div_rn(tl.maximum(amax, 1e-6) * clip, 1.0 * QMAX).to(tl.float16)  # [BLOCK // GS]
@@ -491,7 +538,7 @@ if triton is not None:
             if not ONE_BLOCK:
                 consts_o = _row_consts(w_ptr, idx_ptr, KN + offs_o, offs_o < NO, MODE, HAS_IDX, W_OUT_ORDER)
             v = _row_values(x_ptr, res_ptr, consts_o, row_x, row_r, offs_o < NO, K, rstd,
-                            MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES)
+                            MODE, HAS_RES, EXACT_EXP, res_out_ptr, row_ro, GATHER_RES, VAL_T)
             s8 = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), 0), 1e-6), 127.0).to(tl.float16)
             tl.store(s8_ptr + row, s8)
             q8 = _sym_q(v, s8.to(tl.float32), 127)

@@ -42,11 +42,12 @@ def rmsnorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm with optional residual add, computed in fp32.
 
-    x, residual: [M, K] (any float dtype); weight: [K]. Returns (normed [M, K] in x's dtype,
+    x, residual: [M, K] (any float dtype; with a residual, x is rounded to its dtype first: x may be a
+    GEMM's fp32 accumulator); weight: [K]. Returns (normed [M, K] in x's dtype (residual's when given),
     new residual [M, K] = x + residual, or x when residual is None).
     """
     if residual is not None:
-        x = (x.float() + residual.float()).to(x.dtype)
+        x = (x.to(residual.dtype).float() + residual.float()).to(residual.dtype)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
     return y.to(x.dtype), x
@@ -90,8 +91,10 @@ def rmsnorm_quantize(
 
 
 def silu_mul_quantize(gate_up: torch.Tensor, split: Split, bits: int = 4, clip: float = 0.9,
-                      levels: int | None = None) -> ActQ:
-    """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (down_proj input)."""
+                      levels: int | None = None, dtype: torch.dtype | None = None) -> ActQ:
+    """gate_up [M, 2 * I] (gate first, then up) -> quantized SiLU(gate) * up (down_proj input); gate_up is
+    rounded to ``dtype`` first (default its own)."""
+    gate_up = gate_up if dtype is None else gate_up.to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     h = (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
     return quantize_act(h, None, split, bits, clip, levels)

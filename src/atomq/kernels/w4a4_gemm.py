@@ -249,6 +249,10 @@ def w4a4_gemm(
     a: ActOp (qa int8 or float8_e4m3fn [M, Kn], s4 fp16 [M, G], q8 int8 [M, n_out], s8 fp16 [M, 1])
        or a packed ActQ (unpacked here with torch, slower). w: PreparedWeight (or PackedWeight, repacked
        on every call: prepare once for speed). bias: [N] or None. Returns out_dtype (fp16/bf16) [M, N].
+       With ``a.acc`` (fp32 [M, N] zeros, from the quantize kernel that made ``a``) the decode kernels
+       (GEMV, Triton) add each K run's partial sum into it with fire-and-forget atomics, with no arrival
+       counter and no last-run reduction, and return it unrounded; the consumer rounds (the sum order of
+       the runs, so the last fp32 bit, is not fixed). Other kernels ignore it.
     uniform_act_scales: the caller vouches that each row of a.s4 holds one value (activations whose group
        scales are integer multiples folded into qa); with a weight prepared with ``levels`` the tensor-core
        kernel then accumulates all of K in int32 (module docstring).
@@ -276,6 +280,10 @@ def w4a4_gemm(
                          f"{None if a.q8 is None else tuple(a.q8.shape)}")
     if bias is not None and bias.shape != (w.n,):
         raise ValueError(f"bias must be [{w.n}], got {tuple(bias.shape)}")
+    acc = a.acc
+    if acc is not None and (acc.dtype != torch.float32 or acc.shape != (m, w.n) or acc.stride(-1) != 1):
+        raise ValueError(f"the accumulator must be fp32 [{m}, {w.n}] with contiguous rows, got {acc.dtype} "
+                         f"{tuple(acc.shape)}")
     n = w.n
     out = torch.empty(m, n, dtype=out_dtype, device=a.qa.device)
     if m == 0:
@@ -295,6 +303,9 @@ def w4a4_gemm(
             raise ValueError(reason)
         tiles = triton.cdiv(n, w.row_tile) * m
         split = _gemv_split(cfg, tiles, w.kp // 128, a.qa.device)
+        if acc is not None:
+            return w4a4_gemv.w4a4_gemv(a, w, bias, acc, blocks=cfg.k_blocks, num_warps=cfg.num_warps, split=split,
+                                       ahead=cfg.ahead, accumulate=True)
         locks = arrival_counters(out.device, tiles) if split > 1 else None
         return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps,
                                    split=split if locks is not None else 1, locks=locks, ahead=cfg.ahead)
@@ -310,9 +321,12 @@ def w4a4_gemm(
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)
     per_split = triton.cdiv(n_iters, split)
     split = triton.cdiv(n_iters, per_split)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    if acc is not None:  # every K run adds into the accumulator: no partials, no counters
+        out = target = acc
+    else:
+        target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     dummy = w.sw
-    locks = arrival_counters(out.device, tiles) if split > 1 and cfg.fused_reduce else None
+    locks = arrival_counters(out.device, tiles) if split > 1 and cfg.fused_reduce and acc is None else None
     fused = locks is not None
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     gpu = not interpreting()
@@ -324,15 +338,15 @@ def w4a4_gemm(
         m, n, kn, w.n_groups, w.n_out, n_iters, per_split, split,
         w.sw.stride(0), w.w8.stride(0) if has_out else 0, w.mult.stride(0) if mult else 0,
         a.qa.stride(0), a.s4.stride(0), q8.stride(0), s8.stride(0),
-        target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
+        target.stride(0) if split > 1 and acc is None else 0, target.stride(-2), target.stride(-1),
         S=w.span, GS=w.group_size or 0, RT=w.row_tile, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
-        GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1,
+        GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1 and acc is None,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
         PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span and not mult, FUSED=fused,
-        MULT=mult,
+        MULT=mult, ACC=acc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(out.device),
     )
-    if split > 1 and not fused:
+    if split > 1 and not fused and acc is None:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else dummy, out, m * n, n, split, target.stride(0),
@@ -432,7 +446,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
         DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, MULT: tl.constexpr,
-        USE_GDC: tl.constexpr,
+        ACC: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
@@ -442,6 +456,7 @@ if triton is not None:
         the bias and writes fin [M, N]; it then resets the counter to 0. USE_GDC: kernels/pdl.py.
         MULT (groups): weights times their group's multiplier (mult uint8 [GP, N]) as they unpack, one int32
         sum over K, scaled once by unit[n] (fp32 [N]) * sa[m, 0] (each row of sa holds one value).
+        ACC: out is an fp32 [M, N] accumulator that every K run adds its tile into (the bias with run 0).
         """
         gdc_enter(USE_GDC)
         pid = tl.program_id(0)
@@ -550,7 +565,11 @@ if triton is not None:
 
         ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         mask = mask_n[:, None] & mask_m[None, :]
-        if PARTIAL:
+        if ACC:
+            if HAS_BIAS and pid_k == 0:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")  # no result used: a fire-and-forget red
+        elif PARTIAL:
             tl.store(ptrs + pid_k * stride_os, acc, mask=mask)
             if FUSED:
                 tl.debug_barrier()  # every thread's partial is stored before the release below

@@ -22,6 +22,10 @@ of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm
   has only 256 row tiles). Partials go to an fp32 workspace; the last program to arrive at a tile
   (an int32 arrival counter per tile and token, reset by that program) sums them in split order, so
   the result does not depend on arrival order, and writes the output: one kernel, CUDA-graph safe.
+- Accumulate (``accumulate``): the output is an fp32 accumulator of zeros (zeroed by the quantize
+  kernel ahead) that every run adds into with a fire-and-forget atomic (``red``); no partials, no
+  counter, no last-run sum, so a run ends at its add. The consumer rounds the sum; the runs' order,
+  and so its last fp32 bit, is not fixed.
 """
 
 from __future__ import annotations
@@ -52,14 +56,15 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4,
-              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
+              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 1, accumulate: bool = False) -> torch.Tensor:
     """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
     a: ActOp (int8 operand), w: PreparedWeight.
 
     blocks: K blocks of 128 channels per step (KB; blocks of 64 channels, groups of 32, take twice as many
     a step). split: K runs (rounded so each holds a whole number of steps); split > 1 needs ``locks``,
     zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
-    ahead: K steps of weights in flight (1 or 2).
+    ahead: K steps of weights in flight (1 or 2). accumulate: ``out`` is an fp32 accumulator of zeros that
+    every K run adds into (no partials, no counters; the order of the runs' adds is not fixed).
     Validated by ``w4a4_gemm``; no sync.
     """
     m, n = a.qa.shape[0], w.n
@@ -71,22 +76,23 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         raise ValueError(f"ahead must be 1 or 2, got {ahead}")
     per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), kb) * kb  # K blocks per run
     split = triton.cdiv(n_blocks, per)
-    if split > 1 and (locks is None or locks.numel() < tiles * m):
+    if split > 1 and not accumulate and (locks is None or locks.numel() < tiles * m):
         raise ValueError(f"split K over {split} runs needs {tiles * m} arrival counters")
-    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    partial = split > 1 and not accumulate
+    part = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if partial else out
     has_out = w.n_out > 0
     dummy = w.sw
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     _gemv_kernel[(tiles, split, m)](
         w.w4.view(torch.int32), w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa.view(torch.int32), a.s4, q8, s8, bias if bias is not None else dummy, out,
-        part, locks if split > 1 else dummy,
+        part, locks if partial else dummy,
         n, w.kn, w.n_groups, w.n_out, n_blocks, per, w.w4.stride(0) // 4, w.sw.stride(0),
         w.w8.stride(0) if has_out else 0, a.qa.stride(0) // 4, a.s4.stride(0), q8.stride(0), s8.stride(0),
         out.stride(0),
-        part.stride(0) if split > 1 else 0,
+        part.stride(0) if partial else 0,
         RT=rt, KB=kb, W=w.span // 4, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None,
-        PARTIAL=split > 1,
+        PARTIAL=partial, ACC=accumulate,
         AHEAD=ahead,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1, **launch_options(out.device),
@@ -183,7 +189,7 @@ if triton is not None:
         stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr,
         HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
-        AHEAD: tl.constexpr, USE_GDC: tl.constexpr,
+        ACC: tl.constexpr, AHEAD: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
@@ -192,6 +198,7 @@ if triton is not None:
         SW fp32 [GP, N]; W8 int8 [N, N_OUT], S8W fp32 [N]; QA: int32 words of the int8 activations
         [M, Kn // 4]; S4 fp16 [M, G]; Q8 int8 [M, N_OUT], S8 fp16 [M, 1]; BIAS [N]; OUT [M, N] fp16 / bf16.
         PARTIAL (split K): PART fp32 [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
+        ACC: OUT is an fp32 [M, N] accumulator of zeros that every run adds into (the bias with run 0).
         AHEAD: K steps of weight words in flight (1 or 2; activations always 1). USE_GDC (kernels/pdl.py):
         the first AHEAD steps of weights load before the wait for the kernel ahead.
         """
@@ -230,7 +237,11 @@ if triton is not None:
                 d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
                 s8 = tl.load(S8 + m * stride_s8).to(tl.float32)
                 y += d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * s8)
-        if PARTIAL:
+        if ACC:
+            if HAS_BIAS and s == 0:
+                y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.atomic_add(OUT + m * stride_om + rows, y, mask=rmask, sem="relaxed")  # result unused: a red
+        elif PARTIAL:
             n_split = tl.num_programs(1)
             tl.store(PART + s * stride_ps + m * N + rows, y, mask=rmask)
             tl.debug_barrier()  # every thread's partial is stored before the release below

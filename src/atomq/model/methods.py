@@ -88,6 +88,9 @@ class FloatKernel(LinearKernel):
         return F.linear(x, self.weight, self.bias)
 
 
+# Atom decode GEMMs of at most this many tokens whose consumer asks for it add their K runs into an fp32
+# accumulator that the quantize kernel ahead zeroes (no partials, arrival counter or last-run sum; 0: never)
+ACCUMULATE_MAX_M = 16
 ROW_QUANT_KERNEL = True  # FP8 / INT8 activations on CUDA: one fused kernel (False: the torch ops)
 
 
@@ -230,18 +233,25 @@ class AtomKernel(LinearKernel):
         self.split, self.a_clip, self.index, self.bias, self.out_dtype = split, a_clip, index, bias, out_dtype
         self.a_bits, self.a_levels = a_bits, a_levels
 
-    def prepare_input(self, x):
+    def acc_cols(self, m: int) -> int:
+        """Width of the fp32 accumulator that the quantize kernel making this GEMM's operand should zero at
+        m tokens (ACCUMULATE_MAX_M), 0 for none. With one, ``matmul`` returns the unrounded fp32 sums:
+        only for a consumer that rounds them to the model dtype itself (model/paged.py)."""
+        wide = self.out_dtype in (torch.float16, torch.bfloat16)
+        return self.weight.n if wide and 0 < m <= ACCUMULATE_MAX_M else 0
+
+    def prepare_input(self, x, accumulate: bool = False):
         from ..kernels.quantize import quantize_act
 
         return quantize_act(x.contiguous(), self.index, self.split, self.a_bits, self.a_clip, out="int8",
-                            levels=self.a_levels)
+                            levels=self.a_levels, acc_cols=self.acc_cols(x.shape[0]) if accumulate else 0)
 
     def matmul(self, a):
         from ..kernels.w4a4_gemm import w4a4_gemm
 
         out_dtype = self.out_dtype if self.out_dtype != torch.float32 else torch.float16
-        return w4a4_gemm(a, self.weight, self.bias, out_dtype,
-                         uniform_act_scales=self.a_levels is not None).to(self.out_dtype)
+        y = w4a4_gemm(a, self.weight, self.bias, out_dtype, uniform_act_scales=self.a_levels is not None)
+        return y if y is getattr(a, "acc", None) else y.to(self.out_dtype)
 
 
 def _kernel_for(lins: list[Linear], method: str, dtype: torch.dtype, backend: str) -> LinearKernel | None:

@@ -77,9 +77,11 @@ def _group(lins: list[Linear], operand: Any) -> list[torch.Tensor]:
 
 
 def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, residual: torch.Tensor | None,
-                       ops: Any) -> tuple[Any, torch.Tensor]:
+                       ops: Any, accumulate: bool = False) -> tuple[Any, torch.Tensor]:
     """Residual add + RMSNorm (+ reorder gather), then the input preparation of the linears that read it
     (``first`` of them; None = return the normed activations). Atom kernels do it all in one pass.
+    x may be an fp32 accumulator (_accumulating): it is rounded to the residual's dtype first.
+    accumulate: the Atom operand carries its GEMM's accumulator (AtomKernel.acc_cols).
     Returns (prepared input, new residual)."""
     index = getattr(norm, "reorder_index", None)
     if first is not None and isinstance(first.kernel, AtomKernel):
@@ -88,11 +90,30 @@ def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, res
         k = first.kernel
         weight = norm.weight if index is None else norm.gathered_weight()
         return rmsnorm_quantize(x, residual, weight, norm.eps, index, k.split, k.a_bits, k.a_clip, out="int8",
-                                weight_gathered=index is not None, levels=k.a_levels)
+                                weight_gathered=index is not None, levels=k.a_levels,
+                                acc_cols=k.acc_cols(x.shape[0]) if accumulate else 0)
+    if residual is not None and x.dtype != residual.dtype:
+        x = x.to(residual.dtype)
     y, residual = ops.rmsnorm(x, norm.weight, norm.eps, residual)
     if index is not None:
         y = y.index_select(-1, index.long())
     return (y if first is None else first.prepare_input(y)), residual
+
+
+def _accumulating(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x) [T, N] for a call site whose consumer rounds fp32 itself (_norm_then_prepare): an Atom
+    decode GEMM then returns its fp32 accumulator, which saves its K runs the last-run reduction."""
+    if isinstance(lin.kernel, AtomKernel):
+        return lin.kernel.matmul(lin.kernel.prepare_input(x, accumulate=True))
+    return lin(x)
+
+
+def _mlp_accumulates(mlp: Any) -> bool:
+    """Whether ``_mlp`` takes its gate/up GEMM's fp32 accumulator: Atom down_proj (SiLU * up rounds it as it
+    loads), merged gate/up, no online rotation."""
+    gate, _, down = (getattr(mlp, n) for n in mlp.names)
+    return (isinstance(down.kernel, AtomKernel) and mlp.down_rotation is None and gate.kernel is not None
+            and len(gate.kernel_outputs) == 2)
 
 
 def _rope_q_k(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: Any) -> None:
@@ -128,11 +149,12 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
         o = ops.decode(q, cache, batch.block_tables, batch.context_lens, sm_scale)
     else:
         o = ops.prefill(q, cache, batch.cu_seqlens_q, batch.cached_lens, batch.block_tables, sm_scale)
-    return attn.o_proj(o.to(dtype).reshape(t, attn.n_heads * attn.head_dim))
+    return _accumulating(attn.o_proj, o.to(dtype).reshape(t, attn.n_heads * attn.head_dim))
 
 
 def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
-    """Prepared gate/up input -> MLP output [T, hidden]; Atom: SiLU * up fused with down's quantization."""
+    """Prepared gate/up input -> MLP output [T, hidden] (fp32 when down accumulates: _accumulating); Atom:
+    SiLU * up fused with down's quantization."""
     gate, up, down = (getattr(mlp, n) for n in mlp.names)
     if gate.kernel is not None and len(gate.kernel_outputs) == 2:
         gate_up = gate.matmul(operand)  # [T, 2I] = gate | up, one GEMM
@@ -149,7 +171,9 @@ def _mlp(mlp: Any, operand: Any, ops: Any) -> torch.Tensor:
         from ..kernels.quantize import silu_mul_quantize
 
         k = down.kernel
-        return down.matmul(silu_mul_quantize(gate_up, k.split, k.a_bits, k.a_clip, out="int8", levels=k.a_levels))
+        m = gate_up.shape[0]
+        return down.matmul(silu_mul_quantize(gate_up, k.split, k.a_bits, k.a_clip, out="int8", levels=k.a_levels,
+                                             acc_cols=k.acc_cols(m), dtype=k.out_dtype))
     return down.matmul(down.prepare_input(ops.silu_mul(gate_up)))
 
 
@@ -181,8 +205,9 @@ def forward_paged_hidden(model: CausalLM, batch: StepBatch, kv_pool: Any) -> tor
             x = layer.block_sparse_moe(h)
         else:
             a, residual = _norm_then_prepare(layer.post_attention_layernorm, getattr(layer.mlp, layer.mlp.names[0]),
-                                             x, residual, ops)
+                                             x, residual, ops, accumulate=_mlp_accumulates(layer.mlp))
             x = _mlp(layer.mlp, a, ops)
     rows = batch.logits_indices
-    h, _ = ops.rmsnorm(x.index_select(0, rows), m.norm.weight, m.norm.eps, residual.index_select(0, rows))
+    h, _ = ops.rmsnorm(x.index_select(0, rows).to(residual.dtype), m.norm.weight, m.norm.eps,
+                       residual.index_select(0, rows))
     return h  # [L, hidden]
