@@ -289,7 +289,7 @@ def _apply_variant(spec: str) -> None:
     _dec.PRELOAD_PAGES = kv.get("apre", "1") == "1"
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
-    _methods.ACCUMULATE_MAX_M = _ACCUMULATE_MAX_M if kv.get("acc", "1") == "1" else 0
+    _methods.ACCUMULATE_MAX_M = int(kv.get("acc", _ACCUMULATE_MAX_M))
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
     from atomq.model import paged
 
@@ -323,7 +323,7 @@ def main() -> int:
         "wrong); waves: GEMV programs per SM the K split aims at; spans: weight spans the one-token GEMV takes (32: groups of 32); maxn32: most weight rows it takes with groups of 32; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel; rotfuse: rotated models' SiLU * up and "
-        "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores; acc: Atom decode GEMMs add their K runs into the "
+        "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores; acc: Atom decode GEMMs of at most N tokens add their K runs into the "
         "fp32 accumulator their quantize kernel zeroed. Every config and "
         "batch runs under each, the list --repeat times"))
     ap.add_argument("--repeat", type=int, default=1)
