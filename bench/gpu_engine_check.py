@@ -257,6 +257,7 @@ def _originals() -> dict:
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N, _GEMV_MAX_N_G32 = _W.GEMV_CONFIG, _W.GEMV_MAX_N, _W.GEMV_MAX_N_G32
 _ACCUMULATE_MAX_M = _methods.ACCUMULATE_MAX_M
+_WORDS_FEW_PROGRAM_WARPS = _dec.WORDS_FEW_PROGRAM_WARPS
 _GEMV_RULES, _GEMV_SPANS = _W.GEMV_RULES, _W.GEMV_SPANS
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
 
@@ -286,6 +287,7 @@ def _apply_variant(spec: str) -> None:
     _dec.ADAPTIVE_SPLITS = kv.get("asplit", "1") == "1"
     _dec.MIN_TOKENS_PER_SPLIT = int(kv.get("minsplit", 256))
     _dec.WORDS_BLOCK_N = int(kv.get("ablock", 128))
+    _dec.WORDS_FEW_PROGRAM_WARPS = int(kv.get("awarps", _WORDS_FEW_PROGRAM_WARPS))
     _dec.PRELOAD_PAGES = kv.get("apre", "1") == "1"
     pdl.PRELOAD_STAGED = kv.get("spre", "1") == "1"
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
@@ -323,7 +325,7 @@ def main() -> int:
         "wrong); waves: GEMV programs per SM the K split aims at; spans: weight spans the one-token GEMV takes (32: groups of 32); maxn32: most weight rows it takes with groups of 32; gemv: one-token products of at most MOST weights take KB K blocks a step and AHEAD steps ahead (first rule that fits; none: kb / ahead); preload: the decode quantize's constants "
         "before the wait; gcopy: the decode graphs copy the staged metadata themselves; merge: split attention "
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel; rotfuse: rotated models' SiLU * up and "
-        "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores; acc: Atom decode GEMMs of at most N tokens add their K runs into the "
+        "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores; awarps: warps of the INT4 words attention kernel when its programs do not fill the GPU; acc: Atom decode GEMMs of at most N tokens add their K runs into the "
         "fp32 accumulator their quantize kernel zeroed. Every config and "
         "batch runs under each, the list --repeat times"))
     ap.add_argument("--repeat", type=int, default=1)

@@ -110,7 +110,7 @@ def test_adaptive_splits_spread_short_sequences_over_a_long_plan(mode, hq, hkv, 
         assert int(torch.isfinite(plan.partial_lse[1, 0]).sum()) == used
 
 
-@pytest.mark.parametrize("prefetch,block_n,acc_rows", [(True, 16, 16), (False, 64, 16), (True, 32, 8)])
+@pytest.mark.parametrize("prefetch,block_n,acc_rows", [(True, 16, 16), (False, 64, 16), (True, 32, 8), (True, 128, 64)])
 def test_decode_words_kernel_nhd_sharp_softmax_folded_rows(prefetch, block_n, acc_rows, device):
     """dot 4 on NHD pages with a sharp softmax (the running max moves), with and without prefetch, and
     with token rows folded into fewer accumulator rows."""
@@ -204,6 +204,28 @@ def test_decode_full_size_gpu(mode, hq, hkv, d):
     q = torch.randn(len(lens), hq, d, generator=gen).to("cuda", torch.float16)
     out = dec.paged_decode_attention(q, cache, bt, sl, d**-0.5)
     assert_close(out, ref.paged_decode_attention_ref(q, cache, bt, sl, d**-0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_warps", [4, 8, 16])
+def test_decode_words_kernel_warps_gpu(num_warps):
+    """The words kernel (7B heads, batch-1 sized grids) with more warps per program: accumulator rows
+    8 * num_warps fold the tile's token rows differently; the result is the reference's."""
+    lens = [150, 1, 4096]
+    cache, bt, sl, gen = make_batch(lens, 32, 128, "int4", "cuda")
+    q = torch.randn(len(lens), 32, 128, generator=gen).to("cuda", torch.float16)
+    plan = dec.plan_decode(len(lens), 32, 32, 128, 4096, "cuda", num_splits=1, num_warps=num_warps)
+    assert plan.dot == 4 and plan.acc_rows == min(plan.block_n, 8 * num_warps)
+    assert_close(dec.paged_decode_attention(q, cache, bt, sl, 128**-0.5, plan=plan),
+                 ref.paged_decode_attention_ref(q, cache, bt, sl, 128**-0.5))
+
+
+def test_words_kernel_warps_rule(monkeypatch):
+    """More warps only where the words kernel's programs do not fill the GPU (batch 1: one per head)."""
+    monkeypatch.setattr(dec, "WORDS_FEW_PROGRAM_WARPS", 8)
+    assert dec.plan_decode(1, 32, 32, 128, 160, "cpu", num_sms=132).num_warps == 8
+    assert dec.plan_decode(64, 32, 32, 128, 160, "cpu", num_sms=132).num_warps == 4
+    assert dec.plan_decode(1, 32, 8, 128, 160, "cpu", num_sms=132).num_warps == 4  # GQA: the tensor-core kernel
 
 
 @pytest.mark.gpu

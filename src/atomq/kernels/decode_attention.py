@@ -564,6 +564,9 @@ MIN_TOKENS_PER_SPLIT = 256
 WORDS_BLOCK_N = 128
 # words kernel under programmatic dependent launch: the first tile of older tokens loads before the wait
 PRELOAD_PAGES = True
+# warps of the words kernel when its programs do not fill the GPU (batch 1: one per head), where each
+# program's chain of per-token FMAs, not memory, sets the time; 4 otherwise (the batch-64 sweep's best)
+WORDS_FEW_PROGRAM_WARPS = 4
 
 
 @dataclass
@@ -640,7 +643,9 @@ def plan_decode(
     if num_splits > 1:
         po = torch.empty(batch, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         pl = torch.empty(batch, num_qo_heads, num_splits, dtype=torch.float32, device=device)
-    num_warps = num_warps or 4
+    if num_warps is None:
+        few = dot == 4 and batch * num_kv_heads * num_splits < num_sms
+        num_warps = WORDS_FEW_PROGRAM_WARPS if few else 4
     if acc_rows is None:
         acc_rows = min(block_n, 8 * num_warps)
     if block_n % acc_rows:
