@@ -1,5 +1,6 @@
 """The fused quantize kernels compile for sm_90 (offline, no GPU needed): every mode (plain gather, norm,
-SiLU * up), with and without groups, levels, reorder index, residual, 8-bit groups, decode split or not.
+SiLU * up), with and without groups, levels, reorder index, residual, 8-bit groups, decode split or not,
+an fp32 input and the next GEMM's accumulator.
 
 The interpreter runs the kernels' Python, not the compiler's rules (a loop-carried value that changes
 shape, say, passes there and fails to compile), so each launch the wrappers make is recorded on CPU
@@ -55,6 +56,14 @@ for m, k, n_out, gs, levels, bits, plain in [
     Q.rmsnorm_quantize(x, None if plain else x.clone(), w, 1e-5, idx, split, bits, out="int8",
                        weight_gathered=not plain, levels=levels)
     Q.silu_mul_quantize(torch.randn(m, 2 * k, generator=g).half(), split, bits, out="int8", levels=levels)
+# decode accumulators: fp32 inputs (a GEMM's accumulator) rounded to fp16, the next GEMM's accumulator zeroed
+split = plan_split(4096, 128, 128)
+x32, res = torch.randn(1, 4096, generator=g), torch.randn(1, 4096, generator=g).half()
+idx = torch.randperm(4096, generator=g).int()
+Q.quantize_act(res, idx, split, out="int8", acc_cols=4096)
+Q.rmsnorm_quantize(x32, res, torch.rand(4096, generator=g).half(), 1e-5, idx, split, out="int8",
+                   weight_gathered=True, acc_cols=22016)
+Q.silu_mul_quantize(torch.randn(1, 8192, generator=g), split, out="int8", acc_cols=4096, dtype=torch.float16)
 
 for fn, args, kw in launches:
     params = inspect.signature(fn.fn).parameters
@@ -78,4 +87,4 @@ def test_quantize_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _RECORD_AND_COMPILE], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "compiled 24" in run.stdout, run.stdout
+    assert "compiled 27" in run.stdout, run.stdout
