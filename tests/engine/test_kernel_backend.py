@@ -143,11 +143,13 @@ def test_fp8_engine_from_float_weights(prompts):
     assert out[0].token_ids == out[1].token_ids and len(out[0].token_ids) == 5
 
 
-def test_accumulating_decode_gemms_equal_the_counter_reduction(monkeypatch):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mixtral"])
+def test_accumulating_decode_gemms_equal_the_counter_reduction(monkeypatch, shape):
     """fp16 Atom engine on the linear kernels: with the decode GEMMs adding their K runs into the fp32
     accumulator their quantize kernel zeroed (o_proj, gate/up, down; methods.ACCUMULATE_MAX_M) the greedy
     tokens and logits are those of the partials + arrival counter reduction (only the fp32 order of the
-    runs' sums differs), and the accumulators are really used."""
+    runs' sums differs), and the accumulators are really used. Mixtral: o_proj's sum feeds the norm
+    ahead of the experts, which round it before the reference RMSNorm."""
     pytest.importorskip("triton")
     from atomq.kernels import interpreter_compat
     from atomq.kernels import w4a4_gemm as W
@@ -164,7 +166,7 @@ def test_accumulating_decode_gemms_equal_the_counter_reduction(monkeypatch):
     for max_m in (0, 16):
         monkeypatch.setattr(methods, "ACCUMULATE_MAX_M", max_m)
         used.clear()
-        lm = random_model("tiny-llama", "atom", torch.float16, device, seed=1)
+        lm = random_model(shape, "atom", torch.float16, device, seed=1)
         llm = LLM(lm, kv_cache_bytes=1 << 21, attention_backend="ref", linear_backend="triton", record_logits=True,
                   enforce_eager=True)
         runs[max_m] = llm.generate(prompts, params)
