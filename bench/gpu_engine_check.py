@@ -230,7 +230,8 @@ def _skipping(skip: set[str]) -> None:
         memo = {}
 
         def run(*args, **kw):
-            key = tuple(a.shape for a in args if isinstance(a, torch.Tensor))
+            key = (tuple(a.shape for a in args if isinstance(a, torch.Tensor)),
+                   tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
             if key not in memo:
                 memo[key] = fn(*args, **kw)
             return memo[key]

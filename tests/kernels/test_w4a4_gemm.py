@@ -184,12 +184,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atomq.kernels import w4a4_gemm as W
 
-gs, span = json.loads(sys.argv[1])
+gs, span, acc = json.loads(sys.argv[1])
 fn = W._w4a4_kernel
 names = list(inspect.signature(fn.fn).parameters)
 const = dict(S=span, GS=gs, RT=16, BLOCK_N=64, BLOCK_M=16, BLOCK_O=64, GROUP_M=8, HAS_OUT=True, HAS_BIAS=False,
              PARTIAL=False, OP_FP8=False, USE_ASM=True, MAGIC_CVT=False, DEFER=False, PREFETCH=False, FUSED=False,
-             MULT=True, USE_GDC=True)
+             MULT=True, ACC=acc, USE_GDC=True)
 ints = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*u8", "lock_ptr": "*i32"}
 sig = {n: ints.get(n) or ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in names}
 src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -198,18 +198,20 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_wa
 """
 
 
-@pytest.mark.parametrize("gs,span", [(32, 32), (128, 64)])
-def test_integer_multiplier_loop_compiles_for_sm90(gs, span):
+@pytest.mark.parametrize("gs,span,acc", [(32, 32, False), (128, 64, False), (128, 64, True)])
+def test_integer_multiplier_loop_compiles_for_sm90(gs, span, acc):
     """Offline for sm_90 (no GPU needed): the multiplier unpack (mad.lo on the packed bytes) feeds int8
-    wgmmas, and no fp32 promotion sits in the K loop (one cvt at the end)."""
+    wgmmas, and no fp32 promotion sits in the K loop (one cvt at the end); accumulating into ActOp.acc
+    adds with ``red`` only (no atomic that returns a value)."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_MULT_SM90, json.dumps([gs, span])],
+    run = subprocess.run([sys.executable, "-c", _COMPILE_MULT_SM90, json.dumps([gs, span, acc])],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     ptx = run.stdout
     assert "mad.lo.u32" in ptx and "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8" in ptx
+    assert ("red.global.gpu.relaxed.add.f32" in ptx) == acc and "atom." not in ptx

@@ -564,8 +564,9 @@ MIN_TOKENS_PER_SPLIT = 256
 WORDS_BLOCK_N = 128
 # words kernel under programmatic dependent launch: the first tile of older tokens loads before the wait
 PRELOAD_PAGES = True
-# warps of the words kernel when its programs do not fill the GPU (batch 1: one per head), where each
-# program's chain of per-token FMAs, not memory, sets the time; 4 otherwise (the batch-64 sweep's best)
+# warps of the words kernel when its programs (sequences x heads x splits) do not fill the GPU, e.g. batch 1
+# with a short planned context (one program per head), where each program walks its tiles alone; 4
+# otherwise (the batch-64 sweep's best). Not measured yet: 4 keeps the old behaviour
 WORDS_FEW_PROGRAM_WARPS = 4
 
 

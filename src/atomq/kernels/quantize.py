@@ -68,9 +68,6 @@ class ActOp(NamedTuple):
         q = self.qa.to(torch.float32).to(torch.int8)
         return ActQ(pack_int4(q) if bits == 4 else q, self.s4, self.q8, self.s8)
 
-    def without_acc(self) -> "ActOp":
-        return self._replace(acc=None)
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -236,7 +233,7 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
     block_r = block if chunk >= kn or mode != 1 else max(block, cfg.norm_block or min(_next_pow2(k), 8192))
     gather_res = cfg.gather_residual and mode == 1 and residual is not None and chunk >= kn and index is not None
     n_chunks = triton.cdiv(kn, chunk)
-    acc_block = min(1024, _next_pow2(triton.cdiv(max(acc_cols, 1), n_chunks)))
+    acc_block = min(256, _next_pow2(triton.cdiv(max(acc_cols, 1), n_chunks)))  # small: even shares per program
     acc_chunk = -(-triton.cdiv(max(acc_cols, 1), n_chunks) // acc_block) * acc_block  # columns zeroed per program
     _kernels()[(m, n_chunks)](
         x, residual if residual is not None else x, res_out if res_out is not None else dummy,
@@ -437,8 +434,8 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
         EXACT_EXP: tl.constexpr, GATHER_RES: tl.constexpr, W_OUT_ORDER: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        USE_GDC: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0, BLOCK_L: tl.constexpr = 1,
-        VAL_T: tl.constexpr = tl.float16, ACC: tl.constexpr = False, ACC_BLOCK: tl.constexpr = 16,
+        USE_GDC: tl.constexpr, VAL_T: tl.constexpr, QMAX: tl.constexpr = 7, LEVELS: tl.constexpr = 0,
+        BLOCK_L: tl.constexpr = 1, ACC: tl.constexpr = False, ACC_BLOCK: tl.constexpr = 16,
     ):
         """MODE 0: quantize x; 1: (residual add +) RMSNorm then quantize; 2: SiLU(gate) * up then quantize.
 
@@ -552,7 +549,8 @@ if triton is not None:
         MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_IDX: tl.constexpr, OUT_KIND: tl.constexpr,
         GS: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, EXACT_EXP: tl.constexpr, QMAX: tl.constexpr = 7,
     ):
-        """Same contract as _act_quant_kernel; ROWS whole rows per program ([ROWS, BK] in registers,
+        """Same contract as _act_quant_kernel without VAL_T and the accumulator (the wrapper sends it only
+        inputs already in the value dtype and zeroes an accumulator itself); ROWS whole rows per program ([ROWS, BK] in registers,
         BK = K rounded up to a power of two): one read of each input, the norm, SiLU and rounding in
         the input channel order, then the reorder gather on the register tile (tl.gather) and the
         group / outlier quantization of the gathered tile."""

@@ -101,10 +101,12 @@ def _norm_then_prepare(norm: RMSNorm, first: Linear | None, x: torch.Tensor, res
 
 
 def _accumulating(lin: Linear, x: torch.Tensor) -> torch.Tensor:
-    """lin(x) [T, N] for a call site whose consumer rounds fp32 itself (_norm_then_prepare): an Atom
-    decode GEMM then returns its fp32 accumulator, which saves its K runs the last-run reduction."""
-    if isinstance(lin.kernel, AtomKernel):
-        return lin.kernel.matmul(lin.kernel.prepare_input(x, accumulate=True))
+    """lin(x) [T, N] for a call site whose consumer rounds fp32 itself (_norm_then_prepare): an Atom GEMM
+    of few tokens (AtomKernel.acc_cols) then returns its fp32 accumulator, which saves its K runs the
+    last-run reduction."""
+    k = lin.kernel
+    if isinstance(k, AtomKernel) and k.acc_cols(x.shape[0]):
+        return k.matmul(k.prepare_input(x, accumulate=True))
     return lin(x)
 
 
