@@ -241,7 +241,10 @@ def test_integer_multiplier_scales_equal_the_reference(m, k, n_out, gs, device):
         Q.quantize_act(x, idx, plan_split(k, n_out, None), out="int8", levels=15)
 
 
-@pytest.mark.parametrize("m,k,n_out,gs,acc_cols", [(1, 576, 64, 64, 1000), (3, 640, 128, 128, 64), (2, 512, 0, 32, 3)])
+@pytest.mark.parametrize("m,k,n_out,gs,acc_cols", [
+    (1, 576, 64, 64, 1000), (3, 640, 128, 128, 64), (2, 512, 0, 32, 3),
+    (16, 576, 64, 64, 100),  # one program per row: the norm's gathers read back the stored new residual
+])
 def test_accumulator_zeroed_and_fp32_inputs_rounded_as_the_reference(m, k, n_out, gs, acc_cols, device, monkeypatch):
     """acc_cols: the launch zeroes the next GEMM's fp32 accumulator (every column, whatever the programs per
     row); an fp32 input (a GEMM's accumulator) is rounded to the value dtype first, as the twins do."""
