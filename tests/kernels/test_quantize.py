@@ -276,5 +276,7 @@ def test_accumulator_validation(device):
     x = _inputs(2, 256, device, seed=0)[0]
     with pytest.raises(ValueError, match="operand form"):
         Q.quantize_act(x, None, split, out="packed", acc_cols=8)
+    with pytest.raises(ValueError, match="non-negative"):
+        Q.quantize_act(x, None, split, out="int8", acc_cols=-1)
     with pytest.raises(TypeError, match="rounded to"):
         Q.silu_mul_quantize(torch.cat([x, x], 1), split, out="int8", dtype=torch.int8)

@@ -144,8 +144,10 @@ def test_accumulates_into_the_operands_accumulator(split_k, device):
     y = w4a4_gemm(a, prepare_weight(pw), bias, config=cfg)
     assert y is a.acc and y.dtype == torch.float32
     assert _rel(y, yr) <= 1e-3
-    with pytest.raises(ValueError, match="accumulator"):
-        w4a4_gemm(a._replace(acc=torch.zeros(3, 41, device=device)), pw, bias)
+    for bad in (torch.zeros(3, 41, device=device), torch.zeros(3, 40, dtype=torch.float16, device=device),
+                torch.zeros(3, 40, device="meta")):
+        with pytest.raises(ValueError, match="accumulator"):
+            w4a4_gemm(a._replace(acc=bad), pw, bias)
 
 
 def test_validation(device):

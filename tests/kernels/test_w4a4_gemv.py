@@ -73,6 +73,8 @@ def test_gemv_split_k_needs_counters(device):
     out = torch.empty(1, 16, dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match="arrival counters"):
         G.w4a4_gemv(a, prepare_weight(pw), None, out, blocks=1, split=2)
+    with pytest.raises(ValueError, match="fp32 out"):
+        G.w4a4_gemv(a, prepare_weight(pw), None, out, blocks=1, split=2, accumulate=True)
 
 
 def test_gemv_refuses_what_it_cannot_take(device):

@@ -158,6 +158,8 @@ def _launch(mode: int, x, residual, weight, eps, index, split: Split, bits: int,
         dtype = residual.dtype if mode == 1 and residual is not None else x.dtype
     if dtype not in _VAL_DTYPES:
         raise TypeError(f"values are rounded to fp16, bf16 or fp32, not {dtype}")
+    if not isinstance(acc_cols, int) or acc_cols < 0:
+        raise ValueError(f"acc_cols must be a non-negative int, got {acc_cols!r}")
     if acc_cols and out == "packed":
         raise ValueError("an accumulator (acc_cols) goes with the GEMM operand form, not out='packed'")
     m = x.shape[0]
@@ -550,8 +552,8 @@ if triton is not None:
         GS: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, EXACT_EXP: tl.constexpr, QMAX: tl.constexpr = 7,
     ):
         """Same contract as _act_quant_kernel without VAL_T and the accumulator (the wrapper sends it only
-        inputs already in the value dtype and zeroes an accumulator itself); ROWS whole rows per program ([ROWS, BK] in registers,
-        BK = K rounded up to a power of two): one read of each input, the norm, SiLU and rounding in
+        inputs already in the value dtype and zeroes an accumulator itself); ROWS whole rows per program
+        ([ROWS, BK] in registers, BK = K rounded up to a power of two): one read of each input, the norm, SiLU and rounding in
         the input channel order, then the reorder gather on the register tile (tl.gather) and the
         group / outlier quantization of the gathered tile."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

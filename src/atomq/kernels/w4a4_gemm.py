@@ -281,9 +281,10 @@ def w4a4_gemm(
     if bias is not None and bias.shape != (w.n,):
         raise ValueError(f"bias must be [{w.n}], got {tuple(bias.shape)}")
     acc = a.acc
-    if acc is not None and (acc.dtype != torch.float32 or acc.shape != (m, w.n) or acc.stride(-1) != 1):
-        raise ValueError(f"the accumulator must be fp32 [{m}, {w.n}] with contiguous rows, got {acc.dtype} "
-                         f"{tuple(acc.shape)}")
+    if acc is not None and (acc.dtype != torch.float32 or acc.shape != (m, w.n) or acc.stride(-1) != 1
+                            or acc.device != a.qa.device):
+        raise ValueError(f"the accumulator must be fp32 [{m}, {w.n}] with contiguous rows on {a.qa.device}, got "
+                         f"{acc.dtype} {tuple(acc.shape)} on {acc.device}")
     n = w.n
     out = torch.empty(m, n, dtype=out_dtype, device=a.qa.device)
     if m == 0:
@@ -303,12 +304,12 @@ def w4a4_gemm(
             raise ValueError(reason)
         tiles = triton.cdiv(n, w.row_tile) * m
         split = _gemv_split(cfg, tiles, w.kp // 128, a.qa.device)
-        if acc is not None:
-            return w4a4_gemv.w4a4_gemv(a, w, bias, acc, blocks=cfg.k_blocks, num_warps=cfg.num_warps, split=split,
-                                       ahead=cfg.ahead, accumulate=True)
-        locks = arrival_counters(out.device, tiles) if split > 1 else None
-        return w4a4_gemv.w4a4_gemv(a, w, bias, out, blocks=cfg.k_blocks, num_warps=cfg.num_warps,
-                                   split=split if locks is not None else 1, locks=locks, ahead=cfg.ahead)
+        locks = arrival_counters(out.device, tiles) if split > 1 and acc is None else None
+        if acc is None and locks is None:  # one run (also under a graph capture before the counters exist)
+            split = 1
+        return w4a4_gemv.w4a4_gemv(a, w, bias, out if acc is None else acc, blocks=cfg.k_blocks,
+                                   num_warps=cfg.num_warps, split=split, locks=locks, ahead=cfg.ahead,
+                                   accumulate=acc is not None)
     if cfg.kernel == "gluon":
         hopper = _hopper()
         reason = hopper.unsupported_reason(a, w, mult)

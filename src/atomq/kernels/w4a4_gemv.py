@@ -74,6 +74,8 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     kb = blocks * 64 // w.span  # blocks a step: the same bytes a step whatever the block size
     if ahead not in (1, 2):
         raise ValueError(f"ahead must be 1 or 2, got {ahead}")
+    if accumulate and out.dtype != torch.float32:
+        raise ValueError(f"accumulating needs an fp32 out, got {out.dtype}")
     per = triton.cdiv(triton.cdiv(n_blocks, max(1, split)), kb) * kb  # K blocks per run
     split = triton.cdiv(n_blocks, per)
     if split > 1 and not accumulate and (locks is None or locks.numel() < tiles * m):
