@@ -428,6 +428,70 @@ def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-
     return rows
 
 
+def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict]:
+    """The Gluon kernel's one-int32-sum loops (group-free; groups of 128 with integer multipliers) with
+    several programs per SM (registers capped, the main product parked in shared memory for the outlier
+    epilogue) against one program per SM, cuBLAS FP16 and FP8 ``_scaled_mm``; us. Every variant is first
+    checked against ref.w4a4_gemm on 256 columns."""
+    from atomq.quant import quantize_weight_rtn
+
+    def variants(m, n, kp):
+        base = gemm_module.pick_config(m, n, kp, gluon=True, grouped=False)
+        return {"c1": base, "c2": dataclasses.replace(base, ctas_per_sm=2),
+                "c2s3": dataclasses.replace(base, ctas_per_sm=2, num_stages=3),
+                "w4c3": dataclasses.replace(base, num_warps=4, num_stages=3, ctas_per_sm=3)}
+
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        if model not in models:
+            continue
+        for m in ms:
+            if n * m > 57344 * 2048:
+                continue
+            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            cols = torch.randperm(n, device="cuda")[:256]
+            row = {"M": m, "N": n, "K": k, "model": model, "layer": layer}
+            for fmt, gs, levels in (("groupfree", None, None), ("levels", 128, 15)):
+                split = plan_split(k, 128, gs)
+                pw = quantize_weight_rtn(w, split, 4, 0.85, levels=levels)
+                a = Q.quantize_act(x, None, split, out="int8", levels=levels)
+                sub = PackedWeight(pw.qweight[cols], pw.scales[cols], None, pw.qweight_outlier[cols],
+                                   pw.scales_outlier[cols], 4)
+                yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), sub, out_dtype=torch.float64)
+                p = prepare_weight(pw, levels=levels)
+                ps = [p] + [prepare_weight(pw, levels=levels) for _ in range(B._copies(p.w4.numel()) - 1)]
+                for name, cfg in variants(m, n, p.kp).items():
+                    try:
+                        y = w4a4_gemm(a, p, config=cfg, uniform_act_scales=levels is not None)
+                        rel = ((y[:, cols].double() - yr).norm() / yr.norm()).item()
+                        report(f"{fmt} {name} {model} {layer} M={m}", rel < 1e-3, f"rel {rel:.1e}")
+                        if rel < 1e-3:
+                            row[f"{fmt}_{name}_ms"] = B._time_ms(
+                                lambda: [w4a4_gemm(a, q, config=cfg, uniform_act_scales=levels is not None)
+                                         for q in ps], len(ps))
+                    except Exception as e:  # a variant that fails is reported, the others still run
+                        report(f"{fmt} {name} {model} {layer} M={m}", False, f"{type(e).__name__}: {str(e)[:200]}")
+                del ps, p, a
+            ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
+            row["fp16_ms"] = B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))
+            del ws
+            w8s = [w.to(torch.float8_e4m3fn) for _ in range(B._copies(w.numel()))]
+            x8, sa, sb = x.to(torch.float8_e4m3fn), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+            row["fp8_ms"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb,
+                                                                 out_dtype=torch.bfloat16) for wi in w8s], len(w8s))
+            del w8s
+            rows.append(row)
+            cells = " ".join(f"{key[:-3]} {v * 1e3:7.1f} ({row['fp16_ms'] / v:.2f}x)" for key, v in row.items()
+                             if key.endswith("_ms") and key not in ("fp16_ms", "fp8_ms"))
+            line = (f"{model[-3:]} {layer:7s} M={m:<5d} fp16 {row['fp16_ms'] * 1e3:7.1f} fp8 "
+                    f"{row['fp8_ms'] * 1e3:7.1f} | {cells}")
+            print(line, flush=True)
+            lines.append(line)
+    _print_table("programs per SM (us, x = vs FP16):", lines)
+    return rows
+
+
 def outlier_bench() -> list[dict]:
     """The cost of 256 INT8 outlier channels against 128, groups of 32, default dispatch, 7B shapes (us)."""
     rows, lines = [], []
@@ -595,6 +659,9 @@ def main() -> int:
     ap.add_argument("--levels-groups", default="32,128", help="group sizes of --levels-bench")
     ap.add_argument("--levels-ms", default="16,64,256,2048", help="M of --levels-bench")
     ap.add_argument("--levels-models", default="llama2-7b", help="models of --levels-bench (llama2-7b,llama2-70b)")
+    ap.add_argument("--ctas-bench", action="store_true", help="Gluon one-sum loops with several programs per SM")
+    ap.add_argument("--ctas-ms", default="2048,8192", help="M of --ctas-bench")
+    ap.add_argument("--ctas-models", default="llama2-7b,llama2-70b", help="models of --ctas-bench")
     ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
@@ -639,6 +706,10 @@ def main() -> int:
         with open(args.out.replace(".json", "_levels.json"), "w") as f:
             ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
             json.dump(levels_bench(ints(args.levels_ms), ints(args.levels_groups), tuple(args.levels_models.split(","))),
+                      f, indent=1)
+    if args.ctas_bench:
+        with open(args.out.replace(".json", "_ctas.json"), "w") as f:
+            json.dump(ctas_bench(tuple(int(v) for v in args.ctas_ms.split(",")), tuple(args.ctas_models.split(","))),
                       f, indent=1)
     if args.outlier_bench:
         with open(args.out.replace(".json", "_outliers.json"), "w") as f:

@@ -41,19 +41,23 @@ def _triton_ptxas() -> str | None:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False):
-    """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it."""
+def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False, ctas: int = 1):
+    """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it (ctas: programs
+    per SM, as w4a4_gemm_hopper's ctas_per_sm)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = hopper._w4a4_hopper_kernel
     names = list(inspect.signature(fn.fn).parameters)
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
-                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True)
+                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True, STASH=ctas > 1)
     sig = {n: PTR_TYPES.get(n) or ("constexpr" if n in const else "i32") for n in names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps)
+    if ctas > 1:
+        options["maxnreg"] = hopper.max_registers(num_warps, ctas)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     ptxas = _triton_ptxas()
     if ptxas is None or not os.path.exists(ptxas):
         pytest.skip("Triton's ptxas is not installed")
@@ -65,14 +69,14 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
     finally:
         os.remove(path)
     assert run.returncode == 0, run.stderr[-2000:]
-    return kernel.asm["ptx"], run.stderr
+    return kernel.asm["ptx"], run.stderr, kernel.metadata.shared
 
 
 @pytest.mark.parametrize("block_m,num_warps,stages,grouped,mult", [
     (128, 4, 4, True, False), (64, 8, 4, True, False), (128, 4, 6, False, False), (128, 8, 4, False, True),
     (128, 4, 4, False, True)])
 def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, mult):
-    ptx, report = _compile_sm90(block_m, num_warps, stages, grouped, mult)
+    ptx, report, _ = _compile_sm90(block_m, num_warps, stages, grouped, mult)
     assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
     assert "0 bytes spill stores" in report, report
     assert "serialized" not in report, report
@@ -80,6 +84,31 @@ def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, m
         copies = [line for line in ptx.splitlines() if "cp.async.ca.shared.global" in line]
         assert "mad.lo.u32" in ptx and any(", 0x4," in line for line in copies)
         assert "cvt.rn.f32.s32" not in ptx.split("mad.lo.u32")[-1].split("wgmma.wait_group")[0]
+
+
+@pytest.mark.parametrize("block_m,num_warps,stages,mult,ctas", [
+    (128, 8, 4, False, 2), (128, 8, 4, True, 2), (128, 8, 3, False, 2), (128, 4, 3, False, 3)])
+def test_several_programs_per_sm_fit_without_spills(block_m, num_warps, stages, mult, ctas):
+    """The one-sum loops under the register cap for ``ctas`` programs per SM: the main product waits in
+    shared memory during the outlier epilogue, so no spills, no serialized wgmma, and the ring plus that
+    stash still fit ``ctas`` times in an SM's 228 KiB (1 KiB of it reserved per program)."""
+    import re
+
+    ptx, report, shared = _compile_sm90(block_m, num_warps, stages, False, mult, ctas=ctas)
+    used = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert used <= hopper.max_registers(num_warps, ctas), report
+    assert "0 bytes spill stores" in report and "serialized" not in report, report
+    assert ctas * (shared + 1024) <= 228 * 1024, shared
+    assert "bar.sync" in ptx.split("wgmma.wait_group.sync.aligned 0")[-1]  # the ring is drained before the stash
+
+
+def test_several_programs_per_sm_need_one_int32_sum():
+    split = plan_split(256, 0, 128)
+    pw = quantize_weight_rtn(torch.randn(32, 256), split, 4, 0.85)
+    a = Q.ActOp(torch.zeros(4, 256, dtype=torch.int8), torch.ones(4, 2, dtype=torch.float16), None, None)
+    with pytest.raises(ValueError, match="one int32 sum"):
+        hopper.w4a4_gemm_hopper(a, prepare_weight(pw), None, torch.empty(4, 32), ctas_per_sm=2)
+    assert hopper.max_registers(8, 2) == 128 and hopper.max_registers(4, 3) == 168 and hopper.max_registers(8, 1) == 255
 
 
 def test_unsupported_inputs_have_a_reason():
@@ -95,18 +124,21 @@ def test_unsupported_inputs_have_a_reason():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (4096, 12288, 4096)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("block_m,num_warps", [(128, 4), (64, 8)])
+@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (64, 8, 1), (128, 8, 2), (128, 4, 3)])
 @pytest.mark.parametrize("group_size", [128, None])
-def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, group_size):
+def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, ctas, group_size):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs sm_90")
+    if ctas > 1 and group_size is not None:
+        pytest.skip("several programs per SM take the one-sum loops only")
     g = torch.Generator(device="cpu").manual_seed(m + n)
     split = plan_split(k, 128, group_size)
     pw = quantize_weight_rtn(torch.randn(n, k, generator=g).cuda(), split, 4, 0.85)
     x = (torch.randn(m, k, generator=g) * 2).to(torch.float16).cuda()
     bias = torch.randn(n, generator=g).to(out_dtype).cuda()
     a = Q.quantize_act(x, None, split, out="int8")
-    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps)
+    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps, num_stages=4 if ctas < 3 else 3,
+                     ctas_per_sm=ctas)
     y = w4a4_gemm(a, prepare_weight(pw), bias, out_dtype=out_dtype, config=cfg)
     yr = ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)
     rel = ((y.double() - yr).norm() / yr.norm()).item()
@@ -131,8 +163,8 @@ def test_integer_multiplier_loop_reasons(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 8, 11008), (2048, 12288, 4096)])
-@pytest.mark.parametrize("block_m,num_warps", [(128, 4), (128, 8)])
-def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps, monkeypatch):
+@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (128, 8, 1), (128, 8, 2)])
+def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps, ctas, monkeypatch):
     """Group scales that are integer multiples of one per row / token: the multiplier loop equals the
     reference (and so the promoting loop of the same product)."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -145,7 +177,7 @@ def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_
     a = Q.quantize_act(x, None, split, out="int8", levels=15)
     p = prepare_weight(pw, levels=15)
     assert hopper.unsupported_reason(a, p, mult=True) is None
-    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps)
+    cfg = GemmConfig(kernel="gluon", block_m=block_m, num_warps=num_warps, ctas_per_sm=ctas)
     y = w4a4_gemm(a, p, bias, config=cfg, uniform_act_scales=True)
     yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), pw, bias, out_dtype=torch.float64)  # q * m: int8
     rel = ((y.double() - yr).norm() / yr.norm()).item()

@@ -158,6 +158,7 @@ class GemmConfig:
     min_iters: int = 2  # automatic split K: at least this many K blocks per split
     k_blocks: int = 4  # gemv: K blocks of 128 channels per step
     ahead: int = 1  # gemv: K steps of weights in flight, 1 or 2 (the first ones load before the wait on sm_90)
+    ctas_per_sm: int = 1  # gluon, one int32 sum over K: registers capped so that this many programs share an SM
 
 
 # one token: the GEMV up to GEMV_MAX_N weight rows, K split into runs so that about 8 programs per SM
@@ -316,7 +317,8 @@ def w4a4_gemm(
         if reason:
             raise ValueError(reason)
         return hopper.w4a4_gemm_hopper(a, w, bias, out, block_m=cfg.block_m, num_warps=cfg.num_warps,
-                                       stages=cfg.num_stages, group_m=cfg.group_m, mult=mult)
+                                       stages=cfg.num_stages, group_m=cfg.group_m, mult=mult,
+                                       ctas_per_sm=cfg.ctas_per_sm)
     n_iters = w.kp // (2 * w.span)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     split = _split_k(cfg, tiles, n_iters, m, a.qa.device)

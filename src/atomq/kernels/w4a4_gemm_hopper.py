@@ -44,6 +44,8 @@ try:  # guarded: Gluon is experimental and absent from older Triton releases
     # Triton 3.7 renamed cp.async's global -> shared copy (the old name now raises; 3.6 has only the old one)
     _TRITON = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
     cp_async_load = cp.async_load if _TRITON >= (3, 7) else cp.async_copy_global_to_shared
+    # and the CTA-wide barrier (3.6: thread_barrier; later: barrier)
+    cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover
@@ -71,18 +73,28 @@ def unsupported_reason(a, w, mult: bool = False) -> str | None:
     return None
 
 
+def max_registers(num_warps: int, ctas_per_sm: int) -> int:
+    """Registers per thread that let ``ctas_per_sm`` programs of ``num_warps`` warps share an SM's 64K
+    32-bit registers (ptxas allocates in steps of 8; 255 at most)."""
+    return min(255, 65536 // (ctas_per_sm * 32 * num_warps) // 8 * 8)
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
 def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,
-                     num_warps: int = 4, stages: int = 4, group_m: int = 8, mult: bool = False) -> torch.Tensor:
+                     num_warps: int = 4, stages: int = 4, group_m: int = 8, mult: bool = False,
+                     ctas_per_sm: int = 1) -> torch.Tensor:
     """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
 
     The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
     Tiles: BLOCK_N = 16 * num_warps weight rows (one 64-row warpgroup per 4 warps) x block_m tokens.
     mult: the integer-multiplier loop (``w.mult``; the caller vouches that each row of a.s4 holds one value).
+    ctas_per_sm > 1 (one int32 sum over K only: group-free or mult): registers capped so that many programs
+    share an SM, and the epilogue parks the main product in shared memory while the INT8 outlier part
+    accumulates, so the two accumulators are never in registers at once.
     """
     m = a.qa.shape[0]
     n = w.n
@@ -96,6 +108,9 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     dummy = w.sw
     n_blocks = w.kp // (2 * SPAN)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
+    if ctas_per_sm > 1 and grouped:
+        raise ValueError("several programs per SM need one int32 sum over K (group-free or integer multipliers)")
+    regs = {} if ctas_per_sm == 1 else {"maxnreg": max_registers(num_warps, ctas_per_sm)}
     _w4a4_hopper_kernel[grid](
         w.w4, sw, w.mult if mult else w.w4, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa, sa_t, a.q8 if has_out else a.qa, a.s8 if has_out else a.s4,
@@ -104,7 +119,8 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         sw.stride(0), w.mult.stride(0) if mult else 0, w.w8.stride(0) if has_out else 0, a.qa.stride(0),
         sa_t.stride(0), a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
-        GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None, num_warps=num_warps,
+        GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None, STASH=ctas_per_sm > 1,
+        num_warps=num_warps, **regs,
     )
     return out
 
@@ -185,7 +201,7 @@ if AVAILABLE:
         stride_swg, stride_mg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, MULT: gl.constexpr,
-        HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
+        HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr, STASH: gl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
         not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]; with MULT the
@@ -194,7 +210,8 @@ if AVAILABLE:
         w: int8 packed tiles (module docstring of w4a4_gemm); sw: fp32 [G, N] (MULT: the units [1, N]);
         mult: uint8 [G, N] (MULT only); w8: int8 [N, NO];
         s8w: fp32 [N]; a: int8 [M, KN]; sa: fp32 [G, M]; a8: int8 [M, NO]; s8a: fp16 [M, 1];
-        bias: [N]; out: fp16/bf16 [M, N].
+        bias: [N]; out: fp16/bf16 [M, N]. STASH: the epilogue parks the main product in shared memory
+        (see ``_epilogue``).
         """
         num_warps: gl.constexpr = gl.num_warps()
         pid = gl.program_id(0)
@@ -277,15 +294,19 @@ if AVAILABLE:
 
         _epilogue(acc, rows_w, rows_a, pid_n, pid_m, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
                   M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
-                  BLOCK_N, BLOCK_M, HAS_OUT, HAS_BIAS, mma, cp16)
+                  BLOCK_N, BLOCK_M, HAS_OUT, HAS_BIAS, STASH, mma, cp16)
 
     @gluon.jit
     def _epilogue(acc, rows_w, rows_a, pid_n, pid_m, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
                   M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  mma: gl.constexpr, cp16: gl.constexpr):
+                  STASH: gl.constexpr, mma: gl.constexpr, cp16: gl.constexpr):
         """Add the INT8 outlier product and the bias to acc fp32 [BLOCK_N, BLOCK_M] (out^T) and store it
-        into out [M, N]. rows_w / rows_a: the tile's weight rows and tokens in SliceLayout(1, cp16)."""
+        into out [M, N]. rows_w / rows_a: the tile's weight rows and tokens in SliceLayout(1, cp16).
+
+        STASH: acc waits in shared memory (placed over the drained cp.async ring; fp32, so the sum is the
+        one the registers would give) while the outlier wgmmas fill their own int32 tile: the epilogue
+        then needs one accumulator's registers, as the main loop does."""
         num_warps: gl.constexpr = gl.num_warps()
         mask_wn = (rows_w < N)[:, None]
         mask_am = (rows_a < M)[:, None]
@@ -294,6 +315,10 @@ if AVAILABLE:
         mask_n = offs_n < N
         mask_m = offs_m < M
         if HAS_OUT:  # INT8 outlier channels: one synchronous wgmma per 64 of them
+            if STASH:  # every warpgroup's last wgmmas have read the ring before it is overwritten
+                cta_barrier()
+                stash_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=2, per_phase=1, max_phase=16, order=[1, 0])
+                acc_s = gl.allocate_shared_memory(gl.float32, [BLOCK_N, BLOCK_M], stash_sl, acc)
             o_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
             w8_s = gl.allocate_shared_memory(gl.int8, [BLOCK_N, 64], o_sl)
             a8_s = gl.allocate_shared_memory(gl.int8, [BLOCK_M, 64], o_sl)
@@ -311,7 +336,11 @@ if AVAILABLE:
                 d8 = warpgroup_mma(w8_s, a8_s.permute((1, 0)), d8)
             s8w = gl.load(s8w_ptr + offs_n, mask=mask_n, other=0.0)
             s8a = gl.load(s8a_ptr + offs_m * stride_s8am, mask=mask_m, other=0.0).to(gl.float32)
-            acc += d8.to(gl.float32) * (s8w[:, None] * s8a[None, :])
+            part = d8.to(gl.float32) * (s8w[:, None] * s8a[None, :])
+            if STASH:
+                acc = acc_s.load(mma) + part
+            else:
+                acc += part
         if HAS_BIAS:
             acc += gl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
 
