@@ -48,6 +48,25 @@ xor.b32 $1, t, f;
 UNPACK_INT8_MULT_ASM = _unpack_int8_mult_asm(shared=False)
 UNPACK_INT8_MULT1_ASM = _unpack_int8_mult_asm(shared=True)
 
+
+# One half only (a kernel that rewrites the low and the high registers at different times): $0 = the 4 nibbles
+# at bit ``shift`` (0: low, 4: high) of the packed bytes $1, as UNPACK_INT8_ASM's; with ``mult``, times the
+# row's multiplier m, as the multiplier forms': $2 = m and $6 = (128 - 8m) in every byte, both 32-bit (the
+# caller passes 4 copies of each, $2..$5 and $6..$9, one per int8 element of the pack).
+def unpack_int8_half_asm(shift: int, mult: bool = False) -> str:
+    src = f"shr.u32 t, $1, {shift};\nlop3.b32 t, t, m, e, 0x6a;" if shift else "lop3.b32 t, $1, m, e, 0x6a;"
+    scale = "mad.lo.u32 t, t, $2, $6;" if mult else "add.u32 t, t, 0x78787878;"
+    return f"""{{
+.reg .b32 t, m, e;
+mov.b32 m, 0x0f0f0f0f;
+mov.b32 e, 0x08080808;
+{src}
+{scale}
+xor.b32 $0, t, 0x80808080;
+}}
+"""
+
+
 # float8_e4m3fn out: the nibble (offset by 8) goes into the mantissa of fp16 1024 (prmt), minus 1032
 # gives v exactly in fp16, then a saturating convert to e4m3 (exact for -8..7).
 UNPACK_FP8_ASM = """{

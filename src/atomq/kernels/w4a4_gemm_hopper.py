@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from .unpack_asm import UNPACK_INT8_ASM, UNPACK_INT8_MULT1_ASM
+from .unpack_asm import UNPACK_INT8_ASM, unpack_int8_half_asm
 
 try:  # guarded: Gluon is experimental and absent from older Triton releases
     import triton
@@ -128,7 +128,10 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
 if AVAILABLE:
 
     _UNPACK_INT8 = gl.constexpr(UNPACK_INT8_ASM)
-    _UNPACK_INT8_MULT1 = gl.constexpr(UNPACK_INT8_MULT1_ASM)
+    _UNPACK_LOW = gl.constexpr(unpack_int8_half_asm(0))
+    _UNPACK_HIGH = gl.constexpr(unpack_int8_half_asm(4))
+    _UNPACK_LOW_MULT = gl.constexpr(unpack_int8_half_asm(0, mult=True))
+    _UNPACK_HIGH_MULT = gl.constexpr(unpack_int8_half_asm(4, mult=True))
 
     @gluon.jit
     def _unpack(wp):
@@ -138,15 +141,47 @@ if AVAILABLE:
             is_pure=True, pack=4)
 
     @gluon.jit
-    def _unpack_mult(wp, mv):
-        """Packed bytes int8 [BN, S] and each row's group multiplier mv int32 [BN] (1..15; 0 for padding
-        rows) -> (low nibbles * mv, high nibbles * mv) int8 [BN, S], same layout (one group per block)."""
-        zero = gl.zeros_like(wp)
-        mb = zero + mv.to(gl.int8)[:, None]  # the asm's per-byte m and 128 - 8m (wraps to int8)
-        cb = zero + (128 - 8 * mv).to(gl.int8)[:, None]
-        return gl.inline_asm_elementwise(
-            asm=_UNPACK_INT8_MULT1, constraints="=r,=r,r,r,r", args=[wp, mb, cb],
-            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    def _unpack_half(wp, m32, c32, HIGH: gl.constexpr, MULT: gl.constexpr):
+        """One nibble half of packed bytes int8 [BN, S], int8 [BN, S] in the same layout; with MULT times each
+        row's multiplier (int32 [BN, S]: m32 = m, c32 = 128 - 8m in every byte). Not pure: it must not move
+        above the wgmma wait ahead of it, which frees the registers it writes."""
+        if MULT:
+            return gl.inline_asm_elementwise(
+                asm=_UNPACK_HIGH_MULT if HIGH else _UNPACK_LOW_MULT, constraints="=r" + ",r" * 9,
+                args=[wp, m32, c32], dtype=gl.int8, is_pure=False, pack=4)
+        return gl.inline_asm_elementwise(asm=_UNPACK_HIGH if HIGH else _UNPACK_LOW, constraints="=r,r",
+                                         args=[wp], dtype=gl.int8, is_pure=False, pack=4)
+
+    @gluon.jit
+    def _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, d, w_op: gl.constexpr, STAGES: gl.constexpr,
+                              PENDING: gl.constexpr, MULT: gl.constexpr):
+        """d += K block ``it``, its two wgmmas issued async behind the previous block's (the one-sum loop).
+
+        wgmma reads its register operand while it runs (late when the tensor cores are busy, e.g. with
+        several programs per SM), so registers are unpacked into only once a wait has retired the wgmma
+        that read them. Without multipliers each nibble half waits for the same half of the block before,
+        so one wgmma stays in flight during each unpack; with them (whose per-row operands, loaded here,
+        make ptxas serialize that schedule) each block retires before the next unpacks, and the overlap
+        comes from the other warpgroups and programs on the SM, as in the promoting loop."""
+        slot = it % STAGES
+        cp.wait_group(PENDING)
+        wp = w_s.index(slot).load(w_op)
+        if MULT:  # the row's multiplier m, and 128 - 8m in every byte (int32 wraps to that bit pattern)
+            mv = mult_s.index(slot).load(gl.SliceLayout(1, w_op)).to(gl.int32)
+            zero = gl.zeros(wp.shape, gl.int32, w_op)
+            m32 = zero + mv[:, None]
+            c32 = zero + ((128 - 8 * mv) * 0x01010101)[:, None]
+            wl = _unpack_half(wp, m32, c32, False, True)
+            wh = _unpack_half(wp, m32, c32, True, True)
+            fence_async_shared()
+            d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, is_async=True)
+            d = warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
+            return warpgroup_mma_wait(num_outstanding=0, deps=(d,))
+        fence_async_shared()
+        d = warpgroup_mma(_unpack_half(wp, 0, 0, False, False), al_s.index(slot).permute((1, 0)), d, is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # the high half of block it - 1 has retired
+        d = warpgroup_mma(_unpack_half(wp, 0, 0, True, False), ah_s.index(slot).permute((1, 0)), d, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
 
     @gluon.jit
     def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
@@ -171,20 +206,15 @@ if AVAILABLE:
         cp.commit_group()
 
     @gluon.jit
-    def _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op: gl.constexpr, STAGES: gl.constexpr,
-                   PENDING: gl.constexpr, ACCUMULATE: gl.constexpr, MULT: gl.constexpr):
-        """Issue K block ``it``'s two wgmmas (low, high nibbles), async, once its copies have landed
-        (at most PENDING newer commit groups in flight). ACCUMULATE: d += block; else d = block (d then
-        only lends its registers). MULT: the weights times their group's multipliers."""
+    def _block_mma(it, w_s, al_s, ah_s, d, w_op: gl.constexpr, STAGES: gl.constexpr, PENDING: gl.constexpr):
+        """Issue K block ``it``'s two wgmmas (low, high nibbles) into a fresh int32 tile (d only lends its
+        registers), async, once its copies have landed (at most PENDING newer commit groups in flight).
+        The promoting loop waits for them before its next unpack rewrites their register operands."""
         slot = it % STAGES
         cp.wait_group(PENDING)
-        if MULT:
-            mv = mult_s.index(slot).load(gl.SliceLayout(1, w_op)).to(gl.int32)
-            wl, wh = _unpack_mult(w_s.index(slot).load(w_op), mv)
-        else:
-            wl, wh = _unpack(w_s.index(slot).load(w_op))
+        wl, wh = _unpack(w_s.index(slot).load(w_op))
         fence_async_shared()
-        d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, use_acc=ACCUMULATE, is_async=True)
+        d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, use_acc=False, is_async=True)
         return warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
 
     @gluon.jit
@@ -264,7 +294,7 @@ if AVAILABLE:
                              stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
             for it in range(N_BLOCKS):
                 slot = it % STAGES
-                d = _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 1, False, False)
+                d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 1)
                 d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
                 acc = _promote(acc, d, slot, sw_s, sa_s, mma)
                 _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
@@ -278,8 +308,7 @@ if AVAILABLE:
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
                              stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
             for it in range(N_BLOCKS):
-                d = _block_mma(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 2, True, MULT)
-                d = warpgroup_mma_wait(num_outstanding=2, deps=(d,))
+                d = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 2, MULT)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
