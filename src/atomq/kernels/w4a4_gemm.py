@@ -169,6 +169,9 @@ GEMV_MAX_N = 12288
 # Measured 2026-12-07 (H100, 7B shapes, one token): groups of 32 on the GEMV q/k/v 14.8, o 7.0, down 15.1 us
 # against 35.1 / 15.6 / 32.8 on the tensor-core decode kernel, so they take it at every N (GEMV_MAX_N_G32)
 GEMV_SPANS: tuple[int, ...] = (64, 32)
+# programs per SM of the Gluon kernel's one-int32-sum loops (group-free, integer multipliers) at 8 warps:
+# 2 caps the registers at 128 and parks the main product in shared memory for the outlier epilogue
+GLUON_ONE_SUM_CTAS_PER_SM = 1
 GEMV_MAX_N_G32 = 1 << 20
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 # (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
@@ -203,7 +206,9 @@ def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = Tr
         # group-free, tall products at large M: wider groups of M tiles per weight column block (measured
         # 2026-11-24: 7B q/k/v and gate_up at M = 2048 / 8192 2-5% faster; 70B gate_up slower)
         gm = 16 if not grouped and m >= 2048 and 12288 <= n <= 32768 else 8
-        return GemmConfig(kernel="gluon", block_m=128, num_warps=4 if small else 8, num_stages=4, group_m=gm)
+        ctas = GLUON_ONE_SUM_CTAS_PER_SM if not grouped and not small else 1
+        return GemmConfig(kernel="gluon", block_m=128, num_warps=4 if small else 8, num_stages=4, group_m=gm,
+                          ctas_per_sm=ctas)
     return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, prefetch=False)
 
 
