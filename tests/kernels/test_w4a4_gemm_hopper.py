@@ -111,6 +111,18 @@ def test_several_programs_per_sm_need_one_int32_sum():
     assert hopper.max_registers(8, 2) == 128 and hopper.max_registers(4, 3) == 168 and hopper.max_registers(8, 1) == 255
 
 
+def test_two_programs_per_sm_by_default_for_the_multiplier_loop_only(monkeypatch):
+    from atomq.kernels import w4a4_gemm as gemm_module
+    from atomq.kernels.w4a4_gemm import GLUON_MULT_CTAS_PER_SM, pick_config
+
+    monkeypatch.setattr(gemm_module, "interpreting", lambda: False)  # the GPU's tiles, not the interpreter's
+
+    assert pick_config(2048, 4096, 4096, gluon=True, grouped=False, mult=True).ctas_per_sm == GLUON_MULT_CTAS_PER_SM
+    assert pick_config(2048, 4096, 4096, gluon=True, grouped=False).ctas_per_sm == 1  # group-free: even (KERNELS.md)
+    assert pick_config(128, 4096, 4096, gluon=True, grouped=False, mult=True).ctas_per_sm == 1  # 4-warp tiles
+    assert pick_config(2048, 4096, 4096, gluon=True).ctas_per_sm == 1  # promoting: two accumulators
+
+
 def test_unsupported_inputs_have_a_reason():
     split = plan_split(256, 0, 128)
     pw = quantize_weight_rtn(torch.randn(32, 256), split, 4, 0.85)
@@ -191,4 +203,8 @@ def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_
     monkeypatch.setattr(hopper, "w4a4_gemm_hopper", spy)
     y_default = w4a4_gemm(a, p, bias, uniform_act_scales=True)
     assert [kw["mult"] for kw in calls] == [True]  # the default dispatch takes the multiplier loop
-    assert torch.equal(y, y_default)  # exact int32 sums and the same epilogue whatever the tiles
+    if calls[0]["ctas_per_sm"] == ctas:  # exact int32 sums and the same epilogue whatever the tiles
+        assert torch.equal(y, y_default)
+    else:  # the epilogue that parks the main product rounds its fp32 sums in another order
+        rel = ((y_default.double() - yr).norm() / yr.norm()).item()
+        assert rel <= TOL[torch.float16], rel

@@ -565,8 +565,9 @@ WORDS_BLOCK_N = 128
 # words kernel under programmatic dependent launch: the first tile of older tokens loads before the wait
 PRELOAD_PAGES = True
 # warps of the words kernel when its programs (sequences x heads x splits) do not fill the GPU, e.g. batch 1
-# with a short planned context (one program per head), where each program walks its tiles alone; 4
-# otherwise (the batch-64 sweep's best). Not measured yet: 4 keeps the old behaviour
+# with a short planned context (one program per head); 4 otherwise (the batch-64 sweep's best). Measured
+# 2026-12-07 in the 7B batch-1 engine (H100): 4 warps 2.398-2.408 ms a step, 8 warps 2.419-2.433, 16 warps
+# 2.491-2.498 (BENCHMARKS.md), so 4 here too
 WORDS_FEW_PROGRAM_WARPS = 4
 
 

@@ -169,9 +169,11 @@ GEMV_MAX_N = 12288
 # Measured 2026-12-07 (H100, 7B shapes, one token): groups of 32 on the GEMV q/k/v 14.8, o 7.0, down 15.1 us
 # against 35.1 / 15.6 / 32.8 on the tensor-core decode kernel, so they take it at every N (GEMV_MAX_N_G32)
 GEMV_SPANS: tuple[int, ...] = (64, 32)
-# programs per SM of the Gluon kernel's one-int32-sum loops (group-free, integer multipliers) at 8 warps:
-# 2 caps the registers at 128 and parks the main product in shared memory for the outlier epilogue
-GLUON_ONE_SUM_CTAS_PER_SM = 1
+# programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
+# main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
+# M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM, whose warpgroups retire
+# each block before the next unpacks; the group-free loop ran even either way and keeps one
+GLUON_MULT_CTAS_PER_SM = 2
 GEMV_MAX_N_G32 = 1 << 20
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 # (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
@@ -183,11 +185,11 @@ GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
 
 
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False,
-                span: int = 64) -> GemmConfig:
+                span: int = 64, mult: bool = False) -> GemmConfig:
     """Default kernel and tiles by M (measured on H100, docs/KERNELS.md); decode tiles split K to fill
     the GPU. gluon: the Gluon kernel can take this product (sm_90); it does for M > 64. gemv: the CUDA-core
     kernel can take it; it does for one token and up to GEMV_MAX_N weight rows (GEMV_MAX_N_G32 for the
-    span 32 of groups of 32; docs/KERNELS.md)."""
+    span 32 of groups of 32; docs/KERNELS.md). mult: the Gluon kernel runs its integer-multiplier loop."""
     if gemv and m == 1 and n <= (GEMV_MAX_N_G32 if span == 32 else GEMV_MAX_N):
         return next((cfg for most, cfg in GEMV_RULES if n * kp <= most), GEMV_CONFIG)
     if interpreting():  # small tiles keep the CPU interpreter quick
@@ -206,7 +208,7 @@ def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = Tr
         # group-free, tall products at large M: wider groups of M tiles per weight column block (measured
         # 2026-11-24: 7B q/k/v and gate_up at M = 2048 / 8192 2-5% faster; 70B gate_up slower)
         gm = 16 if not grouped and m >= 2048 and 12288 <= n <= 32768 else 8
-        ctas = GLUON_ONE_SUM_CTAS_PER_SM if not grouped and not small else 1
+        ctas = GLUON_MULT_CTAS_PER_SM if mult and not small else 1
         return GemmConfig(kernel="gluon", block_m=128, num_warps=4 if small else 8, num_stages=4, group_m=gm,
                           ctas_per_sm=ctas)
     return GemmConfig(block_n=64, block_m=128, num_warps=4, num_stages=4, prefetch=False)
@@ -302,7 +304,8 @@ def w4a4_gemm(
         gemv = m <= w4a4_gemv.MAX_M and gpu and w.span in GEMV_SPANS and w4a4_gemv.unsupported_reason(a, w) is None
         # the Gluon multiplier loop is its group-free loop, so it takes the group-free tiles
         grouped = w.group_size is not None and not (gluon and mult)
-        config = pick_config(m, n, w.kp, gluon=gluon, grouped=grouped, gemv=gemv, span=w.span)
+        config = pick_config(m, n, w.kp, gluon=gluon, grouped=grouped, gemv=gemv, span=w.span,
+                             mult=gluon and mult)
     cfg = config
     if cfg.kernel == "gemv":
         reason = w4a4_gemv.unsupported_reason(a, w)
