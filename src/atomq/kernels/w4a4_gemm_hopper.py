@@ -12,12 +12,16 @@ by wgmma from shared memory. What differs is the schedule, written out by hand:
   acc += float(d) * sw[n] * sa[m] with the scales read from the ring. (Promoting block k while block
   k + 1's wgmmas run would overlap the two, but ptxas then serializes every wgmma: the accumulator
   copies that LLVM inserts read registers of an in-flight wgmma. Overlap comes from two CTAs per SM.)
-- One scale per row and per token (group-free recipes): a single int32 sum over all of K with one
-  block's wgmmas kept in flight while the next block is unpacked, scaled once at the end; this is the
-  plain INT8 GEMM's pipeline plus the 4-bit unpack.
+- One scale per row and per token (group-free recipes): a single int32 sum over all of K, scaled once
+  at the end; this is the plain INT8 GEMM's pipeline plus the 4-bit unpack. wgmma reads its register
+  operand while it runs, so each nibble half of a block is unpacked only after the wgmma that last read
+  those registers has retired: one wgmma stays in flight during every unpack.
 - Groups of 128 whose scales are integer multiples of one per row and per token (``levels``; the
-  activation multipliers are already in the int8 operand): the group-free loop, with each unpacked
-  weight times its group's multiplier (uint8 [G, N], carried by the ring) and the units as the scales.
+  activation multipliers are already in the int8 operand): the one-sum loop, with each unpacked weight
+  times its group's multiplier (uint8 [G, N], carried by the ring) and the units as the scales; each
+  block retires before the next unpacks, and two programs share an SM (``ctas_per_sm``) to overlap them.
+- ``ctas_per_sm`` > 1 (one-sum loops): registers capped so that the programs fit one SM; the epilogue
+  parks the main product in shared memory while the INT8 outlier part accumulates.
 
 Activation scales are read transposed and in fp32 (``sa_t`` [G, M]; the multiplier loop: the units,
 [1, M]); the wrapper builds that copy.
