@@ -364,6 +364,20 @@ def accumulate_bench(ms=(1, 16)) -> list[dict]:
     return rows
 
 
+def _fp16_fp8_ms(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """The baselines of one product, x fp16 [M, K] and w fp16 [N, K]: cuBLAS FP16 and FP8 ``_scaled_mm``
+    (per-token x per-channel scales), ms, weights rotated past L2."""
+    m, n = x.shape[0], w.shape[0]
+    ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
+    out = {"fp16_ms": B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))}
+    del ws
+    w8s = [w.to(torch.float8_e4m3fn) for _ in range(B._copies(w.numel()))]
+    x8, sa, sb = x.to(torch.float8_e4m3fn), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+    out["fp8_ms"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+                                        for wi in w8s], len(w8s))
+    return out
+
+
 def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-7b",)) -> list[dict]:
     """Group scales as integer multiples of one per row / token (``levels``): the integer-accumulating
     loops (Triton; Gluon for groups of 128 above M = 64, the default there) against the promoting default
@@ -406,14 +420,7 @@ def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-
                               for _ in range(B._copies(pf.w4.numel()) - 1)]
                 row["groupfree_default_ms"] = B._time_ms(lambda: [w4a4_gemm(af, q) for q in pfs], len(pfs))
                 del pfs
-                ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
-                row["fp16_ms"] = B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))
-                del ws
-                w8s = [w.to(torch.float8_e4m3fn) for _ in range(B._copies(w.numel()))]
-                x8, sa, sb = x.to(torch.float8_e4m3fn), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
-                row["fp8_ms"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb,
-                                                                     out_dtype=torch.bfloat16) for wi in w8s], len(w8s))
-                del w8s
+                row.update(_fp16_fp8_ms(x, w))
                 rows.append(row)
                 us = {key: row[key + "_ms"] * 1e3 for key in ("fp16", "fp8", "grouped", "levels", "levels_default",
                                                                 "groupfree_default")}
@@ -473,14 +480,7 @@ def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict
                     except Exception as e:  # a variant that fails is reported, the others still run
                         report(f"{fmt} {name} {model} {layer} M={m}", False, f"{type(e).__name__}: {str(e)[:200]}")
                 del ps, p, a
-            ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
-            row["fp16_ms"] = B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))
-            del ws
-            w8s = [w.to(torch.float8_e4m3fn) for _ in range(B._copies(w.numel()))]
-            x8, sa, sb = x.to(torch.float8_e4m3fn), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
-            row["fp8_ms"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb,
-                                                                 out_dtype=torch.bfloat16) for wi in w8s], len(w8s))
-            del w8s
+            row.update(_fp16_fp8_ms(x, w))
             rows.append(row)
             cells = " ".join(f"{key[:-3]} {v * 1e3:7.1f} ({row['fp16_ms'] / v:.2f}x)" for key, v in row.items()
                              if key.endswith("_ms") and key not in ("fp16_ms", "fp8_ms"))
