@@ -1,7 +1,8 @@
 """PTX for unpacking 4-bit weights in registers, shared by the Triton and Gluon GEMM kernels.
 
-Each takes one 32-bit register of 4 packed bytes ($2) and writes two registers ($0: the 4 low nibbles,
-$1: the 4 high nibbles), every nibble a two's-complement INT4 value.
+The two-output forms take one 32-bit register of 4 packed bytes ($2) and write two registers ($0: the 4
+low nibbles, $1: the 4 high nibbles), every nibble a two's-complement INT4 value. The one-half form
+(``unpack_int8_half_asm``) takes the packed bytes as $1 and writes one of the two.
 """
 
 # int8 out. Per byte: n ^ 8 = v + 8 in 0..15; + 0x78 then ^ 0x80 gives v as a signed byte, no carries.
@@ -51,8 +52,9 @@ UNPACK_INT8_MULT1_ASM = _unpack_int8_mult_asm(shared=True)
 
 # One half only (a kernel that rewrites the low and the high registers at different times): $0 = the 4 nibbles
 # at bit ``shift`` (0: low, 4: high) of the packed bytes $1, as UNPACK_INT8_ASM's; with ``mult``, times the
-# row's multiplier m, as the multiplier forms': $2 = m and $6 = (128 - 8m) in every byte, both 32-bit (the
-# caller passes 4 copies of each, $2..$5 and $6..$9, one per int8 element of the pack).
+# row's multiplier m, as the multiplier forms'. Unlike theirs, $2 is m itself as a plain 32-bit value (not m
+# in every byte: it multiplies the whole word, each byte n * m <= 225 so nothing carries) and $6 is
+# 128 - 8m in every byte; the caller passes 4 copies of each ($2..$5, $6..$9), one per int8 of the pack.
 def unpack_int8_half_asm(shift: int, mult: bool = False) -> str:
     src = f"shr.u32 t, $1, {shift};\nlop3.b32 t, t, m, e, 0x6a;" if shift else "lop3.b32 t, $1, m, e, 0x6a;"
     scale = "mad.lo.u32 t, t, $2, $6;" if mult else "add.u32 t, t, 0x78787878;"

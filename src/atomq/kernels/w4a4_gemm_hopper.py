@@ -104,6 +104,9 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     n = w.n
     block_n = 16 * num_warps
     grouped = w.group_size is not None and not mult
+    if ctas_per_sm < 1 or (ctas_per_sm > 1 and grouped):
+        raise ValueError(f"ctas_per_sm must be 1, or more for the one-int32-sum loops (group-free or integer "
+                         f"multipliers), got {ctas_per_sm} with groups of {w.group_size}")
     if mult:  # the units are the scales: fp32 [N] and [1, M]
         sw, sa_t = w.unit, a.s4[:, 0].float().view(1, m)
     else:  # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
@@ -112,8 +115,6 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     dummy = w.sw
     n_blocks = w.kp // (2 * SPAN)
     grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
-    if ctas_per_sm > 1 and grouped:
-        raise ValueError("several programs per SM need one int32 sum over K (group-free or integer multipliers)")
     regs = {} if ctas_per_sm == 1 else {"maxnreg": max_registers(num_warps, ctas_per_sm)}
     _w4a4_hopper_kernel[grid](
         w.w4, sw, w.mult if mult else w.w4, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
@@ -305,8 +306,8 @@ if AVAILABLE:
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
                              stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
         else:
-            # one int32 sum: block it's wgmmas run while block it + 1 is unpacked; once block it - 1
-            # has retired, its slot is refilled with block it + STAGES - 1
+            # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
+            # it - 1 has retired, its slot is refilled with block it + STAGES - 1
             for i in gl.static_range(STAGES - 1):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
@@ -337,9 +338,11 @@ if AVAILABLE:
         """Add the INT8 outlier product and the bias to acc fp32 [BLOCK_N, BLOCK_M] (out^T) and store it
         into out [M, N]. rows_w / rows_a: the tile's weight rows and tokens in SliceLayout(1, cp16).
 
-        STASH: acc waits in shared memory (placed over the drained cp.async ring; fp32, so the sum is the
-        one the registers would give) while the outlier wgmmas fill their own int32 tile: the epilogue
-        then needs one accumulator's registers, as the main loop does."""
+        STASH: acc waits in shared memory (placed over the drained cp.async ring, in fp32) while the
+        outlier wgmmas fill their own int32 tile: the epilogue then needs one accumulator's registers, as
+        the main loop does. The sum is the same up to rounding: the fused multiply-adds pair differently
+        (the stored main product is rounded to fp32 before the outlier part is added), so the last bit of
+        the output may differ from the unstashed epilogue's."""
         num_warps: gl.constexpr = gl.num_warps()
         mask_wn = (rows_w < N)[:, None]
         mask_am = (rows_a < M)[:, None]
