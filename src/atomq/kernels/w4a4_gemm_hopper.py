@@ -160,7 +160,8 @@ if AVAILABLE:
     @gluon.jit
     def _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, d, w_op: gl.constexpr, STAGES: gl.constexpr,
                               PENDING: gl.constexpr, MULT: gl.constexpr):
-        """d += K block ``it``, its two wgmmas issued async behind the previous block's (the one-sum loop).
+        """d += K block ``it`` in the one-sum loop: its two wgmmas, async, once its copies have landed (at
+        most PENDING newer commit groups in flight).
 
         wgmma reads its register operand while it runs (late when the tensor cores are busy, e.g. with
         several programs per SM), so registers are unpacked into only once a wait has retired the wgmma
