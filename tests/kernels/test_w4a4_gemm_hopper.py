@@ -6,7 +6,6 @@ within the tolerances of test_w4a4_gemm.py, groups of 128 and one scale per row,
 fp16 and bf16 out; the multiplier loop too, and the default dispatch takes it.
 """
 
-import inspect
 import os
 import subprocess
 
@@ -41,35 +40,54 @@ def _triton_ptxas() -> str | None:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False, ctas: int = 1):
-    """PTX of the kernel compiled for sm_90 without a GPU, and ptxas's verbose report on it (ctas: programs
-    per SM, as w4a4_gemm_hopper's ctas_per_sm)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+# compiled in a fresh process: the interpreter that runs the other kernel tests leaves triton.language
+# patched after a kernel calls a jit helper, and a later compile in the same process would trace through
+# those patches (the GEMM and GEMV compile tests do the same)
+_COMPILE_SM90 = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from atomq.kernels import w4a4_gemm_hopper as hopper
 
-    fn = hopper._w4a4_hopper_kernel
-    names = list(inspect.signature(fn.fn).parameters)
+const, ptr_types, num_warps, maxnreg = json.loads(sys.argv[1])
+fn = hopper._w4a4_hopper_kernel
+names = list(inspect.signature(fn.fn).parameters)
+sig = {n: ptr_types.get(n) or ("constexpr" if n in const else "i32") for n in names}
+src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                     attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
+options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
+print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared}))
+"""
+
+
+def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False, ctas: int = 1):
+    """PTX of the kernel compiled for sm_90 without a GPU, ptxas's verbose report on it, and the shared
+    memory it takes (ctas: programs per SM, as w4a4_gemm_hopper's ctas_per_sm)."""
+    import json
+    import sys
+
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
                  GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True, STASH=ctas > 1)
-    sig = {n: PTR_TYPES.get(n) or ("constexpr" if n in const else "i32") for n in names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
-    options = dict(num_warps=num_warps)
-    if ctas > 1:
-        options["maxnreg"] = hopper.max_registers(num_warps, ctas)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
+    maxnreg = hopper.max_registers(num_warps, ctas) if ctas > 1 else None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([const, PTR_TYPES, num_warps, maxnreg])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kernel = json.loads(run.stdout)
     ptxas = _triton_ptxas()
     if ptxas is None or not os.path.exists(ptxas):
         pytest.skip("Triton's ptxas is not installed")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atomq_w4a4_hopper_{os.getpid()}.ptx")
     with open(path, "w") as f:
-        f.write(kernel.asm["ptx"])
+        f.write(kernel["ptx"])
     try:
         run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
     finally:
         os.remove(path)
     assert run.returncode == 0, run.stderr[-2000:]
-    return kernel.asm["ptx"], run.stderr, kernel.metadata.shared
+    return kernel["ptx"], run.stderr, kernel["shared"]
 
 
 @pytest.mark.parametrize("block_m,num_warps,stages,grouped,mult", [
