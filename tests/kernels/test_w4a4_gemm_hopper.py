@@ -137,7 +137,6 @@ def test_two_programs_per_sm_by_default_for_the_multiplier_loop_only(monkeypatch
     from atomq.kernels.w4a4_gemm import GLUON_MULT_CTAS_PER_SM, pick_config
 
     monkeypatch.setattr(gemm_module, "interpreting", lambda: False)  # the GPU's tiles, not the interpreter's
-
     assert pick_config(2048, 4096, 4096, gluon=True, grouped=False, mult=True).ctas_per_sm == GLUON_MULT_CTAS_PER_SM
     assert pick_config(2048, 4096, 4096, gluon=True, grouped=False).ctas_per_sm == 1  # group-free: even (KERNELS.md)
     assert pick_config(128, 4096, 4096, gluon=True, grouped=False, mult=True).ctas_per_sm == 1  # 4-warp tiles

@@ -170,11 +170,6 @@ GEMV_MAX_N = 12288
 # against 35.1 / 15.6 / 32.8 on the tensor-core decode kernel, so they take it at every N (GEMV_MAX_N_G32)
 GEMV_SPANS: tuple[int, ...] = (64, 32)
 GEMV_MAX_N_G32 = 1 << 20
-# programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
-# main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
-# M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM, whose warpgroups retire
-# each block before the next unpacks; the group-free loop ran even either way and keeps one
-GLUON_MULT_CTAS_PER_SM = 2
 GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahead=1)
 # (most weights N x Kp, config): a one-token product takes the first rule it fits, else GEMV_CONFIG.
 # Measured 2026-11-25: 8 K blocks a step with weights two steps ahead on 7B o_proj (16M) alone 8.1 -> 6.2 us,
@@ -182,6 +177,11 @@ GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahea
 GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
     (20_000_000, GemmConfig(kernel="gemv", num_warps=4, k_blocks=8, waves=8.0, ahead=2)),
 )
+# programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
+# main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
+# M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM, whose warpgroups retire
+# each block before the next unpacks; the group-free loop ran even either way and keeps one
+GLUON_MULT_CTAS_PER_SM = 2
 
 
 def pick_config(m: int, n: int, kp: int, gluon: bool = False, grouped: bool = True, gemv: bool = False,
