@@ -158,44 +158,51 @@ if AVAILABLE:
                                          args=[wp], dtype=gl.int8, is_pure=False, pack=4)
 
     @gluon.jit
-    def _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, d, w_op: gl.constexpr, STAGES: gl.constexpr,
+    def _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, w_op: gl.constexpr, STAGES: gl.constexpr,
                               PENDING: gl.constexpr, MULT: gl.constexpr):
         """d += K block ``it`` in the one-sum loop: its two wgmmas, async, once its copies have landed (at
-        most PENDING newer commit groups in flight).
+        most PENDING newer commit groups in flight). MULT: mv uint8 [BN] (SliceLayout(1, w_op)), the
+        block's multiplier per weight row, already in registers.
 
         wgmma reads its register operand while it runs (late when the tensor cores are busy, e.g. with
         several programs per SM), so registers are unpacked into only once a wait has retired the wgmma
-        that read them. Without multipliers each nibble half waits for the same half of the block before,
-        so one wgmma stays in flight during each unpack; with them (whose per-row operands, loaded here,
-        make ptxas serialize that schedule) each block retires before the next unpacks, and the overlap
-        comes from the other warpgroups and programs on the SM, as in the promoting loop."""
+        that read them: each nibble half waits for the same half of the block before, and one wgmma stays
+        in flight during each unpack. (The multipliers must come from registers loaded before the copy
+        wait: a shared-memory load between the waits and the unpacks makes ptxas serialize every wgmma.)"""
         slot = it % STAGES
         cp.wait_group(PENDING)
         wp = w_s.index(slot).load(w_op)
         if MULT:  # the row's multiplier m, and 128 - 8m in every byte (int32 wraps to that bit pattern)
-            mv = mult_s.index(slot).load(gl.SliceLayout(1, w_op)).to(gl.int32)
+            mv32 = mv.to(gl.int32)
             zero = gl.zeros(wp.shape, gl.int32, w_op)
-            m32 = zero + mv[:, None]
-            c32 = zero + ((128 - 8 * mv) * 0x01010101)[:, None]
-            wl = _unpack_half(wp, m32, c32, False, True)
-            wh = _unpack_half(wp, m32, c32, True, True)
-            fence_async_shared()
-            d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, is_async=True)
-            d = warpgroup_mma(wh, ah_s.index(slot).permute((1, 0)), d, is_async=True)
-            return warpgroup_mma_wait(num_outstanding=0, deps=(d,))
+            m32 = zero + mv32[:, None]
+            c32 = zero + ((128 - 8 * mv32) * 0x01010101)[:, None]
+        else:
+            m32 = 0
+            c32 = 0
         fence_async_shared()
-        d = warpgroup_mma(_unpack_half(wp, 0, 0, False, False), al_s.index(slot).permute((1, 0)), d, is_async=True)
+        d = warpgroup_mma(_unpack_half(wp, m32, c32, False, MULT), al_s.index(slot).permute((1, 0)), d,
+                          is_async=True)
         d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # the high half of block it - 1 has retired
-        d = warpgroup_mma(_unpack_half(wp, 0, 0, True, False), ah_s.index(slot).permute((1, 0)), d, is_async=True)
+        d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT), ah_s.index(slot).permute((1, 0)), d,
+                          is_async=True)
         return warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
+
+    @gluon.jit
+    def _copy_mult_row(b, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES: gl.constexpr):
+        """cp.async the multipliers of K block ``b`` into ring slot b % STAGES (no commit): 4 per copy
+        (cp.async moves 4, 8 or 16 bytes), masked by the padded row (zeros past N), which keeps every 4-byte
+        piece whole for any N."""
+        cp_async_load(mult_s.index(b % STAGES), mult_ptr + b * stride_mg + offs_n4,
+                      mask=(offs_n4 < stride_mg) & (b < N_BLOCKS))
 
     @gluon.jit
     def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                      offs_k, offs_n, offs_m, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag, stride_mg,
                      mask_wn, mask_am, S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr,
-                     MULT: gl.constexpr):
+                     MULT: gl.constexpr, STAGES: gl.constexpr):
         """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
-        (masked off, so zero-filled, at and past N_BLOCKS)."""
+        (masked off, so zero-filled, at and past N_BLOCKS); MULT: with block it + 1's multipliers."""
         live = it < N_BLOCKS
         cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :], mask=mask_wn & live)
         k_lo = it * (2 * S) + offs_k
@@ -206,9 +213,8 @@ if AVAILABLE:
         if GROUPED:
             cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n, mask=(offs_n < N) & live)
             cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m, mask=(offs_m < M) & live)
-        if MULT:  # 4 multipliers per copy (cp.async moves 4, 8 or 16 bytes): masked by the padded row (zeros
-            # past N), which keeps every 4-byte piece whole for any N
-            cp_async_load(mult_s.index(slot), mult_ptr + it * stride_mg + offs_n4, mask=(offs_n4 < stride_mg) & live)
+        if MULT:  # the next block's multipliers, one commit group early: loaded before that block's wait
+            _copy_mult_row(it + 1, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES)
         cp.commit_group()
 
     @gluon.jit
@@ -297,7 +303,7 @@ if AVAILABLE:
             for i in gl.static_range(STAGES):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
+                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
             for it in range(N_BLOCKS):
                 slot = it % STAGES
                 d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 1)
@@ -305,20 +311,32 @@ if AVAILABLE:
                 acc = _promote(acc, d, slot, sw_s, sa_s, mma)
                 _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
+                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
         else:
             # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
-            # it - 1 has retired, its slot is refilled with block it + STAGES - 1
+            # it - 1 has retired, its slot is refilled with block it + STAGES - 1. MULT: block b's
+            # multipliers travel with block b - 1's copies (block 0's in a group of their own), so they
+            # are loaded at the top of iteration b, before its copy wait.
+            if MULT:
+                _copy_mult_row(0, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES)
+                cp.commit_group()
             for i in gl.static_range(STAGES - 1):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
+                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
+            if MULT:  # block 0's multipliers have landed, for every thread
+                cp.wait_group(STAGES - 1)
+                cta_barrier()
             for it in range(N_BLOCKS):
-                d = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, d, w_op, STAGES, STAGES - 2, MULT)
+                if MULT:  # block it's multipliers came with block it - 1's copies, waited for a block ago
+                    mv = mult_s.index(it % STAGES).load(gl.SliceLayout(1, w_op))
+                else:
+                    mv = 0
+                d = _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, w_op, STAGES, STAGES - 2, MULT)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT)
+                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
             d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
             swv = gl.load(sw_ptr + pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)),
                           mask=pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)) < N, other=0.0)
