@@ -445,7 +445,9 @@ def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict
     def variants(m, n, kp):
         base = gemm_module.pick_config(m, n, kp, gluon=True, grouped=False)
         return {"c1": dataclasses.replace(base, ctas_per_sm=1), "c2": dataclasses.replace(base, ctas_per_sm=2),
-                "c2s3": dataclasses.replace(base, ctas_per_sm=2, num_stages=3)}
+                "c2s3": dataclasses.replace(base, ctas_per_sm=2, num_stages=3),
+                "m256": dataclasses.replace(base, block_m=256, ctas_per_sm=1),
+                "m256s3": dataclasses.replace(base, block_m=256, ctas_per_sm=1, num_stages=3)}
 
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:

@@ -68,8 +68,9 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
     import json
     import sys
 
-    const = dict(BLOCK_N=16 * num_warps, BLOCK_M=block_m, S=64, RT=16, STAGES=stages, GROUP_M=8,
-                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True, STASH=ctas > 1)
+    const = dict(BLOCK_N=16 * num_warps, BLOCK_M=min(block_m, 128), S=64, RT=16, STAGES=stages, GROUP_M=8,
+                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True, STASH=ctas > 1 or block_m > 128,
+                 HALVES=2 if block_m > 128 else 1)
     maxnreg = hopper.max_registers(num_warps, ctas) if ctas > 1 else None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([const, PTR_TYPES, num_warps, maxnreg])],
@@ -92,7 +93,7 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
 
 @pytest.mark.parametrize("block_m,num_warps,stages,grouped,mult", [
     (128, 4, 4, True, False), (64, 8, 4, True, False), (128, 4, 6, False, False), (128, 8, 4, False, True),
-    (128, 4, 4, False, True)])
+    (128, 4, 4, False, True), (256, 8, 4, False, False), (256, 8, 4, False, True)])
 def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, mult):
     ptx, report, _ = _compile_sm90(block_m, num_warps, stages, grouped, mult)
     assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
@@ -122,13 +123,17 @@ def test_several_programs_per_sm_fit_without_spills(block_m, num_warps, stages, 
 
 
 def test_several_programs_per_sm_need_one_int32_sum():
-    """The promoting loop holds two accumulators, so it runs one program per SM; 0 programs is an error."""
+    """The promoting loop holds two accumulators, so it runs one program per SM and 128-token tiles at
+    most; 0 programs is an error."""
     split = plan_split(256, 0, 128)
     pw = quantize_weight_rtn(torch.randn(32, 256), split, 4, 0.85)
     a = Q.ActOp(torch.zeros(4, 256, dtype=torch.int8), torch.ones(4, 2, dtype=torch.float16), None, None)
     for ctas in (2, 0):
         with pytest.raises(ValueError, match="ctas_per_sm"):
             hopper.w4a4_gemm_hopper(a, prepare_weight(pw), None, torch.empty(4, 32), ctas_per_sm=ctas)
+    for block_m in (256, 192):  # two 128-token halves share an unpack in the one-sum loops only
+        with pytest.raises(ValueError, match="block_m"):
+            hopper.w4a4_gemm_hopper(a, prepare_weight(pw), None, torch.empty(4, 32), block_m=block_m)
     assert hopper.max_registers(8, 2) == 128 and hopper.max_registers(4, 3) == 168 and hopper.max_registers(8, 1) == 255
 
 
@@ -155,13 +160,13 @@ def test_unsupported_inputs_have_a_reason():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 80, 11008), (4096, 12288, 4096)])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (64, 8, 1), (128, 8, 2), (128, 4, 3)])
+@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (64, 8, 1), (128, 8, 2), (128, 4, 3), (256, 8, 1)])
 @pytest.mark.parametrize("group_size", [128, None])
 def test_matches_reference_on_gpu(m, n, k, out_dtype, block_m, num_warps, ctas, group_size):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs sm_90")
-    if ctas > 1 and group_size is not None:
-        pytest.skip("several programs per SM take the one-sum loops only")
+    if (ctas > 1 or block_m > 128) and group_size is not None:
+        pytest.skip("several programs per SM and 256-token tiles take the one-sum loops only")
     g = torch.Generator(device="cpu").manual_seed(m + n)
     split = plan_split(k, 128, group_size)
     pw = quantize_weight_rtn(torch.randn(n, k, generator=g).cuda(), split, 4, 0.85)
@@ -194,7 +199,7 @@ def test_integer_multiplier_loop_reasons(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(65, 4096, 4096), (333, 4096 + 8, 11008), (2048, 12288, 4096)])
-@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (128, 8, 1), (128, 8, 2)])
+@pytest.mark.parametrize("block_m,num_warps,ctas", [(128, 4, 1), (128, 8, 1), (128, 8, 2), (256, 8, 1)])
 def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_warps, ctas, monkeypatch):
     """Group scales that are integer multiples of one per row / token: the multiplier loop equals the
     reference (and so the promoting loop of the same product)."""

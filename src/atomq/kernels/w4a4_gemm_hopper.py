@@ -94,7 +94,8 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
 
     The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
-    Tiles: BLOCK_N = 16 * num_warps weight rows (one 64-row warpgroup per 4 warps) x block_m tokens.
+    Tiles: BLOCK_N = 16 * num_warps weight rows (one 64-row warpgroup per 4 warps) x block_m tokens;
+    block_m = 256 (one-sum loops only) is two 128-token wgmma tiles that share every unpacked weight operand.
     mult: the integer-multiplier loop (``w.mult``; the caller vouches that each row of a.s4 holds one value).
     ctas_per_sm > 1 (one int32 sum over K only: group-free or mult): registers capped so that many programs
     share an SM, and the epilogue parks the main product in shared memory while the INT8 outlier part
@@ -107,6 +108,10 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     if ctas_per_sm < 1 or (ctas_per_sm > 1 and grouped):
         raise ValueError(f"ctas_per_sm must be 1, or more for the one-int32-sum loops (group-free or integer "
                          f"multipliers), got {ctas_per_sm} with groups of {w.group_size}")
+    if block_m not in (64, 128, 256) or (block_m == 256 and grouped):
+        raise ValueError(f"block_m must be 64 or 128, or 256 for the one-int32-sum loops, got {block_m} with "
+                         f"groups of {w.group_size}")
+    halves = 2 if block_m == 256 else 1
     if mult:  # the units are the scales: fp32 [N] and [1, M]
         sw, sa_t = w.unit, a.s4[:, 0].float().view(1, m)
     else:  # fp32 [G, M] activation scales: one contiguous vector per group for the cp.async ring
@@ -123,9 +128,9 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         m, n, w.kn, w.n_out, n_blocks,
         sw.stride(0), w.mult.stride(0) if mult else 0, w.w8.stride(0) if has_out else 0, a.qa.stride(0),
         sa_t.stride(0), a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
-        BLOCK_N=block_n, BLOCK_M=block_m, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
-        GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None, STASH=ctas_per_sm > 1,
-        num_warps=num_warps, **regs,
+        BLOCK_N=block_n, BLOCK_M=block_m // halves, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
+        GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None,
+        STASH=ctas_per_sm > 1 or halves > 1, HALVES=halves, num_warps=num_warps, **regs,
     )
     return out
 
@@ -158,11 +163,12 @@ if AVAILABLE:
                                          args=[wp], dtype=gl.int8, is_pure=False, pack=4)
 
     @gluon.jit
-    def _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, w_op: gl.constexpr, STAGES: gl.constexpr,
-                              PENDING: gl.constexpr, MULT: gl.constexpr):
+    def _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, d1, w_op: gl.constexpr, STAGES: gl.constexpr,
+                              PENDING: gl.constexpr, MULT: gl.constexpr, HALVES: gl.constexpr):
         """d += K block ``it`` in the one-sum loop: its two wgmmas, async, once its copies have landed (at
         most PENDING newer commit groups in flight). MULT: mv uint8 [BN] (SliceLayout(1, w_op)), the
-        block's multiplier per weight row, already in registers.
+        block's multiplier per weight row, already in registers. HALVES = 2: d1 is the tile's second
+        half of tokens (activation slots 2 * slot + 1), which every unpacked operand also multiplies.
 
         wgmma reads its register operand while it runs (late when the tensor cores are busy, e.g. with
         several programs per SM), so registers are unpacked into only once a wait has retired the wgmma
@@ -181,12 +187,22 @@ if AVAILABLE:
             m32 = 0
             c32 = 0
         fence_async_shared()
-        d = warpgroup_mma(_unpack_half(wp, m32, c32, False, MULT), al_s.index(slot).permute((1, 0)), d,
-                          is_async=True)
-        d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # the high half of block it - 1 has retired
-        d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT), ah_s.index(slot).permute((1, 0)), d,
-                          is_async=True)
-        return warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
+        wl = _unpack_half(wp, m32, c32, False, MULT)
+        if HALVES == 2:
+            d = warpgroup_mma(wl, al_s.index(2 * slot).permute((1, 0)), d, is_async=True)
+            d1 = warpgroup_mma(wl, al_s.index(2 * slot + 1).permute((1, 0)), d1, is_async=True)
+            d, d1 = warpgroup_mma_wait(num_outstanding=2, deps=(d, d1))  # block it - 1's high wgmmas retired
+            wh = _unpack_half(wp, m32, c32, True, MULT)
+            d = warpgroup_mma(wh, ah_s.index(2 * slot).permute((1, 0)), d, is_async=True)
+            d1 = warpgroup_mma(wh, ah_s.index(2 * slot + 1).permute((1, 0)), d1, is_async=True)
+            d, d1 = warpgroup_mma_wait(num_outstanding=2, deps=(d, d1))  # and block it's low ones
+        else:
+            d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, is_async=True)
+            d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # the high half of block it - 1 has retired
+            d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT), ah_s.index(slot).permute((1, 0)), d,
+                              is_async=True)
+            d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
+        return d, d1
 
     @gluon.jit
     def _copy_mult_row(b, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES: gl.constexpr):
@@ -199,17 +215,21 @@ if AVAILABLE:
     @gluon.jit
     def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                      offs_k, offs_n, offs_m, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag, stride_mg,
-                     mask_wn, mask_am, S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr,
-                     MULT: gl.constexpr, STAGES: gl.constexpr):
+                     mask_wn, rows_a, stride_am, S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr,
+                     MULT: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALVES: gl.constexpr):
         """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
-        (masked off, so zero-filled, at and past N_BLOCKS); MULT: with block it + 1's multipliers."""
+        (masked off, so zero-filled, at and past N_BLOCKS); MULT: with block it + 1's multipliers. The
+        tile's HALVES halves of BLOCK_M tokens go to activation slots HALVES * slot + h."""
         live = it < N_BLOCKS
         cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :], mask=mask_wn & live)
         k_lo = it * (2 * S) + offs_k
-        cp_async_load(al_s.index(slot), a_rows + k_lo[None, :],
-                      mask=mask_am & (k_lo[None, :] < KN) & live)
-        cp_async_load(ah_s.index(slot), a_rows + (k_lo + S)[None, :],
-                      mask=mask_am & ((k_lo + S)[None, :] < KN) & live)
+        for h in gl.static_range(HALVES):  # a_rows / rows_a: the first half's row pointers and tokens
+            mask_am = (rows_a + h * BLOCK_M < M)[:, None]
+            a_h = a_rows + h * BLOCK_M * stride_am
+            cp_async_load(al_s.index(HALVES * slot + h), a_h + k_lo[None, :],
+                          mask=mask_am & (k_lo[None, :] < KN) & live)
+            cp_async_load(ah_s.index(HALVES * slot + h), a_h + (k_lo + S)[None, :],
+                          mask=mask_am & ((k_lo + S)[None, :] < KN) & live)
         if GROUPED:
             cp_async_load(sw_s.index(slot), sw_ptr + it * stride_swg + offs_n, mask=(offs_n < N) & live)
             cp_async_load(sa_s.index(slot), sa_ptr + it * stride_sag + offs_m, mask=(offs_m < M) & live)
@@ -243,7 +263,7 @@ if AVAILABLE:
         stride_swg, stride_mg, stride_w8n, stride_am, stride_sag, stride_a8m, stride_s8am, stride_om,
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, MULT: gl.constexpr,
-        HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr, STASH: gl.constexpr,
+        HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr, STASH: gl.constexpr, HALVES: gl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
         not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]; with MULT the
@@ -253,12 +273,13 @@ if AVAILABLE:
         mult: uint8 [G, N] (MULT only); w8: int8 [N, NO];
         s8w: fp32 [N]; a: int8 [M, KN]; sa: fp32 [G, M]; a8: int8 [M, NO]; s8a: fp16 [M, 1];
         bias: [N]; out: fp16/bf16 [M, N]. STASH: the epilogue parks the main product in shared memory
-        (see ``_epilogue``).
+        (see ``_epilogue``). HALVES = 2 (one-sum loops): the tile is [BLOCK_N, 2 * BLOCK_M], two int32 sums
+        that share every unpacked weight operand.
         """
         num_warps: gl.constexpr = gl.num_warps()
         pid = gl.program_id(0)
         num_n = gl.cdiv(N, BLOCK_N)
-        num_m = gl.cdiv(M, BLOCK_M)
+        num_m = gl.cdiv(M, BLOCK_M * HALVES)
         width = GROUP_M * num_n
         first_m = (pid // width) * GROUP_M
         gm = gl.minimum(num_m - first_m, GROUP_M)
@@ -278,32 +299,33 @@ if AVAILABLE:
         v_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
         w_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, S], w_sl)
-        al_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_sl)
-        ah_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, S], a_sl)
+        al_s = gl.allocate_shared_memory(gl.int8, [STAGES * HALVES, BLOCK_M, S], a_sl)
+        ah_s = gl.allocate_shared_memory(gl.int8, [STAGES * HALVES, BLOCK_M, S], a_sl)
         sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], v_sl)
         sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], v_sl)
         mult_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N if MULT else 4], v_sl)
 
         # copy addressing: weight row r of block it at (r // RT) * N_BLOCKS * RT * S + it * RT * S + (r % RT) * S
         rows_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cp16))
-        rows_a = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, cp16))
+        m0 = pid_m * BLOCK_M * HALVES  # the tile's first token
+        rows_a = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, cp16))
         offs_k = gl.arange(0, S, gl.SliceLayout(0, cp16))
         w_rows = w_ptr + ((rows_w // RT).to(gl.int64) * N_BLOCKS * (RT * S) + (rows_w % RT) * S)[:, None]
         a_rows = a_ptr + rows_a.to(gl.int64)[:, None] * stride_am
         mask_wn = (rows_w < N)[:, None]
-        mask_am = (rows_a < M)[:, None]
         offs_n1 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, cp1)
-        offs_m1 = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, cp1)
+        offs_m1 = m0 + gl.arange(0, BLOCK_M, cp1)
         offs_n4 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, cp4)
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
         d = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma)
+        d1 = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, mma) if HALVES == 2 else 0
         if GROUPED:
             # per block: wgmmas, wait, promote; the slot is then refilled with block it + STAGES
             for i in gl.static_range(STAGES):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
+                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
             for it in range(N_BLOCKS):
                 slot = it % STAGES
                 d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 1)
@@ -311,7 +333,7 @@ if AVAILABLE:
                 acc = _promote(acc, d, slot, sw_s, sa_s, mma)
                 _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
+                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
         else:
             # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
             # it - 1 has retired, its slot is refilled with block it + STAGES - 1. MULT: block b's
@@ -323,7 +345,7 @@ if AVAILABLE:
             for i in gl.static_range(STAGES - 1):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
+                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
             if MULT:  # block 0's multipliers have landed, for every thread
                 cp.wait_group(STAGES - 1)
                 cta_barrier()
@@ -332,25 +354,35 @@ if AVAILABLE:
                     mv = mult_s.index(it % STAGES).load(gl.SliceLayout(1, w_op))
                 else:
                     mv = 0
-                d = _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, w_op, STAGES, STAGES - 2, MULT)
+                d, d1 = _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, d1, w_op, STAGES, STAGES - 2, MULT, HALVES)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, mask_am, S, RT, GROUPED, MULT, STAGES)
-            d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
-            swv = gl.load(sw_ptr + pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)),
-                          mask=pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma)) < N, other=0.0)
-            offs_ms = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
+                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
+            if HALVES == 2:
+                d, d1 = warpgroup_mma_wait(num_outstanding=0, deps=(d, d1))
+            else:
+                d = warpgroup_mma_wait(num_outstanding=0, deps=(d,))
+            offs_ns = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma))
+            swv = gl.load(sw_ptr + offs_ns, mask=offs_ns < N, other=0.0)
+            offs_ms = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
             sav = gl.load(sa_ptr + offs_ms, mask=offs_ms < M, other=0.0)
             acc = d.to(gl.float32) * (swv[:, None] * sav[None, :])
         cp.wait_group(0)
 
-        _epilogue(acc, rows_w, rows_a, pid_n, pid_m, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+        _epilogue(acc, rows_w, rows_a, pid_n, m0, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
                   M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
                   BLOCK_N, BLOCK_M, HAS_OUT, HAS_BIAS, STASH, mma, cp16)
+        if HALVES == 2:  # the second half of the tokens, once the first is stored
+            offs_ms = m0 + BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
+            sav = gl.load(sa_ptr + offs_ms, mask=offs_ms < M, other=0.0)
+            acc = d1.to(gl.float32) * (swv[:, None] * sav[None, :])
+            _epilogue(acc, rows_w, rows_a + BLOCK_M, pid_n, m0 + BLOCK_M, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr,
+                      bias_ptr, out_ptr, M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
+                      BLOCK_N, BLOCK_M, HAS_OUT, HAS_BIAS, STASH, mma, cp16)
 
     @gluon.jit
-    def _epilogue(acc, rows_w, rows_a, pid_n, pid_m, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
+    def _epilogue(acc, rows_w, rows_a, pid_n, m0, w8_ptr, s8w_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
                   M, N, NO, stride_w8n, stride_a8m, stride_s8am, stride_om,
                   BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr,
                   STASH: gl.constexpr, mma: gl.constexpr, cp16: gl.constexpr):
@@ -366,7 +398,7 @@ if AVAILABLE:
         mask_wn = (rows_w < N)[:, None]
         mask_am = (rows_a < M)[:, None]
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, mma))
-        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
+        offs_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(0, mma))
         mask_n = offs_n < N
         mask_m = offs_m < M
         if HAS_OUT:  # INT8 outlier channels: one synchronous wgmma per 64 of them
@@ -403,6 +435,6 @@ if AVAILABLE:
         st: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
         res = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), st)
         sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, st))
-        sm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st))
+        sm = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(0, st))
         ptrs = out_ptr + sm.to(gl.int64)[None, :] * stride_om + sn[:, None]
         gl.store(ptrs, res, mask=(sn < N)[:, None] & (sm < M)[None, :])
