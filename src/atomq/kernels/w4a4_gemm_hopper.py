@@ -7,7 +7,8 @@ registers into the left wgmma operand; the activations are the quantize kernel's
 by wgmma from shared memory. What differs is the schedule, written out by hand:
 
 - One cp.async ring of STAGES slots carries everything a K block needs: the packed weight tile, the
-  two activation tiles and, with groups, both scale vectors, so no global load waits in the loop.
+  activation tiles (low and high nibble channels, per 128-token half) and, with groups, both scale
+  vectors or the next block's multipliers, so no global load waits in the loop.
 - Groups of 128 (Atom): per block, two wgmmas into a fresh int32 tile, one wait, then the promotion
   acc += float(d) * sw[n] * sa[m] with the scales read from the ring. (Promoting block k while block
   k + 1's wgmmas run would overlap the two, but ptxas then serializes every wgmma: the accumulator
@@ -18,10 +19,13 @@ by wgmma from shared memory. What differs is the schedule, written out by hand:
   those registers has retired: one wgmma stays in flight during every unpack.
 - Groups of 128 whose scales are integer multiples of one per row and per token (``levels``; the
   activation multipliers are already in the int8 operand): the one-sum loop, with each unpacked weight
-  times its group's multiplier (uint8 [G, N], carried by the ring) and the units as the scales; each
-  block retires before the next unpacks, and two programs share an SM (``ctas_per_sm``) to overlap them.
-- ``ctas_per_sm`` > 1 (one-sum loops): registers capped so that the programs fit one SM; the epilogue
-  parks the main product in shared memory while the INT8 outlier part accumulates.
+  times its group's multiplier (uint8 [G, N], carried by the ring one block early so that they are in
+  registers before the block's copy wait) and the units as the scales.
+- One-sum loops only:
+  - ``ctas_per_sm`` > 1: registers capped so that the programs fit one SM;
+  - 256-token tiles (``block_m=256``): two 128-token wgmma tiles, two int32 sums, one unpack per block;
+  - with either, the epilogue parks the main product in shared memory while the INT8 outlier part
+    accumulates.
 
 Activation scales are read transposed and in fp32 (``sa_t`` [G, M]; the multiplier loop: the units,
 [1, M]); the wrapper builds that copy.
@@ -98,8 +102,8 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     block_m = 256 (one-sum loops only) is two 128-token wgmma tiles that share every unpacked weight operand.
     mult: the integer-multiplier loop (``w.mult``; the caller vouches that each row of a.s4 holds one value).
     ctas_per_sm > 1 (one int32 sum over K only: group-free or mult): registers capped so that many programs
-    share an SM, and the epilogue parks the main product in shared memory while the INT8 outlier part
-    accumulates, so the two accumulators are never in registers at once.
+    share an SM. With it or block_m = 256 the epilogue parks the main product in shared memory while the
+    INT8 outlier part accumulates, so the two accumulators are never in registers at once.
     """
     m = a.qa.shape[0]
     n = w.n
@@ -108,9 +112,9 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     if ctas_per_sm < 1 or (ctas_per_sm > 1 and grouped):
         raise ValueError(f"ctas_per_sm must be 1, or more for the one-int32-sum loops (group-free or integer "
                          f"multipliers), got {ctas_per_sm} with groups of {w.group_size}")
-    if block_m not in (64, 128, 256) or (block_m == 256 and grouped):
-        raise ValueError(f"block_m must be 64 or 128, or 256 for the one-int32-sum loops, got {block_m} with "
-                         f"groups of {w.group_size}")
+    if block_m not in (64, 128, 256) or (block_m == 256 and (grouped or ctas_per_sm > 1)):
+        raise ValueError(f"block_m must be 64 or 128, or 256 for the one-int32-sum loops at one program per SM, "
+                         f"got {block_m} with groups of {w.group_size} and ctas_per_sm={ctas_per_sm}")
     halves = 2 if block_m == 256 else 1
     if mult:  # the units are the scales: fp32 [N] and [1, M]
         sw, sa_t = w.unit, a.s4[:, 0].float().view(1, m)
@@ -163,21 +167,26 @@ if AVAILABLE:
                                          args=[wp], dtype=gl.int8, is_pure=False, pack=4)
 
     @gluon.jit
-    def _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, d1, w_op: gl.constexpr, STAGES: gl.constexpr,
+    def _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op: gl.constexpr, STAGES: gl.constexpr,
                               PENDING: gl.constexpr, MULT: gl.constexpr, HALVES: gl.constexpr):
         """d += K block ``it`` in the one-sum loop: its two wgmmas, async, once its copies have landed (at
-        most PENDING newer commit groups in flight). MULT: mv uint8 [BN] (SliceLayout(1, w_op)), the
-        block's multiplier per weight row, already in registers. HALVES = 2: d1 is the tile's second
-        half of tokens (activation slots 2 * slot + 1), which every unpacked operand also multiplies.
+        most PENDING newer commit groups in flight). HALVES = 2: d1 is the tile's second half of tokens
+        (activation slots 2 * slot + 1), which every unpacked operand also multiplies. MULT: mv uint8 [BN]
+        (SliceLayout(1, w_op)) holds block it's multiplier per weight row; returns (d, d1, block it + 1's
+        multipliers), which came with block it's copies.
 
         wgmma reads its register operand while it runs (late when the tensor cores are busy, e.g. with
         several programs per SM), so registers are unpacked into only once a wait has retired the wgmma
         that read them: each nibble half waits for the same half of the block before, and one wgmma stays
-        in flight during each unpack. (The multipliers must come from registers loaded before the copy
-        wait: a shared-memory load between the waits and the unpacks makes ptxas serialize every wgmma.)"""
+        in flight during each unpack. (The multipliers are loaded a block ahead: loading a block's own row
+        between its waits and its unpacks made ptxas serialize every wgmma.)"""
         slot = it % STAGES
         cp.wait_group(PENDING)
         wp = w_s.index(slot).load(w_op)
+        if MULT:
+            mv_next = mult_s.index((it + 1) % STAGES).load(gl.SliceLayout(1, w_op))
+        else:
+            mv_next = 0
         if MULT:  # the row's multiplier m, and 128 - 8m in every byte (int32 wraps to that bit pattern)
             mv32 = mv.to(gl.int32)
             zero = gl.zeros(wp.shape, gl.int32, w_op)
@@ -202,7 +211,7 @@ if AVAILABLE:
             d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT), ah_s.index(slot).permute((1, 0)), d,
                               is_async=True)
             d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
-        return d, d1
+        return d, d1, mv_next
 
     @gluon.jit
     def _copy_mult_row(b, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES: gl.constexpr):
@@ -265,7 +274,7 @@ if AVAILABLE:
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, MULT: gl.constexpr,
         HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr, STASH: gl.constexpr, HALVES: gl.constexpr,
     ):
-        """One [BLOCK_N, BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
+        """One [BLOCK_N, HALVES * BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
         not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]; with MULT the
         weights are multiplied by mult[block, n] as they unpack).
 
@@ -337,8 +346,8 @@ if AVAILABLE:
         else:
             # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
             # it - 1 has retired, its slot is refilled with block it + STAGES - 1. MULT: block b's
-            # multipliers travel with block b - 1's copies (block 0's in a group of their own), so they
-            # are loaded at the top of iteration b, before its copy wait.
+            # multipliers travel with block b - 1's copies (block 0's in a group of their own) and are
+            # loaded in iteration b - 1, so they are in registers before block b's copy wait.
             if MULT:
                 _copy_mult_row(0, mult_ptr, mult_s, offs_n4, N_BLOCKS, stride_mg, STAGES)
                 cp.commit_group()
@@ -349,12 +358,11 @@ if AVAILABLE:
             if MULT:  # block 0's multipliers have landed, for every thread
                 cp.wait_group(STAGES - 1)
                 cta_barrier()
+                mv = mult_s.index(0).load(gl.SliceLayout(1, w_op))
+            else:
+                mv = 0
             for it in range(N_BLOCKS):
-                if MULT:  # block it's multipliers came with block it - 1's copies, waited for a block ago
-                    mv = mult_s.index(it % STAGES).load(gl.SliceLayout(1, w_op))
-                else:
-                    mv = 0
-                d, d1 = _block_mma_overlapped(it, w_s, al_s, ah_s, mv, d, d1, w_op, STAGES, STAGES - 2, MULT, HALVES)
+                d, d1, mv = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op, STAGES, STAGES - 2, MULT, HALVES)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
