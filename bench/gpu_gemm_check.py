@@ -435,11 +435,12 @@ def levels_bench(ms=(16, 64, 256, 2048), group_sizes=(32, 128), models=("llama2-
     return rows
 
 
-def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict]:
+def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b"), names=None) -> list[dict]:
     """The Gluon kernel's one-int32-sum loops (group-free; groups of 128 with integer multipliers) with
     several programs per SM (registers capped, the main product parked in shared memory for the outlier
-    epilogue) against one program per SM, cuBLAS FP16 and FP8 ``_scaled_mm``; us. Every variant is first
-    checked against ref.w4a4_gemm on 256 columns."""
+    epilogue) and with 256-token tiles (two wgmma halves per unpack) against one program per SM, cuBLAS
+    FP16 and FP8 ``_scaled_mm``; us. Every variant is first checked against ref.w4a4_gemm on 256 columns.
+    names: the variants to run (all when None)."""
     from atomq.quant import quantize_weight_rtn
 
     def variants(m, n, kp):
@@ -448,6 +449,9 @@ def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict
                 "c2s3": dataclasses.replace(base, ctas_per_sm=2, num_stages=3),
                 "m256": dataclasses.replace(base, block_m=256, ctas_per_sm=1),
                 "m256s3": dataclasses.replace(base, block_m=256, ctas_per_sm=1, num_stages=3)}
+
+    def chosen(m, n, kp):
+        return {k: v for k, v in variants(m, n, kp).items() if names is None or k in names}
 
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:
@@ -469,7 +473,7 @@ def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b")) -> list[dict
                 yr = ref.w4a4_gemm(ref.ActQ(a.qa, a.s4, a.q8, a.s8), sub, out_dtype=torch.float64)
                 p = prepare_weight(pw, levels=levels)
                 ps = [p] + [prepare_weight(pw, levels=levels) for _ in range(B._copies(p.w4.numel()) - 1)]
-                for name, cfg in variants(m, n, p.kp).items():
+                for name, cfg in chosen(m, n, p.kp).items():
                     try:
                         y = w4a4_gemm(a, p, config=cfg, uniform_act_scales=levels is not None)
                         rel = ((y[:, cols].double() - yr).norm() / yr.norm()).item()
@@ -663,6 +667,7 @@ def main() -> int:
     ap.add_argument("--ctas-bench", action="store_true", help="Gluon one-sum loops with several programs per SM")
     ap.add_argument("--ctas-ms", default="2048,8192", help="M of --ctas-bench")
     ap.add_argument("--ctas-models", default="llama2-7b,llama2-70b", help="models of --ctas-bench")
+    ap.add_argument("--ctas-variants", default="", help="variants of --ctas-bench (default: all)")
     ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
@@ -710,7 +715,8 @@ def main() -> int:
                       f, indent=1)
     if args.ctas_bench:
         with open(args.out.replace(".json", "_ctas.json"), "w") as f:
-            json.dump(ctas_bench(tuple(int(v) for v in args.ctas_ms.split(",")), tuple(args.ctas_models.split(","))),
+            json.dump(ctas_bench(tuple(int(v) for v in args.ctas_ms.split(",")), tuple(args.ctas_models.split(",")),
+                             set(args.ctas_variants.split(",")) if args.ctas_variants else None),
                       f, indent=1)
     if args.outlier_bench:
         with open(args.out.replace(".json", "_outliers.json"), "w") as f:
