@@ -227,7 +227,8 @@ def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_
     monkeypatch.setattr(hopper, "w4a4_gemm_hopper", spy)
     y_default = w4a4_gemm(a, p, bias, uniform_act_scales=True)
     assert [kw["mult"] for kw in calls] == [True]  # the default dispatch takes the multiplier loop
-    if calls[0]["ctas_per_sm"] == ctas:  # exact int32 sums and the same epilogue whatever the tiles
+    stash = lambda c, bm: c > 1 or bm > 128  # noqa: E731 - the epilogue that parks the main product
+    if stash(calls[0]["ctas_per_sm"], calls[0]["block_m"]) == stash(ctas, block_m):  # exact int32 sums, same epilogue
         assert torch.equal(y, y_default)
     else:  # the epilogue that parks the main product rounds its fp32 sums in another order
         rel = ((y_default.double() - yr).norm() / yr.norm()).item()

@@ -179,8 +179,9 @@ GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
 )
 # programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
 # main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
-# M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM, whose warpgroups retire
-# each block before the next unpacks; the group-free loop ran even either way and keeps one
+# M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM when that loop retired each
+# block before the next unpack; the loop now overlaps them, and one program per SM has not been timed
+# since. The group-free loop ran even either way and keeps one
 GLUON_MULT_CTAS_PER_SM = 2
 
 
