@@ -183,16 +183,14 @@ if AVAILABLE:
         slot = it % STAGES
         cp.wait_group(PENDING)
         wp = w_s.index(slot).load(w_op)
-        if MULT:
-            mv_next = mult_s.index((it + 1) % STAGES).load(gl.SliceLayout(1, w_op))
-        else:
-            mv_next = 0
         if MULT:  # the row's multiplier m, and 128 - 8m in every byte (int32 wraps to that bit pattern)
+            mv_next = mult_s.index((it + 1) % STAGES).load(gl.SliceLayout(1, w_op))
             mv32 = mv.to(gl.int32)
             zero = gl.zeros(wp.shape, gl.int32, w_op)
             m32 = zero + mv32[:, None]
             c32 = zero + ((128 - 8 * mv32) * 0x01010101)[:, None]
         else:
+            mv_next = 0
             m32 = 0
             c32 = 0
         fence_async_shared()
@@ -342,7 +340,8 @@ if AVAILABLE:
                 acc = _promote(acc, d, slot, sw_s, sa_s, mma)
                 _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
+                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES,
+                             BLOCK_M, HALVES)
         else:
             # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
             # it - 1 has retired, its slot is refilled with block it + STAGES - 1. MULT: block b's
@@ -362,11 +361,13 @@ if AVAILABLE:
             else:
                 mv = 0
             for it in range(N_BLOCKS):
-                d, d1, mv = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op, STAGES, STAGES - 2, MULT, HALVES)
+                d, d1, mv = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op, STAGES, STAGES - 2,
+                                                  MULT, HALVES)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
-                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
+                             stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES,
+                             BLOCK_M, HALVES)
             if HALVES == 2:
                 d, d1 = warpgroup_mma_wait(num_outstanding=0, deps=(d, d1))
             else:
