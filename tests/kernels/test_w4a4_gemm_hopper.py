@@ -69,8 +69,8 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
     import sys
 
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=min(block_m, 128), S=64, RT=16, STAGES=stages, GROUP_M=8,
-                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True, STASH=ctas > 1 or block_m > 128,
-                 HALVES=2 if block_m > 128 else 1)
+                 GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True,
+                 STASH=hopper.parks_main_product(block_m, ctas), HALVES=2 if block_m > 128 else 1)
     maxnreg = hopper.max_registers(num_warps, ctas) if ctas > 1 else None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([const, PTR_TYPES, num_warps, maxnreg])],
@@ -95,8 +95,9 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
     (128, 4, 4, True, False), (64, 8, 4, True, False), (128, 4, 6, False, False), (128, 8, 4, False, True),
     (128, 4, 4, False, True), (256, 8, 4, False, False), (256, 8, 4, False, True)])
 def test_compiles_for_sm90_without_spills(block_m, num_warps, stages, grouped, mult):
-    ptx, report, _ = _compile_sm90(block_m, num_warps, stages, grouped, mult)
+    ptx, report, shared = _compile_sm90(block_m, num_warps, stages, grouped, mult)
     assert ptx.count("wgmma.mma_async") >= 2  # the two nibble halves of a K block
+    assert shared + 1024 <= 228 * 1024, shared  # the ring (four activation tiles with 256 tokens) fits an SM
     assert "0 bytes spill stores" in report, report
     assert "serialized" not in report, report
     if mult:  # the multipliers ride the ring in 4-byte copies and multiply the nibbles in the unpack
@@ -227,8 +228,8 @@ def test_integer_multiplier_loop_matches_reference_on_gpu(m, n, k, block_m, num_
     monkeypatch.setattr(hopper, "w4a4_gemm_hopper", spy)
     y_default = w4a4_gemm(a, p, bias, uniform_act_scales=True)
     assert [kw["mult"] for kw in calls] == [True]  # the default dispatch takes the multiplier loop
-    stash = lambda c, bm: c > 1 or bm > 128  # noqa: E731 - the epilogue that parks the main product
-    if stash(calls[0]["ctas_per_sm"], calls[0]["block_m"]) == stash(ctas, block_m):  # exact int32 sums, same epilogue
+    parks = hopper.parks_main_product
+    if parks(calls[0]["block_m"], calls[0]["ctas_per_sm"]) == parks(block_m, ctas):  # exact sums, same epilogue
         assert torch.equal(y, y_default)
     else:  # the epilogue that parks the main product rounds its fp32 sums in another order
         rel = ((y_default.double() - yr).norm() / yr.norm()).item()

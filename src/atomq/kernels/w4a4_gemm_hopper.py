@@ -87,6 +87,13 @@ def max_registers(num_warps: int, ctas_per_sm: int) -> int:
     return min(255, 65536 // (ctas_per_sm * 32 * num_warps) // 8 * 8)
 
 
+def parks_main_product(block_m: int, ctas_per_sm: int) -> bool:
+    """Whether the epilogue parks the main product in shared memory during the INT8 outlier part (STASH):
+    with several programs per SM (registers capped) or 256-token tiles (two sums held). Its fp32 sums then
+    round in another order than the unparked epilogue's."""
+    return ctas_per_sm > 1 or block_m > 128
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
@@ -134,7 +141,7 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         sa_t.stride(0), a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m // halves, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
         GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None,
-        STASH=ctas_per_sm > 1 or halves > 1, HALVES=halves, num_warps=num_warps, **regs,
+        STASH=parks_main_product(block_m, ctas_per_sm), HALVES=halves, num_warps=num_warps, **regs,
     )
     return out
 
