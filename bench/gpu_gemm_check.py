@@ -451,7 +451,10 @@ def ctas_bench(ms=(2048, 8192), models=("llama2-7b", "llama2-70b"), names=None) 
                 "m256s3": dataclasses.replace(base, block_m=256, ctas_per_sm=1, num_stages=3)}
 
     def chosen(m, n, kp):
-        return {k: v for k, v in variants(m, n, kp).items() if names is None or k in names}
+        every = variants(m, n, kp)
+        if names is not None and not names <= every.keys():
+            raise SystemExit(f"--ctas-variants: unknown {sorted(names - every.keys())}; known: {sorted(every)}")
+        return {k: v for k, v in every.items() if names is None or k in names}
 
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:
