@@ -62,7 +62,8 @@ print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared}))
 """
 
 
-def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False, ctas: int = 1):
+def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult: bool = False, ctas: int = 1,
+                  probe: int = 0):
     """PTX of the kernel compiled for sm_90 without a GPU, ptxas's verbose report on it, and the shared
     memory it takes (ctas: programs per SM, as w4a4_gemm_hopper's ctas_per_sm)."""
     import json
@@ -70,7 +71,7 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
 
     const = dict(BLOCK_N=16 * num_warps, BLOCK_M=min(block_m, 128), S=64, RT=16, STAGES=stages, GROUP_M=8,
                  GROUPED=grouped, MULT=mult, HAS_OUT=True, HAS_BIAS=True,
-                 STASH=hopper.parks_main_product(block_m, ctas), HALVES=2 if block_m > 128 else 1)
+                 STASH=hopper.parks_main_product(block_m, ctas), HALVES=2 if block_m > 128 else 1, PROBE=probe)
     maxnreg = hopper.max_registers(num_warps, ctas) if ctas > 1 else None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([const, PTR_TYPES, num_warps, maxnreg])],

@@ -60,6 +60,9 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 SPAN = 64  # channels per nibble half; a K block of 2 * SPAN = 128 is one group
+# probe bits (timing only, wrong outputs): the one-sum loops' unpack becomes one move per word; no cp.async
+# of the packed weights; no cp.async of the activation tiles (the ring keeps whatever it holds)
+PROBE_NO_UNPACK, PROBE_NO_WEIGHT_COPY, PROBE_NO_ACT_COPY = 1, 2, 4
 
 
 def unsupported_reason(a, w, mult: bool = False) -> str | None:
@@ -101,7 +104,7 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m: int = 128,
                      num_warps: int = 4, stages: int = 4, group_m: int = 8, mult: bool = False,
-                     ctas_per_sm: int = 1) -> torch.Tensor:
+                     ctas_per_sm: int = 1, probe: int = 0) -> torch.Tensor:
     """out [M, N] (fp16/bf16) = W4A4 product of ActOp ``a`` (int8 operand) and PreparedWeight ``w``.
 
     The caller (``w4a4_gemm``) has validated shapes and dtypes and checked ``unsupported_reason``.
@@ -111,7 +114,10 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
     ctas_per_sm > 1 (one int32 sum over K only: group-free or mult): registers capped so that many programs
     share an SM. With it or block_m = 256 the epilogue parks the main product in shared memory while the
     INT8 outlier part accumulates, so the two accumulators are never in registers at once.
+    probe: for timing only, the output is wrong: bits that leave work out, to see what it costs (PROBE_*).
     """
+    if probe & ~(PROBE_NO_UNPACK | PROBE_NO_WEIGHT_COPY | PROBE_NO_ACT_COPY):
+        raise ValueError(f"unknown probe bits in {probe}")
     m = a.qa.shape[0]
     n = w.n
     block_n = 16 * num_warps
@@ -141,7 +147,7 @@ def w4a4_gemm_hopper(a, w, bias: torch.Tensor | None, out: torch.Tensor, block_m
         sa_t.stride(0), a.q8.stride(0) if has_out else 0, a.s8.stride(0) if has_out else 0, out.stride(0),
         BLOCK_N=block_n, BLOCK_M=block_m // halves, S=SPAN, RT=w.row_tile, STAGES=stages, GROUP_M=group_m,
         GROUPED=grouped, MULT=mult, HAS_OUT=has_out, HAS_BIAS=bias is not None,
-        STASH=parks_main_product(block_m, ctas_per_sm), HALVES=halves, num_warps=num_warps, **regs,
+        STASH=parks_main_product(block_m, ctas_per_sm), HALVES=halves, PROBE=probe, num_warps=num_warps, **regs,
     )
     return out
 
@@ -162,10 +168,13 @@ if AVAILABLE:
             is_pure=True, pack=4)
 
     @gluon.jit
-    def _unpack_half(wp, m32, c32, HIGH: gl.constexpr, MULT: gl.constexpr):
+    def _unpack_half(wp, m32, c32, HIGH: gl.constexpr, MULT: gl.constexpr, PROBE: gl.constexpr):
         """One nibble half of packed bytes int8 [BN, S], int8 [BN, S] in the same layout; with MULT times each
         row's multiplier (int32 [BN, S]: m32 = m, c32 = 128 - 8m in every byte). Not pure: it must not move
-        above the wgmma wait ahead of it, which frees the registers it writes."""
+        above the wgmma wait ahead of it, which frees the registers it writes. PROBE bit 1: one move instead."""
+        if PROBE & 1:
+            return gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r", args=[wp], dtype=gl.int8,
+                                             is_pure=False, pack=4)
         if MULT:
             return gl.inline_asm_elementwise(
                 asm=_UNPACK_HIGH_MULT if HIGH else _UNPACK_LOW_MULT, constraints="=r" + ",r" * 9,
@@ -175,7 +184,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op: gl.constexpr, STAGES: gl.constexpr,
-                              PENDING: gl.constexpr, MULT: gl.constexpr, HALVES: gl.constexpr):
+                              PENDING: gl.constexpr, MULT: gl.constexpr, HALVES: gl.constexpr, PROBE: gl.constexpr):
         """d += K block ``it`` in the one-sum loop: its two wgmmas, async, once its copies have landed (at
         most PENDING newer commit groups in flight). HALVES = 2: d1 is the tile's second half of tokens
         (activation slots 2 * slot + 1), which every unpacked operand also multiplies. MULT: mv uint8 [BN]
@@ -201,19 +210,19 @@ if AVAILABLE:
             m32 = 0
             c32 = 0
         fence_async_shared()
-        wl = _unpack_half(wp, m32, c32, False, MULT)
+        wl = _unpack_half(wp, m32, c32, False, MULT, PROBE)
         if HALVES == 2:
             d = warpgroup_mma(wl, al_s.index(2 * slot).permute((1, 0)), d, is_async=True)
             d1 = warpgroup_mma(wl, al_s.index(2 * slot + 1).permute((1, 0)), d1, is_async=True)
             d, d1 = warpgroup_mma_wait(num_outstanding=2, deps=(d, d1))  # block it - 1's high wgmmas retired
-            wh = _unpack_half(wp, m32, c32, True, MULT)
+            wh = _unpack_half(wp, m32, c32, True, MULT, PROBE)
             d = warpgroup_mma(wh, ah_s.index(2 * slot).permute((1, 0)), d, is_async=True)
             d1 = warpgroup_mma(wh, ah_s.index(2 * slot + 1).permute((1, 0)), d1, is_async=True)
             d, d1 = warpgroup_mma_wait(num_outstanding=2, deps=(d, d1))  # and block it's low ones
         else:
             d = warpgroup_mma(wl, al_s.index(slot).permute((1, 0)), d, is_async=True)
             d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # the high half of block it - 1 has retired
-            d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT), ah_s.index(slot).permute((1, 0)), d,
+            d = warpgroup_mma(_unpack_half(wp, m32, c32, True, MULT, PROBE), ah_s.index(slot).permute((1, 0)), d,
                               is_async=True)
             d = warpgroup_mma_wait(num_outstanding=1, deps=(d,))  # and the low half of block it
         return d, d1, mv_next
@@ -230,14 +239,17 @@ if AVAILABLE:
     def _issue_stage(it, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                      offs_k, offs_n, offs_m, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag, stride_mg,
                      mask_wn, rows_a, stride_am, S: gl.constexpr, RT: gl.constexpr, GROUPED: gl.constexpr,
-                     MULT: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALVES: gl.constexpr):
+                     MULT: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALVES: gl.constexpr,
+                     PROBE: gl.constexpr):
         """cp.async every operand of K block ``it`` into ring slot ``slot`` as one commit group
         (masked off, so zero-filled, at and past N_BLOCKS); MULT: with block it + 1's multipliers. The
-        tile's HALVES halves of BLOCK_M tokens go to activation slots HALVES * slot + h."""
+        tile's HALVES halves of BLOCK_M tokens go to activation slots HALVES * slot + h. PROBE bits 2 / 4:
+        no weight / activation copies."""
         live = it < N_BLOCKS
-        cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :], mask=mask_wn & live)
+        if not (PROBE & 2):
+            cp_async_load(w_s.index(slot), w_rows + (it * (RT * S) + offs_k)[None, :], mask=mask_wn & live)
         k_lo = it * (2 * S) + offs_k
-        for h in gl.static_range(HALVES):  # a_rows / rows_a: the first half's row pointers and tokens
+        for h in gl.static_range(0 if PROBE & 4 else HALVES):  # a_rows / rows_a: the first half's pointers, tokens
             mask_am = (rows_a + h * BLOCK_M < M)[:, None]
             a_h = a_rows + h * BLOCK_M * stride_am
             cp_async_load(al_s.index(HALVES * slot + h), a_h + k_lo[None, :],
@@ -278,6 +290,7 @@ if AVAILABLE:
         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, S: gl.constexpr, RT: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUPED: gl.constexpr, MULT: gl.constexpr,
         HAS_OUT: gl.constexpr, HAS_BIAS: gl.constexpr, STASH: gl.constexpr, HALVES: gl.constexpr,
+        PROBE: gl.constexpr = 0,
     ):
         """One [BLOCK_N, HALVES * BLOCK_M] tile of out^T over all K blocks of 2S channels (one group each; or,
         not GROUPED, one int32 sum over all of K scaled once by sw[0, n] * sa[0, m]; with MULT the
@@ -339,7 +352,8 @@ if AVAILABLE:
             for i in gl.static_range(STAGES):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
+                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES,
+                             PROBE)
             for it in range(N_BLOCKS):
                 slot = it % STAGES
                 d = _block_mma(it, w_s, al_s, ah_s, d, w_op, STAGES, STAGES - 1)
@@ -348,7 +362,7 @@ if AVAILABLE:
                 _issue_stage(it + STAGES, slot, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
                              stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES,
-                             BLOCK_M, HALVES)
+                             BLOCK_M, HALVES, PROBE)
         else:
             # one int32 sum (see _block_mma_overlapped for how unpacks and wgmmas overlap); once block
             # it - 1 has retired, its slot is refilled with block it + STAGES - 1. MULT: block b's
@@ -360,7 +374,8 @@ if AVAILABLE:
             for i in gl.static_range(STAGES - 1):
                 _issue_stage(i, i, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s, sa_s, mult_s,
                              offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg, stride_sag,
-                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES)
+                             stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES, BLOCK_M, HALVES,
+                             PROBE)
             if MULT:  # block 0's multipliers have landed, for every thread
                 cp.wait_group(STAGES - 1)
                 cta_barrier()
@@ -369,12 +384,12 @@ if AVAILABLE:
                 mv = 0
             for it in range(N_BLOCKS):
                 d, d1, mv = _block_mma_overlapped(it, w_s, al_s, ah_s, mult_s, mv, d, d1, w_op, STAGES, STAGES - 2,
-                                                  MULT, HALVES)
+                                                  MULT, HALVES, PROBE)
                 nxt = it + STAGES - 1
                 _issue_stage(nxt, nxt % STAGES, w_rows, a_rows, sw_ptr, sa_ptr, mult_ptr, w_s, al_s, ah_s, sw_s,
                              sa_s, mult_s, offs_k, offs_n1, offs_m1, offs_n4, N_BLOCKS, KN, N, M, stride_swg,
                              stride_sag, stride_mg, mask_wn, rows_a, stride_am, S, RT, GROUPED, MULT, STAGES,
-                             BLOCK_M, HALVES)
+                             BLOCK_M, HALVES, PROBE)
             if HALVES == 2:
                 d, d1 = warpgroup_mma_wait(num_outstanding=0, deps=(d, d1))
             else:
