@@ -124,6 +124,20 @@ def test_several_programs_per_sm_fit_without_spills(block_m, num_warps, stages, 
     assert len(drained) == 2 and "bar.sync" in drained[1].split("st.shared")[0]
 
 
+def test_probe_bits_leave_out_the_copies_and_the_unpack():
+    """The timing probe (bench/gpu_ncu_probe.py): without copies only the multiplier rows still travel
+    through cp.async, without the unpack no nibble masking is left, and unknown bits are refused."""
+    ptx, _, _ = _compile_sm90(128, 8, 4, False, True, ctas=2)
+    bare, report, _ = _compile_sm90(128, 8, 4, False, True, ctas=2,
+                                    probe=hopper.PROBE_NO_UNPACK | hopper.PROBE_NO_WEIGHT_COPY | hopper.PROBE_NO_ACT_COPY)
+    copies = [line for line in bare.splitlines() if "cp.async.ca.shared.global" in line]
+    assert copies and all(", 0x4," in line for line in copies)  # the 4-byte multiplier copies alone
+    assert "0x0f0f0f0f" in ptx and "0x0f0f0f0f" not in bare
+    assert "0 bytes spill stores" in report and "serialized" not in report, report
+    with pytest.raises(ValueError, match="probe"):
+        hopper.w4a4_gemm_hopper(None, None, None, None, probe=8)
+
+
 def test_several_programs_per_sm_need_one_int32_sum():
     """The promoting loop holds two accumulators, so it runs one program per SM and 128-token tiles at
     most; 0 programs is an error."""
