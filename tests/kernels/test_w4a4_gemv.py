@@ -67,6 +67,30 @@ def test_gemv_split_k_matches_reference_and_leaves_counters_zero(m, n, k, n_out,
     assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("m,n,k,n_out,gs,kb,split", [
+    (1, 48, 320, 64, 64, 4, 1), (2, 40, 576, 128, 128, 2, 1), (1, 40, 1216, 128, 128, 2, 3),
+    (1, 48, 352, 64, 32, 2, 2), (1, 40, 1216, 64, 32, 1, 1)])
+def test_gemv_outliers_first_gives_the_same_result(m, n, k, n_out, gs, kb, split, device, monkeypatch):
+    """The outlier operands loaded ahead of the first run's loop as words (w4a4_gemm.OUTLIERS_FIRST):
+    the same numbers bit for bit, with and without split K, and into the accumulator."""
+    from atomq.kernels import w4a4_gemm as W
+
+    x, pw, qsplit, bias = _problem(m, n, k, n_out, gs, device, seed=k + n)
+    p = prepare_weight(pw)
+    cfg = GemmConfig(kernel="gemv", k_blocks=kb, split_k=split)
+    ys = {}
+    for first in (False, True):
+        monkeypatch.setattr(W, "OUTLIERS_FIRST", first)
+        a = Q.quantize_act(x, None, qsplit, out="int8")
+        ys[first] = w4a4_gemm(a, p, bias, config=cfg)
+        acc = Q.quantize_act(x, None, qsplit, out="int8", acc_cols=n)
+        ys[first, "acc"] = w4a4_gemm(acc, p, bias, config=cfg).clone()
+    assert _rel(ys[True], ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= TOL[torch.float16]
+    assert torch.equal(ys[True], ys[False])
+    if split == 1:  # one run per tile: its single add is the whole sum, so the order cannot differ
+        assert torch.equal(ys[True, "acc"], ys[False, "acc"])
+
+
 def test_gemv_split_k_needs_counters(device):
     x, pw, qsplit, _ = _problem(1, 16, 640, 0, 128, device, seed=0)
     a = Q.quantize_act(x, None, qsplit, out="int8")
@@ -151,11 +175,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atomq.kernels import w4a4_gemv as G
 
-w, gs, ahead, partial, acc = json.loads(sys.argv[1])
+w, gs, ahead, partial, acc, out_first = json.loads(sys.argv[1])
 fn = G._gemv_kernel
 names = list(inspect.signature(fn.fn).parameters)
 const = dict(RT=16, KB=4 * 16 // w, W=w, GS=gs, HAS_OUT=True, HAS_BIAS=True, PARTIAL=partial, BLOCK_O=128,
-             USE_ASM=True, AHEAD=ahead, ACC=acc, USE_GDC=True)
+             USE_ASM=True, AHEAD=ahead, ACC=acc, OUT_FIRST=out_first, USE_GDC=True)
 ptrs = {"W4": "*i32", "SW": "*fp32", "W8": "*i8", "S8W": "*fp32", "QA": "*i32", "S4": "*fp16", "Q8": "*i8",
         "S8": "*fp16", "BIAS": "*fp16", "OUT": "*fp32" if acc else "*fp16", "PART": "*fp32", "LOCK": "*i32"}
 sig = {n: ptrs.get(n) or ("constexpr" if n in const else "i32") for n in names}
@@ -165,25 +189,42 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_wa
 """
 
 
-@pytest.mark.parametrize("w,gs", [(16, 128), (16, 64), (8, 32)])  # words per row and block (span / 4)
-@pytest.mark.parametrize("ahead,partial,acc", [(1, False, False), (2, True, False), (1, False, True)])
-def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, acc, tmp_path):
-    """Compiled offline for sm_90 (no GPU needed; a process without the interpreter): the PTX multiplies
-    with dp4a and waits on the kernel ahead, an accumulating run adds with a ``red`` (no atomic that
-    returns a value), and ptxas spills nothing."""
+def _gemv_ptx(w, gs, ahead, partial, acc, out_first) -> str:
+    """PTX of the GEMV kernel compiled offline for sm_90, in a process without the interpreter."""
     import json
     import os
     import subprocess
     import sys
 
-    from test_w4a4_gemm_hopper import _triton_ptxas
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([w, gs, ahead, partial, acc])],
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, json.dumps([w, gs, ahead, partial, acc, out_first])],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    ptx = run.stdout
+    return run.stdout
+
+
+@pytest.mark.parametrize("w,gs", [(16, 128), (16, 64), (8, 32)])  # words per row and block (span / 4)
+@pytest.mark.parametrize("ahead,partial,acc,out_first", [
+    (1, False, False, False), (2, True, False, False), (1, False, True, False), (2, False, False, True),
+    (1, True, False, True)])
+def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, acc, out_first, tmp_path):
+    """Compiled offline for sm_90 (no GPU needed; a process without the interpreter): the PTX multiplies
+    with dp4a and waits on the kernel ahead, an accumulating run adds with a ``red`` (no atomic that
+    returns a value), and ptxas spills nothing. With the outliers first, their weights load before the
+    wait and multiply with signed dp4a."""
+    import os
+    import subprocess
+
+    from test_w4a4_gemm_hopper import _triton_ptxas
+
+    ptx = _gemv_ptx(w, gs, ahead, partial, acc, out_first)
     assert "dp4a.u32.s32" in ptx and "griddepcontrol.wait" in ptx
+    assert ("dp4a.s32.s32" in ptx) == out_first
+    if out_first:
+        def loads_before_wait(text):
+            return text.split("griddepcontrol.wait")[0].count("ld.global")
+
+        assert loads_before_wait(ptx) > loads_before_wait(_gemv_ptx(w, gs, ahead, partial, acc, False))
     assert ("red.global.gpu.relaxed.add.f32" in ptx) == acc and ("atom." in ptx) == partial
     ptxas = _triton_ptxas()
     if ptxas is None or not os.path.exists(ptxas):

@@ -177,6 +177,10 @@ GEMV_CONFIG = GemmConfig(kernel="gemv", num_warps=4, k_blocks=4, waves=8.0, ahea
 GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
     (20_000_000, GemmConfig(kernel="gemv", num_warps=4, k_blocks=8, waves=8.0, ahead=2)),
 )
+# decode kernels (the one-token GEMV; the Triton kernel at M <= 16): the K run that adds the INT8 outlier
+# part loads its operands before its loop (weights before the wait for the kernel ahead) instead of after
+# it, where their latency lengthens that run. Same results. Not yet timed on a GPU, so off
+OUTLIERS_FIRST = False
 # programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
 # main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
 # M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM when that loop retired each
@@ -319,7 +323,7 @@ def w4a4_gemm(
             split = 1
         return w4a4_gemv.w4a4_gemv(a, w, bias, out if acc is None else acc, blocks=cfg.k_blocks,
                                    num_warps=cfg.num_warps, split=split, locks=locks, ahead=cfg.ahead,
-                                   accumulate=acc is not None)
+                                   accumulate=acc is not None, outliers_first=OUTLIERS_FIRST)
     if cfg.kernel == "gluon":
         hopper = _hopper()
         reason = hopper.unsupported_reason(a, w, mult)
@@ -342,6 +346,9 @@ def w4a4_gemm(
     fused = locks is not None
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
     gpu = not interpreting()
+    # the outlier operands ahead of the loop: one tile of all outlier channels, in registers across it
+    out_first = OUTLIERS_FIRST and has_out and cfg.block_m <= 16 and w.n_out <= 128
+    block_o = max(32, triton.next_power_of_2(w.n_out)) if out_first else 64
     _w4a4_kernel[(tiles, split)](
         w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         w.mult if mult else dummy, w.unit if mult else dummy,
@@ -351,11 +358,11 @@ def w4a4_gemm(
         w.sw.stride(0), w.w8.stride(0) if has_out else 0, w.mult.stride(0) if mult else 0,
         a.qa.stride(0), a.s4.stride(0), q8.stride(0), s8.stride(0),
         target.stride(0) if split > 1 and acc is None else 0, target.stride(-2), target.stride(-1),
-        S=w.span, GS=w.group_size or 0, RT=w.row_tile, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=64,
+        S=w.span, GS=w.group_size or 0, RT=w.row_tile, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_O=block_o,
         GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1 and acc is None,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
         PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span and not mult, FUSED=fused,
-        MULT=mult, ACC=acc is not None,
+        MULT=mult, ACC=acc is not None, OUT_FIRST=out_first,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(out.device),
     )
     if split > 1 and not fused and acc is None:
@@ -449,6 +456,20 @@ if triton is not None:
         return swv[:, None] * sav[None, :]
 
     @triton.jit
+    def _load_w8(w8_ptr, offs_n, mask_n, o0, NO, stride_w8n, live, BLOCK_O: tl.constexpr):
+        """INT8 outlier weights int8 [BLOCK_N, BLOCK_O] of channels o0.. (0 past NO or where not live)."""
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        return tl.load(w8_ptr + offs_n[:, None].to(tl.int64) * stride_w8n + offs_o[None, :],
+                       mask=mask_n[:, None] & (offs_o[None, :] < NO) & live, other=0)
+
+    @triton.jit
+    def _load_a8(a8_ptr, offs_m, mask_m, o0, NO, stride_a8m, live, BLOCK_O: tl.constexpr):
+        """INT8 outlier activations, transposed: int8 [BLOCK_O, BLOCK_M] of channels o0.. (0 as _load_w8)."""
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        return tl.load(a8_ptr + offs_m[None, :].to(tl.int64) * stride_a8m + offs_o[:, None],
+                       mask=mask_m[None, :] & (offs_o[:, None] < NO) & live, other=0)
+
+    @triton.jit
     def _w4a4_kernel(
         w_ptr, sw_ptr, w8_ptr, s8w_ptr, mult_ptr, unit_ptr, a_ptr, sa_ptr, a8_ptr, s8a_ptr, bias_ptr, out_ptr,
         fin_ptr, lock_ptr, M, N, KN, G, NO, N_ITERS, PER_SPLIT, SPLIT,
@@ -458,7 +479,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
         DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, MULT: tl.constexpr,
-        ACC: tl.constexpr, USE_GDC: tl.constexpr,
+        ACC: tl.constexpr, OUT_FIRST: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
@@ -469,8 +490,11 @@ if triton is not None:
         MULT (groups): weights times their group's multiplier (mult uint8 [GP, N]) as they unpack, one int32
         sum over K, scaled once by unit[n] (fp32 [N]) * sa[m, 0] (each row of sa holds one value).
         ACC: out is an fp32 [M, N] accumulator that every K run adds its tile into (the bias with run 0).
+        OUT_FIRST: run 0 loads all NO <= BLOCK_O outlier channels before its loop (the weights before the
+        wait for the kernel ahead) and multiplies them after it, in one dot (the same int32 sum).
         """
-        gdc_enter(USE_GDC)
+        if not OUT_FIRST:
+            gdc_enter(USE_GDC)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -489,6 +513,10 @@ if triton is not None:
         # row r, block it: (r // RT) * (N_ITERS * RT * S) + it * (RT * S) + (r % RT) * S (module docstring)
         w_rows = w_ptr + ((offs_n // RT).to(tl.int64) * N_ITERS * (RT * S) + (offs_n % RT) * S)[:, None]
         a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am
+        if OUT_FIRST:  # (HAS_OUT) masked off, so no traffic, in the other K runs
+            w8f = _load_w8(w8_ptr, offs_n, mask_n, 0, NO, stride_w8n, pid_k == 0, BLOCK_O)
+            gdc_enter(USE_GDC)
+            a8f = _load_a8(a8_ptr, offs_m, mask_m, 0, NO, stride_a8m, pid_k == 0, BLOCK_O)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         if OP_FP8:
             d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -564,13 +592,13 @@ if triton is not None:
         if HAS_OUT:
             if pid_k == 0:
                 d8 = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
-                for o0 in range(0, NO, BLOCK_O):
-                    offs_o = o0 + tl.arange(0, BLOCK_O)
-                    w8 = tl.load(w8_ptr + offs_n[:, None].to(tl.int64) * stride_w8n + offs_o[None, :],
-                                 mask=mask_n[:, None] & (offs_o[None, :] < NO), other=0)
-                    a8 = tl.load(a8_ptr + offs_m[None, :].to(tl.int64) * stride_a8m + offs_o[:, None],
-                                 mask=mask_m[None, :] & (offs_o[:, None] < NO), other=0)
-                    d8 = tl.dot(w8, a8, d8, out_dtype=tl.int32)
+                if OUT_FIRST:
+                    d8 = tl.dot(w8f, a8f, d8, out_dtype=tl.int32)
+                else:
+                    for o0 in range(0, NO, BLOCK_O):
+                        w8 = _load_w8(w8_ptr, offs_n, mask_n, o0, NO, stride_w8n, True, BLOCK_O)
+                        a8 = _load_a8(a8_ptr, offs_m, mask_m, o0, NO, stride_a8m, True, BLOCK_O)
+                        d8 = tl.dot(w8, a8, d8, out_dtype=tl.int32)
                 s8w = tl.load(s8w_ptr + offs_n, mask=mask_n, other=0.0)
                 s8a = tl.load(s8a_ptr + offs_m * stride_s8am, mask=mask_m, other=0.0).to(tl.float32)
                 acc += d8.to(tl.float32) * (s8w[:, None] * s8a[None, :])

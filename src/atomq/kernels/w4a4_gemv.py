@@ -16,7 +16,9 @@ of ``w4a4_gemm.py`` (its docstring has the prepared layout; twin ``ref.w4a4_gemm
   gives the low / high nibbles as bytes, and ``dp4a`` (4 byte products summed into int32) does the
   rest: 6 instructions per 8 weights in the inner loop. sum(v a) = sum(u a) - 8 sum(a), exact in int32 per group; each
   group's sum is scaled by s_w * s_a in fp32.
-- The INT8 outlier part and the bias are added in the same program.
+- The INT8 outlier part and the bias are added in the same program (the first K run's). With
+  ``outliers_first`` its operands load before the run's loop, the weights before the wait for the kernel
+  ahead, so their latency is not added at the end of that program.
 - Split K (``split`` > 1): a program takes one of ``split`` runs of K blocks, so each program's chain
   of dependent loads is shorter and more programs stream at once (a short product such as 7B o_proj
   has only 256 row tiles). Partials go to an fp32 workspace; the last program to arrive at a tile
@@ -56,7 +58,8 @@ def unsupported_reason(a, w) -> str | None:
 
 
 def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 4, num_warps: int = 4,
-              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 1, accumulate: bool = False) -> torch.Tensor:
+              split: int = 1, locks: torch.Tensor | None = None, ahead: int = 1, accumulate: bool = False,
+              outliers_first: bool = False) -> torch.Tensor:
     """out [M, N] = a @ w^T (+ bias) (one program per row tile of the prepared weight, K run and token);
     a: ActOp (int8 operand), w: PreparedWeight.
 
@@ -65,6 +68,8 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     zeroed int32 [>= row tiles * M] that the kernel leaves zeroed.
     ahead: K steps of weights in flight (1 or 2). accumulate: ``out`` is an fp32 accumulator of zeros that
     every K run adds into (no partials, no counters; the order of the runs' adds is not fixed).
+    outliers_first: the first run loads the INT8 outlier operands before its loop, as 4-byte words (same
+    result; ignored where they cannot be read so: outlier count, row strides or addresses not multiples of 4).
     Validated by ``w4a4_gemm``; no sync.
     """
     m, n = a.qa.shape[0], w.n
@@ -85,6 +90,8 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
     has_out = w.n_out > 0
     dummy = w.sw
     q8, s8 = (a.q8, a.s8) if has_out else (a.s4, a.s4)
+    outliers_first = outliers_first and has_out and all(
+        v % 4 == 0 for v in (w.n_out, w.w8.stride(0), q8.stride(0), w.w8.data_ptr(), q8.data_ptr()))
     _gemv_kernel[(tiles, split, m)](
         w.w4.view(torch.int32), w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
         a.qa.view(torch.int32), a.s4, q8, s8, bias if bias is not None else dummy, out,
@@ -95,7 +102,7 @@ def w4a4_gemv(a, w, bias: torch.Tensor | None, out: torch.Tensor, blocks: int = 
         part.stride(0) if partial else 0,
         RT=rt, KB=kb, W=w.span // 4, GS=w.group_size or 0, HAS_OUT=has_out, HAS_BIAS=bias is not None,
         PARTIAL=partial, ACC=accumulate,
-        AHEAD=ahead,
+        AHEAD=ahead, OUT_FIRST=outliers_first,
         BLOCK_O=max(16, triton.next_power_of_2(max(w.n_out, 1))), USE_ASM=not interpreting(),
         num_warps=num_warps, num_stages=1, **launch_options(out.device),
     )
@@ -164,6 +171,44 @@ if triton is not None:
         return a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi
 
     @triton.jit
+    def _dp4a_signed(a, b, c, USE_ASM: tl.constexpr):
+        """int32 c + sum over the 4 bytes of a times the 4 bytes of b, both signed; same shapes."""
+        if USE_ASM:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return (c + ((a << 24) >> 24) * ((b << 24) >> 24) + ((a << 16) >> 24) * ((b << 16) >> 24)
+                    + ((a << 8) >> 24) * ((b << 8) >> 24) + (a >> 24) * (b >> 24))
+
+    @triton.jit
+    def _outlier_part(W8, S8W, Q8_M, S8_M, rows, rmask, N_OUT, stride_w8, BLOCK_O: tl.constexpr):
+        """The INT8 outlier part of the tile's rows, fp32 [RT] (the operands loaded after the loop)."""
+        j = tl.arange(0, BLOCK_O)
+        jm = j < N_OUT
+        w8 = tl.load(W8 + rows[:, None] * stride_w8 + j[None, :], mask=rmask[:, None] & jm[None, :], other=0)
+        a8 = tl.load(Q8_M + j, mask=jm, other=0)
+        d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
+        return d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * tl.load(S8_M).to(tl.float32))
+
+    @triton.jit
+    def _outlier_weight_words(W8, S8W, rows, rmask, N_OUT, stride_w8, live, BLOCK_O: tl.constexpr):
+        """The tile's outlier weights as 4-byte words int32 [RT, BLOCK_O // 4] (few registers to hold across
+        the loop) and their scales fp32 [RT]; 0 where not live. N_OUT and stride_w8: multiples of 4."""
+        c = tl.arange(0, BLOCK_O // 4)
+        mask = rmask[:, None] & (4 * c < N_OUT)[None, :] & live
+        w8 = tl.load(W8.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_w8 // 4) + c[None, :], mask=mask,
+                     other=0)
+        return w8, tl.load(S8W + rows, mask=rmask & live, other=0.0)
+
+    @triton.jit
+    def _outlier_act_words(Q8_M, S8_M, N_OUT, live, BLOCK_O: tl.constexpr):
+        """The token's outlier activations as words int32 [BLOCK_O // 4] and their scale (fp16); 0 where not
+        live."""
+        c = tl.arange(0, BLOCK_O // 4)
+        a8 = tl.load(Q8_M.to(tl.pointer_type(tl.int32)) + c, mask=(4 * c < N_OUT) & live, other=0)
+        return a8, tl.load(S8_M, mask=live, other=0.0)
+
+    @triton.jit
     def _compute_step(step, acc, USE_ASM: tl.constexpr, W: tl.constexpr, GS: tl.constexpr):
         """acc fp32 [KB, RT] += each block's exact group dot products times s_w * s_a."""
         w, a_lo, a_hi, sa_lo, sa_hi, sw_lo, sw_hi = step
@@ -191,7 +236,7 @@ if triton is not None:
         stride_om, stride_ps,
         RT: tl.constexpr, KB: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_OUT: tl.constexpr,
         HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_O: tl.constexpr, USE_ASM: tl.constexpr,
-        ACC: tl.constexpr, AHEAD: tl.constexpr, USE_GDC: tl.constexpr,
+        ACC: tl.constexpr, AHEAD: tl.constexpr, OUT_FIRST: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """out[m, tile rows] for one weight tile of RT rows, K blocks [s * PER, (s + 1) * PER) and one
         token m (module docstring).
@@ -202,12 +247,16 @@ if triton is not None:
         PARTIAL (split K): PART fp32 [SPLIT, M, N] partials, LOCK int32 [row tiles * M] arrival counters (zero before and after).
         ACC: OUT is an fp32 [M, N] accumulator of zeros that every run adds into (the bias with run 0).
         AHEAD: K steps of weight words in flight (1 or 2; activations always 1). USE_GDC (kernels/pdl.py):
-        the first AHEAD steps of weights load before the wait for the kernel ahead.
+        the first AHEAD steps of weights load before the wait for the kernel ahead. OUT_FIRST: run 0
+        loads the outlier operands before its loop (the weights before that wait), not after it.
         """
         tile = tl.program_id(0)
         s = tl.program_id(1)
         m = tl.program_id(2).to(tl.int64)
         rows = tile * RT + tl.arange(0, RT)
+        rmask = rows < N
+        Q8_M = Q8 + m * stride_q8
+        S8_M = S8 + m * stride_s8
         W4T = W4 + tile.to(tl.int64) * stride_w4t
         QA_M = QA + m * stride_qa
         S4_M = S4 + m * stride_s4
@@ -218,7 +267,11 @@ if triton is not None:
         w_now = _load_weights(b_begin, W4T, b_end, KB, RT, W)
         if AHEAD == 2:
             w_next = _load_weights(b_begin + KB, W4T, b_end, KB, RT, W)
+        if HAS_OUT and OUT_FIRST:  # masked off, so no traffic, in the runs after the first
+            w8, s8w = _outlier_weight_words(W8, S8W, rows, rmask, N_OUT, stride_w8, s == 0, BLOCK_O)
         gdc_enter(USE_GDC)
+        if HAS_OUT and OUT_FIRST:
+            a8, s8 = _outlier_act_words(Q8_M, S8_M, N_OUT, s == 0, BLOCK_O)
         step = (w_now,) + _load_acts(b_begin, QA_M, S4_M, SW, G, b_end, KN, rows, stride_sw, KB, RT, W, GS)
         for b0 in range(b_begin, b_end, KB):  # the next KB blocks load while these are computed
             if AHEAD == 2:  # weights two steps ahead, activations and scales one
@@ -229,16 +282,13 @@ if triton is not None:
             acc = _compute_step(step, acc, USE_ASM, W, GS)
             step = nxt
         y = tl.sum(acc, 0)  # [RT]
-        rmask = rows < N
         if HAS_OUT:
             if s == 0:  # the outlier part once, with the first run
-                j = tl.arange(0, BLOCK_O)
-                jm = j < N_OUT
-                w8 = tl.load(W8 + rows[:, None] * stride_w8 + j[None, :], mask=rmask[:, None] & jm[None, :], other=0)
-                a8 = tl.load(Q8 + m * stride_q8 + j, mask=jm, other=0)
-                d8 = tl.sum(w8.to(tl.float32) * a8.to(tl.float32)[None, :], 1)  # exact: |d8| < 2**24
-                s8 = tl.load(S8 + m * stride_s8).to(tl.float32)
-                y += d8 * (tl.load(S8W + rows, mask=rmask, other=0.0) * s8)
+                if OUT_FIRST:  # the same exact sum as _outlier_part's, in int32
+                    d8 = tl.sum(_dp4a_signed(w8, a8[None, :], tl.zeros(w8.shape, tl.int32), USE_ASM), 1)
+                    y += d8.to(tl.float32) * (s8w * s8.to(tl.float32))
+                else:
+                    y += _outlier_part(W8, S8W, Q8_M, S8_M, rows, rmask, N_OUT, stride_w8, BLOCK_O)
         if ACC:
             if HAS_BIAS and s == 0:
                 y += tl.load(BIAS + rows, mask=rmask, other=0.0).to(tl.float32)
