@@ -364,6 +364,40 @@ def accumulate_bench(ms=(1, 16)) -> list[dict]:
     return rows
 
 
+def outliers_first_bench(ms=(1, 16)) -> list[dict]:
+    """Decode GEMMs (default dispatch) with the INT8 outlier operands loaded after the first K run's loop
+    (the default) against ahead of it (``w4a4_gemm.OUTLIERS_FIRST``), next to cuBLAS FP16 and FP8; 7B and
+    70B shapes, us. Each shape first checks that both give the same output bit for bit."""
+    from atomq.bench.gemm import _copies, _time_ms, make_problem
+
+    rows, lines = [], []
+    for model, layer, n, k in B.LLAMA2_SHAPES:
+        for m in ms:
+            x, w, pw, split = make_problem(n, k, m)
+            first = prepare_weight(pw)
+            ps = [first] + [prepare_weight(pw) for _ in range(_copies(first.w4.numel()) - 1)]
+            a = Q.quantize_act(x, None, split, out="int8")
+            row = dict(model=model, layer=layer, M=m, N=n, K=k)
+            ys = {}
+            for on in (False, True):
+                gemm_module.OUTLIERS_FIRST = on
+                ys[on] = w4a4_gemm(a, first)
+                row["first_ms" if on else "after_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
+            gemm_module.OUTLIERS_FIRST = False
+            report(f"outliers first {model} {layer} M={m}", torch.equal(ys[True], ys[False]), "same output bit for bit")
+            del ps
+            row.update(_fp16_fp8_ms(x, w))
+            rows.append(row)
+            us = {key: row[key + "_ms"] * 1e3 for key in ("after", "first", "fp16", "fp8")}
+            line = (f"{model:10s} {layer:7s} M={m:<3d}| fp16 {us['fp16']:6.1f} fp8 {us['fp8']:6.1f} | outliers after "
+                    f"{us['after']:6.1f} ({us['fp16'] / us['after']:.2f}x fp16) first {us['first']:6.1f} "
+                    f"({us['fp16'] / us['first']:.2f}x fp16)")
+            print(line, flush=True)
+            lines.append(line)
+    _print_table("decode GEMM: outlier operands after the loop vs ahead of it (us):", lines)
+    return rows
+
+
 def _fp16_fp8_ms(x: torch.Tensor, w: torch.Tensor) -> dict:
     """The baselines of one product, x fp16 [M, K] and w fp16 [N, K]: cuBLAS FP16 and FP8 ``_scaled_mm``
     (per-token x per-channel scales), ms, weights rotated past L2."""
@@ -672,6 +706,8 @@ def main() -> int:
     ap.add_argument("--ctas-models", default="llama2-7b,llama2-70b", help="models of --ctas-bench")
     ap.add_argument("--ctas-variants", default="", help="variants of --ctas-bench (default: all)")
     ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
+    ap.add_argument("--outliers-first-bench", action="store_true",
+                    help="decode GEMMs with the outlier operands loaded ahead of the loop (M = 1, 16)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -724,6 +760,9 @@ def main() -> int:
     if args.outlier_bench:
         with open(args.out.replace(".json", "_outliers.json"), "w") as f:
             json.dump(outlier_bench(), f, indent=1)
+    if args.outliers_first_bench:
+        with open(args.out.replace(".json", "_outliers_first.json"), "w") as f:
+            json.dump(outliers_first_bench(), f, indent=1)
     if args.row_bench:
         with open(args.out.replace(".json", "_rows.json"), "w") as f:
             json.dump(row_bench(), f, indent=1)

@@ -133,6 +133,24 @@ def test_split_k_matches(device):
             assert torch.equal(y3, w4a4_gemm(a, w, bias, config=GemmConfig(split_k=3, fused_reduce=fused, **cfg)))
 
 
+@pytest.mark.parametrize("m,n_out,gs,split_k", [(1, 128, 64, 1), (3, 64, 128, 3), (16, 32, None, 2), (5, 128, 32, 1)])
+def test_outliers_first_gives_the_same_result(m, n_out, gs, split_k, device, monkeypatch):
+    """The outlier operands of the first K run loaded ahead of its loop, in one tile and one dot
+    (w4a4_gemm.OUTLIERS_FIRST, decode tiles of at most 16 tokens): the same numbers bit for bit."""
+    from atomq.kernels import w4a4_gemm as W
+
+    x, pw, split, bias = _problem(m, 40, 576, n_out, gs, device, 7 + m)
+    a = Q.quantize_act(x, None, split, out="int8")
+    p = prepare_weight(pw)
+    cfg = GemmConfig(split_k=split_k, block_n=32, block_m=16, num_warps=4, num_stages=1)
+    ys = {}
+    for first in (False, True):
+        monkeypatch.setattr(W, "OUTLIERS_FIRST", first)
+        ys[first] = w4a4_gemm(a, p, bias, config=cfg)
+    assert _rel(ys[True], ref.w4a4_gemm(a.to_actq(), pw, bias, out_dtype=torch.float64)) <= 1e-3
+    assert torch.equal(ys[True], ys[False])
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_accumulates_into_the_operands_accumulator(split_k, device):
     """With ActOp.acc each K run adds its tile into the zeroed fp32 accumulator (bias with run 0), which is
@@ -191,7 +209,7 @@ fn = W._w4a4_kernel
 names = list(inspect.signature(fn.fn).parameters)
 const = dict(S=span, GS=gs, RT=16, BLOCK_N=64, BLOCK_M=16, BLOCK_O=64, GROUP_M=8, HAS_OUT=True, HAS_BIAS=False,
              PARTIAL=False, OP_FP8=False, USE_ASM=True, MAGIC_CVT=False, DEFER=False, PREFETCH=False, FUSED=False,
-             MULT=True, ACC=acc, USE_GDC=True)
+             MULT=True, ACC=acc, USE_GDC=True, OUT_FIRST=False)
 ints = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*u8", "lock_ptr": "*i32"}
 sig = {n: ints.get(n) or ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in names}
 src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
