@@ -258,7 +258,7 @@ def _originals() -> dict:
 _ORIGINAL = _originals()
 _GEMV_DEFAULT, _GEMV_MAX_N, _GEMV_MAX_N_G32 = _W.GEMV_CONFIG, _W.GEMV_MAX_N, _W.GEMV_MAX_N_G32
 _ACCUMULATE_MAX_M = _methods.ACCUMULATE_MAX_M
-_OUTLIERS_FIRST = _W.OUTLIERS_FIRST
+_OUTLIERS_FIRST, _DECODE_L2_PREFETCH = _W.OUTLIERS_FIRST, _W.DECODE_L2_PREFETCH
 _WORDS_FEW_PROGRAM_WARPS = _dec.WORDS_FEW_PROGRAM_WARPS
 _GEMV_RULES, _GEMV_SPANS = _W.GEMV_RULES, _W.GEMV_SPANS
 _PDL_DEFAULT = os.environ.get("ATOMQ_PDL", "1")  # what the caller asked for: a variant without "pdl" keeps it
@@ -295,6 +295,7 @@ def _apply_variant(spec: str) -> None:
     _methods.ROW_QUANT_KERNEL = kv.get("rowq", "1") == "1"
     _methods.ACCUMULATE_MAX_M = int(kv.get("acc", _ACCUMULATE_MAX_M))
     _W.OUTLIERS_FIRST = kv.get("ofirst", str(int(_OUTLIERS_FIRST))) == "1"
+    _W.DECODE_L2_PREFETCH = int(kv.get("l2pf", _DECODE_L2_PREFETCH))
     _Q.DEFAULT_LAUNCH = _Q.QuantizeLaunch(preload=kv.get("preload", "1") == "1")
     from atomq.model import paged
 
@@ -319,7 +320,7 @@ def main() -> int:
         "A/B of decode settings, ';'-separated, each a ','-separated list of key=value: pdl=0|1, kb=K, ahead=1|2, "
         "gemv=MOST:KB:AHEAD+..., "
         "waves=W, maxn=N, maxn32=N, spans=64+32, preload=0|1, gcopy=0|1, merge=0|1, rowq=0|1, async=0|1, asplit=0|1, minsplit=N, ablock=N, apre=0|1, spre=0|1, "
-        "rotfuse=0|1, rotdot=0|1, ofirst=0|1, "
+        "rotfuse=0|1, rotdot=0|1, ofirst=0|1, l2pf=N, "
         "skip=rope+oquant+dquant+store+attn+norm (unset keys: defaults). async: steps launched one ahead of the "
         "host; asplit: decode attention splits sized by each sequence's length; minsplit: fewest tokens per "
         "planned split; ablock: tokens per tile of the INT4 words attention kernel; apre: decode attention "
@@ -330,7 +331,8 @@ def main() -> int:
         "merged in the kernel; rowq: the FP8 / INT8 activations quantized by one kernel; rotfuse: rotated models' SiLU * up and "
         "online rotation in one kernel; rotdot: the rotation's block mix on tensor cores; awarps: warps of the INT4 words attention kernel when its programs do not fill the GPU; acc: Atom decode GEMMs of at most N tokens add their K runs into the "
         "fp32 accumulator their quantize kernel zeroed; ofirst: decode GEMMs load their INT8 outlier operands "
-        "ahead of the first K run's loop. Every config and "
+        "ahead of the first K run's loop; l2pf: the Triton decode kernel (M <= 16) prefetches its first N K blocks "
+        "of weights into L2 before its wait. Every config and "
         "batch runs under each, the list --repeat times"))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=0,

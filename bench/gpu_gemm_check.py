@@ -364,10 +364,16 @@ def accumulate_bench(ms=(1, 16)) -> list[dict]:
     return rows
 
 
-def outliers_first_bench(ms=(1, 16)) -> list[dict]:
-    """Decode GEMMs (default dispatch) with the INT8 outlier operands loaded after the first K run's loop
-    (the default) against ahead of it (``w4a4_gemm.OUTLIERS_FIRST``), next to cuBLAS FP16 and FP8; 7B and
-    70B shapes, us. Each shape first checks that both give the same output bit for bit."""
+# decode loads before the wait for the kernel ahead: (OUTLIERS_FIRST, DECODE_L2_PREFETCH) per variant
+EARLY_VARIANTS = {"default": (False, 0), "outliers first": (True, 0), "l2 prefetch 2": (False, 2),
+                  "both": (True, 2)}
+
+
+def decode_early_bench(ms=(1, 16)) -> list[dict]:
+    """Decode GEMMs (default dispatch) with more loads before the wait for the kernel ahead (EARLY_VARIANTS:
+    the INT8 outlier operands ahead of the first K run's loop; the Triton kernel's first weight blocks
+    prefetched into L2), next to cuBLAS FP16 and FP8; 7B and 70B shapes, us. Each shape first checks that
+    every variant gives the default's output bit for bit."""
     from atomq.bench.gemm import _copies, _time_ms, make_problem
 
     rows, lines = [], []
@@ -379,22 +385,22 @@ def outliers_first_bench(ms=(1, 16)) -> list[dict]:
             a = Q.quantize_act(x, None, split, out="int8")
             row = dict(model=model, layer=layer, M=m, N=n, K=k)
             ys = {}
-            for on in (False, True):
-                gemm_module.OUTLIERS_FIRST = on
-                ys[on] = w4a4_gemm(a, first)
-                row["first_ms" if on else "after_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
-            gemm_module.OUTLIERS_FIRST = False
-            report(f"outliers first {model} {layer} M={m}", torch.equal(ys[True], ys[False]), "same output bit for bit")
+            for name, (out_first, l2_blocks) in EARLY_VARIANTS.items():
+                gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = out_first, l2_blocks
+                ys[name] = w4a4_gemm(a, first)
+                report(f"{name} {model} {layer} M={m}", torch.equal(ys[name], ys["default"]), "= default bit for bit")
+                row[f"{name}_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
+            gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = EARLY_VARIANTS["default"]
             del ps
             row.update(_fp16_fp8_ms(x, w))
             rows.append(row)
-            us = {key: row[key + "_ms"] * 1e3 for key in ("after", "first", "fp16", "fp8")}
-            line = (f"{model:10s} {layer:7s} M={m:<3d}| fp16 {us['fp16']:6.1f} fp8 {us['fp8']:6.1f} | outliers after "
-                    f"{us['after']:6.1f} ({us['fp16'] / us['after']:.2f}x fp16) first {us['first']:6.1f} "
-                    f"({us['fp16'] / us['first']:.2f}x fp16)")
+            cells = " | ".join(f"{name} {row[name + '_ms'] * 1e3:6.1f} ({row['fp16_ms'] / row[name + '_ms']:.2f}x)"
+                               for name in EARLY_VARIANTS)
+            line = (f"{model:10s} {layer:7s} M={m:<3d}| fp16 {row['fp16_ms'] * 1e3:6.1f} fp8 {row['fp8_ms'] * 1e3:6.1f} "
+                    f"| {cells}")
             print(line, flush=True)
             lines.append(line)
-    _print_table("decode GEMM: outlier operands after the loop vs ahead of it (us):", lines)
+    _print_table("decode GEMM: loads before the wait (us, x = vs FP16):", lines)
     return rows
 
 
@@ -706,8 +712,8 @@ def main() -> int:
     ap.add_argument("--ctas-models", default="llama2-7b,llama2-70b", help="models of --ctas-bench")
     ap.add_argument("--ctas-variants", default="", help="variants of --ctas-bench (default: all)")
     ap.add_argument("--outlier-bench", action="store_true", help="128 against 256 outlier channels (7B, g32)")
-    ap.add_argument("--outliers-first-bench", action="store_true",
-                    help="decode GEMMs with the outlier operands loaded ahead of the loop (M = 1, 16)")
+    ap.add_argument("--decode-early-bench", action="store_true",
+                    help="decode GEMMs with more loads before the wait for the kernel ahead (M = 1, 16)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--ms", default=",".join(map(str, B.MS)))
@@ -760,9 +766,9 @@ def main() -> int:
     if args.outlier_bench:
         with open(args.out.replace(".json", "_outliers.json"), "w") as f:
             json.dump(outlier_bench(), f, indent=1)
-    if args.outliers_first_bench:
-        with open(args.out.replace(".json", "_outliers_first.json"), "w") as f:
-            json.dump(outliers_first_bench(), f, indent=1)
+    if args.decode_early_bench:
+        with open(args.out.replace(".json", "_decode_early.json"), "w") as f:
+            json.dump(decode_early_bench(), f, indent=1)
     if args.row_bench:
         with open(args.out.replace(".json", "_rows.json"), "w") as f:
             json.dump(row_bench(), f, indent=1)

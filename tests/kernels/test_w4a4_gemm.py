@@ -209,13 +209,66 @@ fn = W._w4a4_kernel
 names = list(inspect.signature(fn.fn).parameters)
 const = dict(S=span, GS=gs, RT=16, BLOCK_N=64, BLOCK_M=16, BLOCK_O=64, GROUP_M=8, HAS_OUT=True, HAS_BIAS=False,
              PARTIAL=False, OP_FP8=False, USE_ASM=True, MAGIC_CVT=False, DEFER=False, PREFETCH=False, FUSED=False,
-             MULT=True, ACC=acc, USE_GDC=True, OUT_FIRST=False)
+             MULT=True, ACC=acc, USE_GDC=True, OUT_FIRST=False, L2_BLOCKS=0)
 ints = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*u8", "lock_ptr": "*i32"}
 sig = {n: ints.get(n) or ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in names}
 src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                 attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")})
 print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=4)).asm["ptx"])
 """
+
+
+_COMPILE_DECODE_SM90 = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atomq.kernels import w4a4_gemm as W
+
+partial, out_first, l2_blocks = json.loads(sys.argv[1])
+fn = W._w4a4_kernel
+names = list(inspect.signature(fn.fn).parameters)
+const = dict(S=64, GS=128, RT=16, BLOCK_N=64, BLOCK_M=16, BLOCK_O=128 if out_first else 64, GROUP_M=8, HAS_OUT=True,
+             HAS_BIAS=False, PARTIAL=partial, OP_FP8=False, USE_ASM=True, MAGIC_CVT=False, DEFER=False,
+             PREFETCH=partial, FUSED=partial, MULT=False, ACC=False, USE_GDC=True, OUT_FIRST=out_first,
+             L2_BLOCKS=l2_blocks)
+ptrs = {"w_ptr": "*i8", "w8_ptr": "*i8", "a_ptr": "*i8", "a8_ptr": "*i8", "mult_ptr": "*u8", "lock_ptr": "*i32",
+        "sa_ptr": "*fp16", "s8a_ptr": "*fp16", "out_ptr": "*fp16", "fin_ptr": "*fp16"}
+sig = {n: ptrs.get(n) or ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in names}
+# every integer a multiple of 16, as the runtime specializes the strides and sizes of real shapes
+src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const})
+print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=4)).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("partial,out_first,l2_blocks", [(True, True, 0), (False, False, 2), (True, True, 2)])
+def test_decode_kernel_early_loads_compile_for_sm90(partial, out_first, l2_blocks, tmp_path):
+    """Offline for sm_90: the M = 16 decode kernel issues its outlier weights' loads (OUTLIERS_FIRST) and one
+    L2 prefetch per thread and block (DECODE_L2_PREFETCH) before ``griddepcontrol.wait``, without spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_w4a4_gemm_hopper import _triton_ptxas
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_DECODE_SM90, json.dumps([partial, out_first, l2_blocks])],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ptx = run.stdout
+    before, after = ptx.split("griddepcontrol.wait", 1)
+    assert before.count("prefetch.global.L2") == l2_blocks and "prefetch.global.L2" not in after
+    assert ("ld.global" in before) == out_first
+    ptxas = _triton_ptxas()
+    if ptxas is None or not os.path.exists(ptxas):
+        pytest.skip("Triton's ptxas is not installed")
+    path = tmp_path / "decode.ptx"
+    path.write_text(ptx)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "0 bytes spill stores" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("gs,span,acc", [(32, 32, False), (128, 64, False), (128, 64, True)])

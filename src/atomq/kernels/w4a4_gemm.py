@@ -181,6 +181,9 @@ GEMV_RULES: tuple[tuple[int, GemmConfig], ...] = (
 # part loads its operands before its loop (weights before the wait for the kernel ahead) instead of after
 # it, where their latency lengthens that run. Same results. Not yet timed on a GPU, so off
 OUTLIERS_FIRST = False
+# the Triton decode kernel (M <= 16): K blocks of its run's weights each program prefetches into L2 before
+# the wait for the kernel ahead (the GEMV loads its first weights there itself). Not yet timed, so 0
+DECODE_L2_PREFETCH = 0
 # programs per SM of the Gluon kernel's integer-multiplier loop at 8 warps (2: registers capped at 128, the
 # main product parked in shared memory for the outlier epilogue). Measured 2026-12-07 (H100, 7B shapes,
 # M = 2048 / 8192; docs/KERNELS.md): 1.16-1.23x faster than one program per SM when that loop retired each
@@ -348,6 +351,7 @@ def w4a4_gemm(
     gpu = not interpreting()
     # the outlier operands ahead of the loop: one tile of all outlier channels, in registers across it
     out_first = OUTLIERS_FIRST and has_out and cfg.block_m <= 16 and w.n_out <= 128
+    l2_blocks = DECODE_L2_PREFETCH if cfg.block_m <= 16 and gpu else 0  # the interpreter runs no PTX
     block_o = max(32, triton.next_power_of_2(w.n_out)) if out_first else 64
     _w4a4_kernel[(tiles, split)](
         w.w4, w.sw, w.w8 if has_out else dummy, w.s8w if has_out else dummy,
@@ -362,7 +366,7 @@ def w4a4_gemm(
         GROUP_M=cfg.group_m, HAS_OUT=has_out, HAS_BIAS=bias is not None, PARTIAL=split > 1 and acc is None,
         OP_FP8=fp8, USE_ASM=cfg.use_asm and gpu, MAGIC_CVT=cfg.magic_cvt, DEFER=cfg.defer and gpu,
         PREFETCH=cfg.prefetch and not cfg.defer and w.group_size == 2 * w.span and not mult, FUSED=fused,
-        MULT=mult, ACC=acc is not None, OUT_FIRST=out_first,
+        MULT=mult, ACC=acc is not None, OUT_FIRST=out_first, L2_BLOCKS=l2_blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(out.device),
     )
     if split > 1 and not fused and acc is None:
@@ -456,6 +460,12 @@ if triton is not None:
         return swv[:, None] * sav[None, :]
 
     @triton.jit
+    def _prefetch_l2(ptrs, mask):
+        """Prefetch the lines holding ptrs (where mask) into L2; no value, no wait (GPU only)."""
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                                  "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _load_w8(w8_ptr, offs_n, mask_n, o0, NO, stride_w8n, live, BLOCK_O: tl.constexpr):
         """INT8 outlier weights int8 [BLOCK_N, BLOCK_O] of channels o0.. (0 past NO or where not live)."""
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -479,7 +489,7 @@ if triton is not None:
         BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr, OP_FP8: tl.constexpr, USE_ASM: tl.constexpr, MAGIC_CVT: tl.constexpr,
         DEFER: tl.constexpr, PREFETCH: tl.constexpr, FUSED: tl.constexpr, MULT: tl.constexpr,
-        ACC: tl.constexpr, OUT_FIRST: tl.constexpr, USE_GDC: tl.constexpr,
+        ACC: tl.constexpr, OUT_FIRST: tl.constexpr, L2_BLOCKS: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         """One [BLOCK_N, BLOCK_M] tile of out^T over K blocks [pid_k * PER_SPLIT, ...) of 2S channels.
 
@@ -492,8 +502,10 @@ if triton is not None:
         ACC: out is an fp32 [M, N] accumulator that every K run adds its tile into (the bias with run 0).
         OUT_FIRST: run 0 loads all NO <= BLOCK_O outlier channels before its loop (the weights before the
         wait for the kernel ahead) and multiplies them after it, in one dot (the same int32 sum).
+        L2_BLOCKS: the first L2_BLOCKS K blocks of the run's weights are prefetched into L2 before that wait.
         """
-        if not OUT_FIRST:
+        EARLY: tl.constexpr = OUT_FIRST or L2_BLOCKS > 0  # loads before the wait: index math first
+        if not EARLY:
             gdc_enter(USE_GDC)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -513,18 +525,23 @@ if triton is not None:
         # row r, block it: (r // RT) * (N_ITERS * RT * S) + it * (RT * S) + (r % RT) * S (module docstring)
         w_rows = w_ptr + ((offs_n // RT).to(tl.int64) * N_ITERS * (RT * S) + (offs_n % RT) * S)[:, None]
         a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am
-        if OUT_FIRST:  # (HAS_OUT) masked off, so no traffic, in the other K runs
-            w8f = _load_w8(w8_ptr, offs_n, mask_n, 0, NO, stride_w8n, pid_k == 0, BLOCK_O)
+        it0 = pid_k * PER_SPLIT
+        it1 = tl.minimum(it0 + PER_SPLIT, N_ITERS)
+        if EARLY:
+            for b in tl.static_range(L2_BLOCKS):  # each row's 2S / 2 bytes of the block (one line per 2 rows)
+                _prefetch_l2(w_ptr + (offs_n // RT).to(tl.int64) * N_ITERS * (RT * S) + (it0 + b) * (RT * S)
+                             + (offs_n % RT) * S, mask_n & (it0 + b < it1))
+            if OUT_FIRST:  # (HAS_OUT) masked off, so no traffic, in the other K runs
+                w8f = _load_w8(w8_ptr, offs_n, mask_n, 0, NO, stride_w8n, pid_k == 0, BLOCK_O)
             gdc_enter(USE_GDC)
-            a8f = _load_a8(a8_ptr, offs_m, mask_m, 0, NO, stride_a8m, pid_k == 0, BLOCK_O)
+            if OUT_FIRST:
+                a8f = _load_a8(a8_ptr, offs_m, mask_m, 0, NO, stride_a8m, pid_k == 0, BLOCK_O)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         if OP_FP8:
             d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         else:
             d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
         acc_i = d_prev
-        it0 = pid_k * PER_SPLIT
-        it1 = tl.minimum(it0 + PER_SPLIT, N_ITERS)
         if PREFETCH:  # scale vectors of the current group; the loop loads the next group's ahead of use
             swv = tl.load(sw_ptr + it0 * stride_swg + offs_n, mask=mask_n & (it0 < G), other=0.0)
             sav = tl.load(sa_ptr + offs_m * stride_sam + it0, mask=mask_m & (it0 < G), other=0.0).to(tl.float32)
