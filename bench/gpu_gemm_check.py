@@ -377,6 +377,7 @@ def decode_early_bench(ms=(1, 16)) -> list[dict]:
     from atomq.bench.gemm import _copies, _time_ms, make_problem
 
     rows, lines = [], []
+    defaults = gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH
     for model, layer, n, k in B.LLAMA2_SHAPES:
         for m in ms:
             x, w, pw, split = make_problem(n, k, m)
@@ -390,7 +391,7 @@ def decode_early_bench(ms=(1, 16)) -> list[dict]:
                 ys[name] = w4a4_gemm(a, first)
                 report(f"{name} {model} {layer} M={m}", torch.equal(ys[name], ys["default"]), "= default bit for bit")
                 row[f"{name}_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
-            gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = EARLY_VARIANTS["default"]
+            gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = defaults
             del ps
             row.update(_fp16_fp8_ms(x, w))
             rows.append(row)

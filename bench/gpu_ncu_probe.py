@@ -30,6 +30,7 @@ from atomq.bench import gemm as B
 from atomq.kernels import quantize as Q
 from atomq.kernels import w4a4_gemm_hopper as H
 from atomq.kernels.w4a4_gemm import pick_config, prepare_weight, w4a4_gemm
+from gpu_gemm_check import _fp16_fp8_ms  # bench/ is on the path when this runs as a script
 from atomq.quant import plan_split, quantize_weight_rtn
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096)}
@@ -88,7 +89,7 @@ def probe_bench(m: int = 2048, layers=("qkv", "gate_up")) -> None:
         n, k = shapes[layer]
         w = torch.randn(n, k, device="cuda", dtype=torch.float16)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        base = {key: v * 1e3 for key, v in _baselines(x, w).items()}
+        base = {key[:-3]: v * 1e3 for key, v in _fp16_fp8_ms(x, w).items()}
         for fmt, gs, levels in (("levels", 128, 15), ("groupfree", None, None)):
             split = plan_split(k, 128, gs)
             pw = quantize_weight_rtn(w, split, 4, 0.85, levels=levels)
@@ -113,19 +114,6 @@ def probe_bench(m: int = 2048, layers=("qkv", "gate_up")) -> None:
             del ps
     print("\nprobe bench (us; timing only, the probed outputs are wrong):")
     print("\n".join(lines), flush=True)
-
-
-def _baselines(x: torch.Tensor, w: torch.Tensor) -> dict:
-    """cuBLAS FP16 and FP8 (per-token x per-channel scales) ms of x [M, K] @ w [N, K]^T, weights past L2."""
-    ws = [w] + [w.clone() for _ in range(B._copies(w.numel() * 2) - 1)]
-    out = {"fp16": B._time_ms(lambda: [torch.matmul(x, wi.t()) for wi in ws], len(ws))}
-    w8s = [wi.to(torch.float8_e4m3fn) for wi in ws]
-    del ws
-    x8, sa = x.to(torch.float8_e4m3fn), torch.rand(x.shape[0], 1, device="cuda") + 0.5
-    sb = torch.rand(1, w.shape[0], device="cuda") + 0.5
-    out["fp8"] = B._time_ms(lambda: [torch._scaled_mm(x8, wi.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-                                     for wi in w8s], len(w8s))
-    return out
 
 
 def main() -> int:

@@ -528,7 +528,7 @@ if triton is not None:
         it0 = pid_k * PER_SPLIT
         it1 = tl.minimum(it0 + PER_SPLIT, N_ITERS)
         if EARLY:
-            for b in tl.static_range(L2_BLOCKS):  # each row's 2S / 2 bytes of the block (one line per 2 rows)
+            for b in tl.static_range(L2_BLOCKS):  # the line of each row's S bytes of block it0 + b
                 _prefetch_l2(w_ptr + (offs_n // RT).to(tl.int64) * N_ITERS * (RT * S) + (it0 + b) * (RT * S)
                              + (offs_n % RT) * S, mask_n & (it0 + b < it1))
             if OUT_FIRST:  # (HAS_OUT) masked off, so no traffic, in the other K runs
