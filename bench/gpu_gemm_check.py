@@ -333,24 +333,31 @@ def gemv_groups_bench() -> list[dict]:
     return rows
 
 
+def _decode_operands(n: int, k: int, m: int):
+    """One decode product: x fp16 [M, K], w fp16 [N, K], its PackedWeight and Split, prepared copies that
+    rotate past L2 (the first one to check with), and the int8 activation operand."""
+    from atomq.bench.gemm import _copies, make_problem
+
+    x, w, pw, split = make_problem(n, k, m)
+    first = prepare_weight(pw)
+    ps = [first] + [prepare_weight(pw) for _ in range(_copies(first.w4.numel()) - 1)]
+    return x, w, pw, split, ps, Q.quantize_act(x, None, split, out="int8")
+
+
 def accumulate_bench(ms=(1, 16)) -> list[dict]:
     """Decode GEMMs (default dispatch) with their split-K reduction as written (partials, an arrival counter,
     the last run's sum, fp16 out) against accumulating into the operand's fp32 accumulator (ActOp.acc:
     fire-and-forget adds); 7B and 70B shapes, us. The accumulator is not re-zeroed between timed calls
     (timing only); the results are checked once against the reference first."""
-    from atomq.bench.gemm import _copies, _time_ms, make_problem
+    from atomq.bench.gemm import _time_ms
 
     rows, lines = [], []
     for model, layer, n, k in B.LLAMA2_SHAPES:
         for m in ms:
-            x, w, pw, split = make_problem(n, k, m)
-            del w
-            first = prepare_weight(pw)
-            ps = [first] + [prepare_weight(pw) for _ in range(_copies(first.w4.numel()) - 1)]
-            a = Q.quantize_act(x, None, split, out="int8")
+            x, _, pw, split, ps, a = _decode_operands(n, k, m)
             acc = Q.quantize_act(x, None, split, out="int8", acc_cols=n)
             yr = ref.w4a4_gemm(a.to_actq(), pw, None, out_dtype=torch.float64)
-            rel = ((w4a4_gemm(acc, first).double() - yr).norm() / yr.norm()).item()
+            rel = ((w4a4_gemm(acc, ps[0]).double() - yr).norm() / yr.norm()).item()
             report(f"accumulate {model} {layer} M={m}", rel <= 1e-3, f"rel err {rel:.2e}")
             row = dict(model=model, layer=layer, M=m, N=n, K=k, rel_err=rel)
             row["counter_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
@@ -374,21 +381,18 @@ def decode_early_bench(ms=(1, 16)) -> list[dict]:
     the INT8 outlier operands ahead of the first K run's loop; the Triton kernel's first weight blocks
     prefetched into L2), next to cuBLAS FP16 and FP8; 7B and 70B shapes, us. Each shape first checks that
     every variant gives the default's output bit for bit."""
-    from atomq.bench.gemm import _copies, _time_ms, make_problem
+    from atomq.bench.gemm import _time_ms
 
     rows, lines = [], []
     defaults = gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH
     for model, layer, n, k in B.LLAMA2_SHAPES:
         for m in ms:
-            x, w, pw, split = make_problem(n, k, m)
-            first = prepare_weight(pw)
-            ps = [first] + [prepare_weight(pw) for _ in range(_copies(first.w4.numel()) - 1)]
-            a = Q.quantize_act(x, None, split, out="int8")
+            x, w, _, _, ps, a = _decode_operands(n, k, m)
             row = dict(model=model, layer=layer, M=m, N=n, K=k)
             ys = {}
             for name, (out_first, l2_blocks) in EARLY_VARIANTS.items():
                 gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = out_first, l2_blocks
-                ys[name] = w4a4_gemm(a, first)
+                ys[name] = w4a4_gemm(a, ps[0])
                 report(f"{name} {model} {layer} M={m}", torch.equal(ys[name], ys["default"]), "= default bit for bit")
                 row[f"{name}_ms"] = _time_ms(lambda: [w4a4_gemm(a, p) for p in ps], len(ps))
             gemm_module.OUTLIERS_FIRST, gemm_module.DECODE_L2_PREFETCH = defaults

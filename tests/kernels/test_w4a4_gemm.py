@@ -243,7 +243,7 @@ print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_wa
 
 
 @pytest.mark.parametrize("partial,out_first,l2_blocks", [(True, True, 0), (False, False, 2), (True, True, 2)])
-def test_decode_kernel_early_loads_compile_for_sm90(partial, out_first, l2_blocks, tmp_path):
+def test_decode_kernel_early_loads_compile_for_sm90(partial, out_first, l2_blocks):
     """Offline for sm_90: the M = 16 decode kernel issues its outlier weights' loads (OUTLIERS_FIRST) and one
     L2 prefetch per thread and block (DECODE_L2_PREFETCH) before ``griddepcontrol.wait``, without spills."""
     import json
@@ -251,7 +251,7 @@ def test_decode_kernel_early_loads_compile_for_sm90(partial, out_first, l2_block
     import subprocess
     import sys
 
-    from test_w4a4_gemm_hopper import _triton_ptxas
+    from test_w4a4_gemm_hopper import ptxas_report
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_DECODE_SM90, json.dumps([partial, out_first, l2_blocks])],
@@ -261,14 +261,8 @@ def test_decode_kernel_early_loads_compile_for_sm90(partial, out_first, l2_block
     before, after = ptx.split("griddepcontrol.wait", 1)
     assert before.count("prefetch.global.L2") == l2_blocks and "prefetch.global.L2" not in after
     assert ("ld.global" in before) == out_first
-    ptxas = _triton_ptxas()
-    if ptxas is None or not os.path.exists(ptxas):
-        pytest.skip("Triton's ptxas is not installed")
-    path = tmp_path / "decode.ptx"
-    path.write_text(ptx)
-    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "0 bytes spill stores" in run.stderr, run.stderr
+    report = ptxas_report(ptx)
+    assert "0 bytes spill stores" in report, report
 
 
 @pytest.mark.parametrize("gs,span,acc", [(32, 32, False), (128, 64, False), (128, 64, True)])

@@ -40,6 +40,23 @@ def _triton_ptxas() -> str | None:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+def ptxas_report(ptx: str) -> str:
+    """ptxas's verbose report (registers, spills, serialized wgmma) on PTX for sm_90a; skips the test
+    where Triton's ptxas is not installed. The other compile tests use it too."""
+    ptxas = _triton_ptxas()
+    if ptxas is None or not os.path.exists(ptxas):
+        pytest.skip("Triton's ptxas is not installed")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atomq_ptxas_{os.getpid()}.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    try:
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.remove(path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr
+
+
 # compiled in a fresh process: the interpreter that runs the other kernel tests leaves triton.language
 # patched after a kernel calls a jit helper, and a later compile in the same process would trace through
 # those patches (the GEMM and GEMV compile tests do the same)
@@ -78,18 +95,7 @@ def _compile_sm90(block_m: int, num_warps: int, stages: int, grouped: bool, mult
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     kernel = json.loads(run.stdout)
-    ptxas = _triton_ptxas()
-    if ptxas is None or not os.path.exists(ptxas):
-        pytest.skip("Triton's ptxas is not installed")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"atomq_w4a4_hopper_{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(kernel["ptx"])
-    try:
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
-    finally:
-        os.remove(path)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return kernel["ptx"], run.stderr, kernel["shared"]
+    return kernel["ptx"], ptxas_report(kernel["ptx"]), kernel["shared"]
 
 
 @pytest.mark.parametrize("block_m,num_warps,stages,grouped,mult", [

@@ -207,15 +207,12 @@ def _gemv_ptx(w, gs, ahead, partial, acc, out_first) -> str:
 @pytest.mark.parametrize("ahead,partial,acc,out_first", [
     (1, False, False, False), (2, True, False, False), (1, False, True, False), (2, False, False, True),
     (1, True, False, True)])
-def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, acc, out_first, tmp_path):
+def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, acc, out_first):
     """Compiled offline for sm_90 (no GPU needed; a process without the interpreter): the PTX multiplies
     with dp4a and waits on the kernel ahead, an accumulating run adds with a ``red`` (no atomic that
     returns a value), and ptxas spills nothing. With the outliers first, their weights load before the
     wait and multiply with signed dp4a."""
-    import os
-    import subprocess
-
-    from test_w4a4_gemm_hopper import _triton_ptxas
+    from test_w4a4_gemm_hopper import ptxas_report
 
     ptx = _gemv_ptx(w, gs, ahead, partial, acc, out_first)
     assert "dp4a.u32.s32" in ptx and "griddepcontrol.wait" in ptx
@@ -226,14 +223,8 @@ def test_compiles_for_sm90_with_dp4a_and_without_spills(w, gs, ahead, partial, a
 
         assert loads_before_wait(ptx) > loads_before_wait(_gemv_ptx(w, gs, ahead, partial, acc, False))
     assert ("red.global.gpu.relaxed.add.f32" in ptx) == acc and ("atom." in ptx) == partial
-    ptxas = _triton_ptxas()
-    if ptxas is None or not os.path.exists(ptxas):
-        pytest.skip("Triton's ptxas is not installed")
-    path = tmp_path / "gemv.ptx"
-    path.write_text(ptx)
-    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "0 bytes spill stores" in run.stderr, run.stderr
+    report = ptxas_report(ptx)
+    assert "0 bytes spill stores" in report, report
 
 
 @pytest.mark.parametrize("m,n,k,n_out,gs,kb,split", [
