@@ -72,6 +72,18 @@ def test_store_int4_roundtrip_is_fake_quant(device):
     assert torch.equal(vd.half(), ref.fake_quant_kv(k))
 
 
+def test_fake_quant_kv_groups_are_heads_of_that_width():
+    """Groups of N channels quantize like heads of width N; a group of head_dim is the default; the
+    finer scale has the smaller error; a group that does not divide head_dim is refused."""
+    x = torch.randn(2, 9, 3, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ref.fake_quant_kv(x, 4, 64), ref.fake_quant_kv(x))
+    by_group = ref.fake_quant_kv(x, 4, 16)
+    assert torch.equal(by_group, ref.fake_quant_kv(x.reshape(2, 9, 12, 16)).reshape(x.shape))
+    assert (by_group - x).norm() < (ref.fake_quant_kv(x) - x).norm()
+    with pytest.raises(ValueError, match="does not divide"):
+        ref.fake_quant_kv(x, 4, 24)
+
+
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_store_fp16_exact(layout, device):
     got, want = _check_store("fp16", layout, 23, 3, 64, device)

@@ -190,9 +190,14 @@ def rotate_heads(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.float() @ h.float()).to(x.dtype)
 
 
-def fake_quant_kv(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Quantize-dequantize keys or values x [..., T, H, D] per (token, head); same dtype and shape."""
-    flat = x.reshape(-1, x.shape[-2], x.shape[-1])
+def fake_quant_kv(x: torch.Tensor, bits: int = 4, group: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize keys or values x [..., T, H, D] per (token, head); same dtype and shape.
+    ``group`` (dividing D) quantizes per (token, head, group of channels) instead: a finer scale that the
+    paged cache and its kernels do not store (accuracy studies only)."""
+    g = group or x.shape[-1]
+    if x.shape[-1] % g:
+        raise ValueError(f"a KV group of {g} does not divide head_dim {x.shape[-1]}")
+    flat = x.reshape(-1, x.shape[-2] * x.shape[-1] // g, g)
     return kv_dequantize(*kv_quantize(flat, bits), bits=bits, dtype=x.dtype).reshape(x.shape)
 
 

@@ -36,6 +36,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
+        self.kv_group = None  # finer KV scales for accuracy studies (ref.fake_quant_kv); None = per head
         # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
         # its INT4 quantization. The paged cache then stores rotated keys.
         self.register_buffer("kv_hadamard", ref.hadamard_matrix(args.head_dim) if kv.rotate else None,
@@ -51,14 +52,14 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         if self.kv_bits is not None and self.kv_pre_rope:
-            k = ref.fake_quant_kv(k, self.kv_bits)
+            k = ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_hadamard is not None:
             q, k = ref.rotate_heads(q, self.kv_hadamard), ref.rotate_heads(k, self.kv_hadamard)
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
-                k = ref.fake_quant_kv(k, self.kv_bits)
-            v = ref.fake_quant_kv(v, self.kv_bits)
+                k = ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
+            v = ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
         # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         rep = self.n_heads // self.n_kv_heads
