@@ -1,7 +1,8 @@
 """Where a W4A4 checkpoint loses accuracy: WikiText-2 perplexity with one part of its run-time
 quantization switched off (or to 8 bits, or the KV cache to finer groups) at a time (the activations
 of one kind of linear, or the KV cache), from one loaded checkpoint. The weights stay as stored in every
-row, so a row's gain over "all quantized" is what that part's quantization costs. Dense models (Llama / Mistral / Qwen2 linear names).
+row, so a row's gain over "all quantized" is what that part's quantization costs. Dense models (Llama /
+Mistral / Qwen2 linear names).
 
     PYTHONPATH=src python bench/act_sensitivity.py --model runs/ckpt --limit 40 --dtype float32 \\
         --out runs/sensitivity.jsonl
