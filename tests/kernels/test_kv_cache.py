@@ -82,6 +82,8 @@ def test_fake_quant_kv_groups_are_heads_of_that_width():
     assert (by_group - x).norm() < (ref.fake_quant_kv(x) - x).norm()
     with pytest.raises(ValueError, match="does not divide"):
         ref.fake_quant_kv(x, 4, 24)
+    with pytest.raises(ValueError, match="does not divide"):
+        ref.fake_quant_kv(x, 4, -64)
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])

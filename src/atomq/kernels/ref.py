@@ -195,7 +195,7 @@ def fake_quant_kv(x: torch.Tensor, bits: int = 4, group: int | None = None) -> t
     ``group`` (dividing D) quantizes per (token, head, group of channels) instead: a finer scale that the
     paged cache and its kernels do not store (accuracy studies only)."""
     g = group or x.shape[-1]
-    if x.shape[-1] % g:
+    if g <= 0 or x.shape[-1] % g:
         raise ValueError(f"a KV group of {g} does not divide head_dim {x.shape[-1]}")
     flat = x.reshape(-1, x.shape[-2] * x.shape[-1] // g, g)
     return kv_dequantize(*kv_quantize(flat, bits), bits=bits, dtype=x.dtype).reshape(x.shape)
