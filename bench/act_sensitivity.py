@@ -19,7 +19,8 @@ import torch
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
-# cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head), bits (None: 16-bit)
+# cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
+# scale per channel over N tokens), bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -32,6 +33,8 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "activations 8-bit, no clip (KV4)": (ALL, 8),
     "KV cache groups of 32": (("kv/32",), None),
     "KV cache groups of 16": (("kv/16",), None),
+    "keys per channel over 16 tokens": (("kblock/16",), None),
+    "keys per channel over 64 tokens": (("kblock/64",), None),
 }
 
 
@@ -39,6 +42,7 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict) -> No
     """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits or
     groups of N channels); restore every other part from ``saved``."""
     kv_group = next((int(k.split("/")[1]) for k in keep if k.startswith("kv/")), None)
+    k_block = next((int(k.split("/")[1]) for k in keep if k.startswith("kblock/")), None)
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if name in saved or (hasattr(mod, "spec") and mod.spec.a_bits is not None):
@@ -49,7 +53,7 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict) -> No
         if hasattr(mod, "kv_bits"):
             saved.setdefault(name + ".kv", mod.kv_bits)
             mod.kv_bits = None if "kv" in keep else saved[name + ".kv"]
-            mod.kv_group = kv_group
+            mod.kv_group, mod.k_block_tokens = kv_group, k_block
 
 
 def main() -> int:

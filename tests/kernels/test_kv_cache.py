@@ -86,6 +86,22 @@ def test_fake_quant_kv_groups_are_heads_of_that_width():
         ref.fake_quant_kv(x, 4, -64)
 
 
+
+def test_fake_quant_kv_per_channel_is_the_transposed_token_quantizer():
+    """Per-channel key scales over blocks of N tokens equal the per-token quantizer applied to the
+    transposed block; a last partial block gets its own scales; an odd block is refused."""
+    x = torch.randn(2, 20, 3, 8, generator=torch.Generator().manual_seed(3))
+    got = ref.fake_quant_kv_per_channel(x, 4, 4)
+    for j in range(0, 20, 4):
+        block = x[:, j:j + 4].permute(0, 2, 3, 1)  # [B, H, D, 4]: channels play tokens
+        want = ref.fake_quant_kv(block).permute(0, 3, 1, 2)
+        assert torch.equal(got[:, j:j + 4], want)
+    tail = ref.fake_quant_kv_per_channel(x[:, :18], 4, 4)  # blocks 0-3 as before, then 2 tokens alone
+    assert torch.equal(tail[:, :16], got[:, :16])
+    assert torch.equal(tail[:, 16:], ref.fake_quant_kv_per_channel(x[:, 16:18], 4, 2))
+    with pytest.raises(ValueError, match="even"):
+        ref.fake_quant_kv_per_channel(x, 4, 3)
+
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_store_fp16_exact(layout, device):
     got, want = _check_store("fp16", layout, 23, 3, 64, device)

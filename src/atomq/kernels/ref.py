@@ -201,6 +201,21 @@ def fake_quant_kv(x: torch.Tensor, bits: int = 4, group: int | None = None) -> t
     return kv_dequantize(*kv_quantize(flat, bits), bits=bits, dtype=x.dtype).reshape(x.shape)
 
 
+
+def fake_quant_kv_per_channel(x: torch.Tensor, bits: int = 4, tokens: int = 16) -> torch.Tensor:
+    """Quantize-dequantize keys x [B, T, H, D] with one scale and zero per (block of ``tokens``
+    consecutive tokens, head, channel) rather than per (token, head): per-channel key scales over a
+    cache page (as KIVI does). The paged cache does not store this (accuracy studies only). A last
+    partial block is padded with copies of the last token, which leaves its minimum and maximum as they are."""
+    if tokens <= 0 or tokens % 2:
+        raise ValueError(f"a key block of {tokens} tokens must be positive and even (two per packed byte)")
+    b, t, h, d = x.shape
+    pad = -t % tokens
+    xp = torch.cat([x, x[:, -1:].expand(b, pad, h, d)], dim=1) if pad else x
+    blocks = xp.reshape(b, -1, tokens, h, d).permute(0, 1, 3, 4, 2)  # [B, T/n, H, D, n]
+    y = kv_dequantize(*kv_quantize(blocks.reshape(-1, d, tokens), bits), bits=bits, dtype=x.dtype)
+    return y.reshape(blocks.shape).permute(0, 1, 4, 2, 3).reshape(b, -1, h, d)[:, :t]
+
 # --------------------------------------------------------------------------------------------------
 # Paged KV cache and attention
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
         self.kv_group = None  # finer KV scales for accuracy studies (ref.fake_quant_kv); None = per head
+        self.k_block_tokens = None  # per-channel key scales over N tokens, a study (ref.fake_quant_kv_per_channel)
         # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
         # its INT4 quantization. The paged cache then stores rotated keys.
         self.register_buffer("kv_hadamard", ref.hadamard_matrix(args.head_dim) if kv.rotate else None,
@@ -52,13 +53,13 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         if self.kv_bits is not None and self.kv_pre_rope:
-            k = ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
+            k = self._fake_quant_keys(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_hadamard is not None:
             q, k = ref.rotate_heads(q, self.kv_hadamard), ref.rotate_heads(k, self.kv_hadamard)
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
-                k = ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
+                k = self._fake_quant_keys(k)
             v = ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
         # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
@@ -66,6 +67,12 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _fake_quant_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, T, H, D] through the KV cache's quantization (or a study's variant of it)."""
+        if self.k_block_tokens:
+            return ref.fake_quant_kv_per_channel(k, self.kv_bits, self.k_block_tokens)
+        return ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
 
 
 class MLP(nn.Module):
