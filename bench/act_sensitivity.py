@@ -20,7 +20,7 @@ import torch
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
-# scale per channel over N tokens), bits (None: 16-bit)
+# scale per channel over N tokens; "norotate": keys without the Hadamard rotation), bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -35,12 +35,14 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "KV cache groups of 16": (("kv/16",), None),
     "keys per channel over 16 tokens": (("kblock/16",), None),
     "keys per channel over 64 tokens": (("kblock/64",), None),
+    "keys not rotated": (("norotate",), None),
+    "keys per channel over 16 tokens, not rotated": (("kblock/16", "norotate"), None),
 }
 
 
 def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict) -> None:
-    """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits or
-    groups of N channels); restore every other part from ``saved``."""
+    """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits, groups
+    of N channels, per-channel key scales or unrotated keys); restore every other part from ``saved``."""
     kv_group = next((int(k.split("/")[1]) for k in keep if k.startswith("kv/")), None)
     k_block = next((int(k.split("/")[1]) for k in keep if k.startswith("kblock/")), None)
     for name, mod in model.named_modules():
@@ -54,6 +56,8 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict) -> No
             saved.setdefault(name + ".kv", mod.kv_bits)
             mod.kv_bits = None if "kv" in keep else saved[name + ".kv"]
             mod.kv_group, mod.k_block_tokens = kv_group, k_block
+            saved.setdefault(name + ".rotate", mod.kv_hadamard)
+            mod.kv_hadamard = None if "norotate" in keep else saved[name + ".rotate"]
 
 
 def main() -> int:
