@@ -22,6 +22,7 @@ _HELP = {
     "group_size": "channels per scale group (none = one scale per row)",
     "n_outliers": "INT8 outlier input channels (adapted to the shape, see docs/NUMERICS.md)",
     "kv_bits": "KV-cache bits (none = 16-bit)",
+    "kv_center": "take a calibrated mean key per layer and KV head off the keys before the cache",
     "w_scale_levels": "weight group scales as integer multiples 1..L of one scale per row (2..15; none = free)",
     "a_scale_levels": "activation group scales as integer multiples 1..L of one scale per token (2..15; none = free)",
     "device": "where calibration runs: cpu, or cuda[:N] (a GPU; what a 7B or larger model needs)",

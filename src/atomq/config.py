@@ -39,6 +39,9 @@ class QuantConfig:
     kv_bits: int | None = 4
     kv_pre_rope: bool = False  # quantize K before RoPE (Atom's reference) or after (what a paged cache stores)
     kv_rotate: bool = False  # rotate queries and keys per head by a Hadamard matrix after RoPE (scores unchanged)
+    # take a calibrated mean key per (layer, KV head) off the keys after RoPE (and kv_rotate), before the
+    # cache: all scores of a query shift by one constant, which softmax ignores (docs/NUMERICS.md)
+    kv_center: bool = False
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = no smoothing
     w_clip_search: bool = False  # per (row, group) MSE-optimal weight clip instead of the fixed w_clip
     calib_quantized_inputs: bool = False  # GPTQ calibrates each layer on fully quantized (W, A, KV) inputs
@@ -70,6 +73,8 @@ class QuantConfig:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.kv_rotate and self.kv_pre_rope:
             raise ValueError("kv_rotate applies after RoPE; it cannot be combined with kv_pre_rope")
+        if self.kv_center and self.kv_pre_rope:
+            raise ValueError("kv_center applies after RoPE; it cannot be combined with kv_pre_rope")
         if self.gptq and self.w_bits is None:
             raise ValueError("gptq needs quantized weights (w_bits is None)")
         if self.rotate and self.v_rotate:

@@ -200,3 +200,38 @@ def test_atomq_plus_recipe_end_to_end(tiny_model, calib_file, tmp_path):
            for name in names}
     assert err["atomq-plus"] < 0.75 * err["rtn-w4a4"], err  # measured 0.56 against 1.01
     assert err["atomq-a8"] < err["atomq-plus"], err  # 8-bit activations: the same recipe, closer
+
+
+def test_kv_center_is_the_mean_key_and_leaves_scores_unchanged(tiny_model, calib_file, tmp_path):
+    """kv_center stores each layer's mean key (fp32 [Hkv, D]) as the served model produces it on the
+    calibration windows; with a 16-bit cache, taking it off changes no output (softmax ignores it)."""
+    from atomq.calib.data import calibration_windows
+    from atomq.calib.pipeline import quantize_model
+    from atomq.calib.stats import observe_mean_key
+    from atomq.config import CalibConfig
+    from atomq.model import checkpoint as ckpt
+    from atomq.model.loader import load_model
+
+    ccfg = CalibConfig(dataset=str(calib_file), n_samples=2, seq_len=32, dtype="float32")
+    out = str(tmp_path / "ckpt")
+    quantize_model(str(tiny_model("llama")), out, preset("atomq", group_size=32, kv_center=True), ccfg,
+                   progress=False)
+    lm = load_model(out, weights_only=True)  # A16: what GPTQ propagates, so layer 0 sees the same keys
+    attn = lm.model.model.layers[0].self_attn
+    centers = {n: t for n, t in ckpt.read_tensors(out).items() if n.endswith("self_attn.k_center")}
+    assert len(centers) == lm.model.args.n_layers
+    assert all(t.dtype == torch.float32 and t.shape == (attn.n_kv_heads, attn.head_dim) for t in centers.values())
+    windows = calibration_windows(lm.tokenizer, str(calib_file), 2, 32, seed=0)
+    with observe_mean_key(attn) as mean_key, torch.no_grad():
+        lm.model(windows)
+    stored = centers["model.layers.0.self_attn.k_center"]
+    # the checkpoint keeps scales and norms in 16 bits, the calibration ran them in fp32
+    assert (mean_key() - stored).norm() < 1e-2 * stored.norm(), (mean_key() - stored).norm() / stored.norm()
+
+    float_kv = load_model(out, kv_bits="none")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = float_kv.model(ids)
+        for layer in float_kv.model.model.layers:
+            layer.self_attn.k_center.zero_()
+        torch.testing.assert_close(float_kv.model(ids), want, rtol=1e-4, atol=1e-4)

@@ -9,8 +9,9 @@ import torch
 from atomq import LLM, SamplingParams
 
 
-@pytest.mark.parametrize("arch, kv", [("llama", "int4"), ("mixtral", "fp16")])
-def test_triton_backend_equals_reference_backend(tiny_model, prompts, arch, kv):
+@pytest.mark.parametrize("arch, kv, centered", [("llama", "int4", False), ("llama", "int4", True),
+                                               ("mixtral", "fp16", False)])
+def test_triton_backend_equals_reference_backend(tiny_model, prompts, arch, kv, centered):
     pytest.importorskip("triton")
     from atomq.kernels import interpreter_compat
     from atomq.model.loader import load_model
@@ -20,6 +21,11 @@ def test_triton_backend_equals_reference_backend(tiny_model, prompts, arch, kv):
     # head_dim 32, the kernels' smallest (the default tiny model's 16 runs on the reference ops only)
     path = tiny_model(arch, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
     lm = load_model(str(path), kv_bits=4 if kv == "int4" else None, device=device)
+    if centered:  # keys less a mean key (kv_center), here a random one: the store kernel takes it off
+        gen = torch.Generator().manual_seed(5)
+        for layer in lm.model.model.layers:
+            attn = layer.self_attn
+            attn.k_center = torch.randn(attn.n_kv_heads, attn.head_dim, generator=gen).to(device)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     runs = {}
     for backend in ("ref", "triton"):

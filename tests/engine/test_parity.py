@@ -56,16 +56,16 @@ def test_int4_kv_equals_fake_quant_forward(load, check, prompts, greedy_referenc
     assert (torch.stack(out.logits) - float_logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("recipe", ["atom", "rot-outliers"])
-def test_atom_checkpoint_with_int4_kv(tiny_model, calib_file, tmp_path, check, recipe):
-    """W4A4 fake-quant linears (an Atom checkpoint; a rotated one, with the online down_proj rotation)
-    + INT4 KV through the paged forward."""
+@pytest.mark.parametrize("recipe, extra", [("atom", {}), ("rot-outliers", {}), ("atom", {"kv_center": True})])
+def test_atom_checkpoint_with_int4_kv(tiny_model, calib_file, tmp_path, check, recipe, extra):
+    """W4A4 fake-quant linears (an Atom checkpoint; a rotated one, with the online down_proj rotation;
+    one with centered keys) + INT4 KV through the paged forward."""
     from atomq.calib.pipeline import quantize_model
     from atomq.config import CalibConfig, preset
     from atomq.model.loader import load_model
 
     out = tmp_path / "ckpt"
-    quantize_model(str(tiny_model("llama")), str(out), preset(recipe, group_size=32, gptq=False),
+    quantize_model(str(tiny_model("llama")), str(out), preset(recipe, group_size=32, gptq=False, **extra),
                    CalibConfig(dataset=str(calib_file), n_samples=2, seq_len=32, dtype="float32"), progress=False)
     lm = load_model(str(out))
     assert lm.qcfg.a_bits == 4 and lm.qcfg.kv_bits == 4

@@ -39,22 +39,24 @@ def _slots(t, num_blocks, gen, skip_every=5):
     return slots
 
 
-def _check_store(mode, layout, t, hkv, d, device, num_blocks=16, seed=0):
+def _check_store(mode, layout, t, hkv, d, device, num_blocks=16, seed=0, center=False):
     gen = torch.Generator().manual_seed(seed)
     got, want = _filled_pair(num_blocks, hkv, d, mode, device, layout, gen)
     k = (torch.randn(t, hkv, d, generator=gen) * 2 + 0.3).to(device, torch.float16)
     v = torch.randn(t, hkv, d, generator=gen).to(device, torch.float16)
     k[0, 0] = 0  # an all-zero head exercises the minimum range
     slots = _slots(t, num_blocks, gen).to(device)
-    kvc.kv_store(got, k, v, slots)
-    ref.kv_store_ref(want, k, v, slots)
+    k_center = (torch.randn(hkv, d, generator=gen) + 0.3).to(device) if center else None
+    kvc.kv_store(got, k, v, slots, k_center)
+    ref.kv_store_ref(want, k, v, slots, k_center)
     return got, want
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("t,hkv,d", [(1, 2, 64), (37, 3, 64), (29, 2, 128)])
-def test_store_int4_exact(layout, t, hkv, d, device):
-    got, want = _check_store("int4", layout, t, hkv, d, device)
+@pytest.mark.parametrize("center", [False, True])
+def test_store_int4_exact(layout, t, hkv, d, center, device):
+    got, want = _check_store("int4", layout, t, hkv, d, device, center=center)
     for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
 
@@ -103,8 +105,9 @@ def test_fake_quant_kv_per_channel_is_the_transposed_token_quantizer():
         ref.fake_quant_kv_per_channel(x, 4, 3)
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-def test_store_fp16_exact(layout, device):
-    got, want = _check_store("fp16", layout, 23, 3, 64, device)
+@pytest.mark.parametrize("center", [False, True])
+def test_store_fp16_exact(layout, center, device):
+    got, want = _check_store("fp16", layout, 23, 3, 64, device, center=center)
     assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
 
 
@@ -130,6 +133,10 @@ def test_store_rejects_bad_inputs(device):
         kvc.kv_store(cache, k[:, :1], k[:, :1], torch.zeros(3, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="mode"):
         kvc.allocate_kv_cache(2, 2, 64, "int3", device)
+    slots = torch.zeros(3, dtype=torch.int32, device=device)
+    for bad in (torch.zeros(2, 64, device=device, dtype=torch.float16), torch.zeros(3, 64, device=device)):
+        with pytest.raises(ValueError, match="k_center"):
+            kvc.kv_store(cache, k, k, slots, bad)
 
 
 def test_bytes_per_token():

@@ -156,3 +156,11 @@ def test_scale_levels_config_is_validated():
                        (dict(w_sym=False, gptq=False, w_scale_levels=15), "symmetric")):
         with pytest.raises(ValueError, match=match):
             QuantConfig(**bad)
+
+
+def test_kv_center_needs_keys_after_rope():
+    from atomq.config import QuantConfig
+
+    assert QuantConfig(kv_center=True).kv_center
+    with pytest.raises(ValueError, match="kv_center applies after RoPE"):
+        QuantConfig(kv_center=True, kv_pre_rope=True)

@@ -34,7 +34,7 @@ from .data import calibration_windows
 from .gptq import gptq_quantize
 from .rotation import (check_rotatable, down_rotation_factors, residual_rotation, rotate_down_input, rotate_globals,
                        rotate_layer, rotate_value_path)
-from .stats import observe_inputs, hessian_key
+from .stats import hessian_key, observe_inputs, observe_mean_key
 from .transforms import reorder_group, smooth_group
 
 BATCH_TOKENS = 8192  # tokens per forward chunk during calibration
@@ -126,6 +126,7 @@ def quantize_model(
     float_model = build_model(config, dataclasses.replace(FP16, rotate=qcfg.rotate, down_rotate=qcfg.down_rotate), dtype)
     # GPTQ's convention: the next layer sees weight-quantized outputs; optionally fully quantized ones
     prop_cfg = qcfg if qcfg.calib_quantized_inputs else dataclasses.replace(qcfg, a_bits=None, kv_bits=None)
+    prop_cfg = dataclasses.replace(prop_cfg, kv_center=False)  # its keys give the mean key
     prop_model = build_model(config, prop_cfg, dtype)
     # 16-bit storage for float tensors: bf16 where the source is bf16, fp16 otherwise
     store = torch.bfloat16 if src.get("model.embed_tokens.weight").dtype == torch.bfloat16 else torch.float16
@@ -142,7 +143,8 @@ def quantize_model(
         del glob["lm_head.weight"]
     out: dict[str, torch.Tensor] = {name: t.to(store) for name, t in glob.items()}
 
-    calibrate = qcfg.quantizes_linears and (qcfg.gptq or qcfg.reorder or qcfg.smooth_alpha is not None)
+    calibrate = (qcfg.quantizes_linears and (qcfg.gptq or qcfg.reorder or qcfg.smooth_alpha is not None)
+                 or qcfg.kv_center)
     x = None
     if calibrate:
         windows = calibration_windows(tokenizer, ccfg.dataset, ccfg.n_samples, ccfg.seq_len, ccfg.seed, data_dir)
@@ -164,18 +166,30 @@ def quantize_model(
             raw = rotate_value_path(raw, args) if qcfg.v_rotate else raw
             raw = rotate_down_input(raw, args, down) if qcfg.down_rotate else raw
         stats = {}
+        last = i + 1 == args.n_layers
+        # without GPTQ the float outputs are the next inputs, once the mean key (if any) has been taken
+        float_next = calibrate and not qcfg.gptq and not last
         if calibrate:
             layer = _materialize(float_model.model.layers[i], raw)
-            with observe_inputs(layer, linears, full=qcfg.gptq) as stats:  # without GPTQ the float
-                _run_layer(layer, x, cos, sin, batch, keep=not qcfg.gptq)  # outputs are the next inputs
+            with observe_inputs(layer, linears, full=qcfg.gptq) as stats:
+                _run_layer(layer, x, cos, sin, batch, keep=float_next and not qcfg.kv_center)
             layer.to("meta")  # free it: memory stays near one layer
         qt = quantize_layer_tensors(raw, stats, args, qcfg)
-        if calibrate and qcfg.gptq and i + 1 < args.n_layers:  # GPTQ sees the quantized model's inputs
-            _run_layer(_materialize(prop_model.model.layers[i], qt), x, cos, sin, batch)
-            prop_model.model.layers[i].to("meta")
-        for k, v in qt.items():  # the online rotation's factors stay fp32 (they must match the folded R)
+        gptq_next = calibrate and qcfg.gptq and not last  # GPTQ sees the quantized model's inputs
+        if gptq_next or calibrate and qcfg.kv_center:
+            layer = _materialize(prop_model.model.layers[i], qt)
+            with observe_mean_key(layer.self_attn) as mean_key:
+                _run_layer(layer, x, cos, sin, batch, keep=gptq_next)
+            layer.to("meta")
+            if qcfg.kv_center:
+                qt["self_attn.k_center"] = mean_key()
+            if float_next and qcfg.kv_center:
+                _run_layer(_materialize(float_model.model.layers[i], raw), x, cos, sin, batch)
+                float_model.model.layers[i].to("meta")
+        for k, v in qt.items():  # the online rotation's factors and the mean key stay fp32 (kernel operands)
             v = v.to("cpu")
-            out[prefix + k] = v.to(store) if v.dtype == torch.float32 and ".down_rotation." not in k else v
+            keep32 = ".down_rotation." in k or k.endswith("k_center")
+            out[prefix + k] = v.to(store) if v.dtype == torch.float32 and not keep32 else v
         del raw, stats
 
     meta = {

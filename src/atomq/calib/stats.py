@@ -87,3 +87,25 @@ def observe_inputs(layer: nn.Module, linears: list[str], full: bool = True):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def observe_mean_key(attn: nn.Module):
+    """Inside the block, add up the keys that ``attn`` (a llama.Attention) would write to its cache;
+    yields a function returning their mean so far, fp32 [num_kv_heads, head_dim] on the CPU."""
+    total, count = [0.0], [0]
+
+    def observe(k: torch.Tensor) -> None:  # k [B, T, Hkv, D] after RoPE (and the key rotation)
+        total[0] = total[0] + k.double().sum(dim=(0, 1))
+        count[0] += k.shape[0] * k.shape[1]
+
+    def mean() -> torch.Tensor:
+        if not count[0]:
+            raise RuntimeError("no keys were observed")
+        return (total[0] / count[0]).float().cpu()
+
+    attn.key_observer = observe
+    try:
+        yield mean
+    finally:
+        attn.key_observer = None

@@ -97,16 +97,21 @@ def _rint(x):
 
 @triton.jit
 def _store_one(
-    X, t, h0, stride_xt, stride_xh, P, S, Z, base, meta_base, stride_ph, stride_mh, valid,
-    H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, MODE: tl.constexpr,
+    X, t, h0, stride_xt, stride_xh, P, S, Z, base, meta_base, stride_ph, stride_mh, valid, C,
+    H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, MODE: tl.constexpr, CENTER: tl.constexpr,
 ):
-    """Quantize heads h0..h0+BLOCK_H of one token's keys (or values) and write them at pool offset ``base``."""
+    """Quantize heads h0..h0+BLOCK_H of one token's keys (or values), less the vector C [H, D] if CENTER,
+    and write them at pool offset ``base``."""
     hh = h0 + tl.arange(0, BLOCK_H)
     d = tl.arange(0, D2)
     hmask = (hh < H)[:, None] & valid
     xp = X + t.to(tl.int64) * stride_xt + hh[:, None] * stride_xh + 2 * d[None, :]
     xe = tl.load(xp, mask=hmask, other=0.0).to(tl.float32)  # [BLOCK_H, D2] even elements
     xo = tl.load(xp + 1, mask=hmask, other=0.0).to(tl.float32)  # odd elements
+    if CENTER:
+        cp = C + hh[:, None] * (2 * D2) + 2 * d[None, :]
+        xe -= tl.load(cp, mask=hmask, other=0.0).to(tl.float32)
+        xo -= tl.load(cp + 1, mask=hmask, other=0.0).to(tl.float32)
     if MODE == 2:  # int4: per (token, head) asymmetric
         lo = tl.minimum(tl.minimum(tl.min(xe, 1), tl.min(xo, 1)), 0.0)
         hi = tl.maximum(tl.maximum(tl.max(xe, 1), tl.max(xo, 1)), 0.0)
@@ -135,13 +140,14 @@ def _store_one(
 
 @triton.jit
 def _kv_store_kernel(
-    K, V, SLOT, KP, VP, KS, VS, KZ, VZ,
+    K, V, SLOT, KP, VP, KS, VS, KZ, VZ, KC,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     H: tl.constexpr, BLOCK_H: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, MODE: tl.constexpr,
-    PRELOAD: tl.constexpr, USE_GDC: tl.constexpr,
+    PRELOAD: tl.constexpr, USE_GDC: tl.constexpr, CENTER: tl.constexpr,
 ):
-    """PRELOAD: the slot (staged before the step) loads before the wait for the kernel ahead."""
+    """PRELOAD: the slot (staged before the step) loads before the wait for the kernel ahead. CENTER: keys
+    less KC [H, D] (fp32)."""
     if not PRELOAD:
         gdc_enter(USE_GDC)
     t = tl.program_id(0)
@@ -155,10 +161,10 @@ def _kv_store_kernel(
     off = slot % PAGE
     base = blk * stride_pb + off * stride_ps
     meta_base = blk * stride_mb + off * stride_ms
-    _store_one(K, t, h0, stride_kt, stride_kh, KP, KS, KZ, base, meta_base, stride_ph, stride_mh, valid,
-               H, BLOCK_H, D2, MODE)
-    _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid,
-               H, BLOCK_H, D2, MODE)
+    _store_one(K, t, h0, stride_kt, stride_kh, KP, KS, KZ, base, meta_base, stride_ph, stride_mh, valid, KC,
+               H, BLOCK_H, D2, MODE, CENTER)
+    _store_one(V, t, h0, stride_vt, stride_vh, VP, VS, VZ, base, meta_base, stride_ph, stride_mh, valid, KC,
+               H, BLOCK_H, D2, MODE, False)
 
 
 _MODE_ID = {"fp16": 0, "fp8": 1, "int4": 2}
@@ -182,14 +188,28 @@ def _check_new_kv(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_ma
                          f"{tuple(slot_mapping.shape)}")
 
 
-def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def _check_center(cache: PagedKVCache, k_center: torch.Tensor | None) -> None:
+    if k_center is None:
+        return
+    want = (cache.num_kv_heads, cache.head_dim)
+    if k_center.shape != want or k_center.dtype != torch.float32 or not k_center.is_contiguous():
+        raise ValueError(f"k_center must be contiguous fp32 {list(want)}, got {k_center.dtype} "
+                         f"{list(k_center.shape)}")
+    if k_center.device != cache.k.device:
+        raise ValueError(f"k_center is on {k_center.device}, the cache on {cache.k.device}")
+
+
+def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_center: torch.Tensor | None = None) -> None:
     """Quantize (int4 / fp8) or copy (fp16) new keys and values into their slots, in place.
 
     cache: PagedKVCache (module docstring); k, v: fp16/bf16/fp32 [T, num_kv_heads, head_dim], last dim
-    contiguous; slot_mapping: int32 [T], slot = block * block_size + offset, -1 = skip the token.
+    contiguous; slot_mapping: int32 [T], slot = block * block_size + offset, -1 = skip the token;
+    k_center: fp32 [num_kv_heads, head_dim], contiguous, taken off every key before it is stored.
     No host synchronisation and no allocation: safe inside a CUDA graph. Twin: ref.kv_store_ref.
     """
     _check_new_kv(cache, k, v, slot_mapping)
+    _check_center(cache, k_center)
     t = k.shape[0]
     if t == 0:
         return
@@ -207,8 +227,10 @@ def kv_store(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping
         cache.v_scale if cache.v_scale is not None else dummy,
         cache.k_zero if cache.k_zero is not None else dummy,
         cache.v_zero if cache.v_zero is not None else dummy,
+        k_center if k_center is not None else dummy,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         sb, sh, ss, mb, mh, ms,
         H=h, BLOCK_H=block_h, D2=d // 2, PAGE=cache.block_size, MODE=_MODE_ID[cache.mode], PRELOAD=pdl.PRELOAD_STAGED,
+        CENTER=k_center is not None,
         num_warps=4 if block_h * d >= 4096 else (2 if block_h * d >= 512 else 1), **launch_options(k.device),
     )

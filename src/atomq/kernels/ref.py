@@ -229,9 +229,13 @@ def _hnd(x: torch.Tensor | None, layout: str) -> torch.Tensor | None:
     return x if x is None or layout == "HND" else x.transpose(1, 2)
 
 
-def kv_store_ref(cache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def kv_store_ref(cache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_center: torch.Tensor | None = None) -> None:
     """Write k, v [T, H, D] into their slots (int32 [T], -1 = skip): int4 via kv_quantize, fp8 with
-    the per-head scale (clamp to +-448, round to nearest even), fp16 as is. In place."""
+    the per-head scale (clamp to +-448, round to nearest even), fp16 as is; keys less k_center fp32
+    [H, D] when given (in fp32). In place."""
+    if k_center is not None:
+        k = k.float() - k_center
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blk, off = slots // cache.block_size, slots % cache.block_size

@@ -24,11 +24,13 @@ Specs = dict[str, LinearSpec]  # linear name inside a layer ("self_attn.q_proj",
 
 @dataclass(frozen=True)
 class KVSpec:
-    """KV-cache numerics: bits (None = 16-bit), quantize K before RoPE, rotate q/k after RoPE."""
+    """KV-cache numerics: bits (None = 16-bit), quantize K before RoPE, rotate q/k after RoPE, take a
+    calibrated mean key off the keys after RoPE."""
 
     bits: int | None = None
     pre_rope: bool = False
     rotate: bool = False
+    center: bool = False
 
 
 class Attention(nn.Module):
@@ -38,10 +40,16 @@ class Attention(nn.Module):
         self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
         self.kv_group = None  # finer KV scales for accuracy studies (ref.fake_quant_kv); None = per head
         self.k_block_tokens = None  # per-channel key scales over N tokens, a study (ref.fake_quant_kv_per_channel)
+        self.v_offset = None  # [H, D] vector taken off V before its quantization and added back, a study
+        self.key_observer = None  # calibration: called with k [B, T, Hkv, D] after RoPE and rotation
         # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
         # its INT4 quantization. The paged cache then stores rotated keys.
         self.register_buffer("kv_hadamard", ref.hadamard_matrix(args.head_dim) if kv.rotate else None,
                              persistent=False)
+        # fp32 [Hkv, D], calibrated: the mean key, taken off every key before the cache. q.k_center is one
+        # constant per query, so the scores keep their softmax; the INT4 range no longer spans the offset.
+        self.register_buffer("k_center", torch.zeros(args.n_kv_heads, args.head_dim, device="meta")
+                             if kv.center else None)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, Linear(specs[f"self_attn.{name}"], dtype))
 
@@ -57,10 +65,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_hadamard is not None:
             q, k = ref.rotate_heads(q, self.kv_hadamard), ref.rotate_heads(k, self.kv_hadamard)
+        if self.key_observer is not None:
+            self.key_observer(k)
+        if self.k_center is not None:
+            k = (k.float() - self.k_center).to(k.dtype)
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
                 k = self._fake_quant_keys(k)
-            v = ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
+            v = self._fake_quant_values(v)
         # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         rep = self.n_heads // self.n_kv_heads
@@ -73,6 +85,13 @@ class Attention(nn.Module):
         if self.k_block_tokens:
             return ref.fake_quant_kv_per_channel(k, self.kv_bits, self.k_block_tokens)
         return ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
+
+    def _fake_quant_values(self, v: torch.Tensor) -> torch.Tensor:
+        """v [B, T, H, D] through the KV cache's quantization (or a study's variant of it)."""
+        if self.v_offset is not None:  # the add-back is a constant per head of the attention output
+            off = self.v_offset.to(v.dtype)
+            return ref.fake_quant_kv(v - off, self.kv_bits, self.kv_group) + off
+        return ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
 
 
 class MLP(nn.Module):

@@ -31,7 +31,7 @@ def build_model(hf_config: Any, qcfg: QuantConfig, dtype: torch.dtype = torch.fl
     """A CausalLM whose tensors live on the meta device, shaped for ``qcfg``."""
     args = ModelArgs.from_hf(hf_config)
     specs = layer_specs(args, qcfg)
-    kv = KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate)
+    kv = KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate, qcfg.kv_center)
     return CausalLM(args, hf_config, [specs] * args.n_layers, kv, qcfg.reorder, dtype, qcfg.rotates_down)
 
 
@@ -40,7 +40,7 @@ def expected_tensors(model: CausalLM) -> dict[str, tuple[tuple[int, ...], torch.
     out = {}
     for name, t in model.state_dict().items():
         exact = not t.dtype.is_floating_point or name.endswith(("scales", "scales_outlier", "rotation.signs",
-                                                                  "rotation.small"))
+                                                                  "rotation.small", "k_center"))
         out[name] = (tuple(t.shape), t.dtype if exact else None)
     if model.args.tie_embeddings:
         out.pop("lm_head.weight")

@@ -9,7 +9,8 @@ stores the new tokens' K/V into their pages
 (quantizing them when the cache is INT4 / FP8), then attends entirely from the pages, so a new token sees
 exactly the K/V later steps will see (docs/KERNELS.md, "store first"). With an INT4 cache this is the
 numerics of the full-sequence forward built with ``kv_bits=4`` (fake-quantized K after RoPE and V);
-with ``kv_rotate`` queries and keys are Hadamard-rotated after RoPE before storing and attending.
+with ``kv_rotate`` queries and keys are Hadamard-rotated after RoPE before storing and attending, and
+with ``kv_center`` the store takes the calibrated mean key off the keys (softmax ignores the shift).
 The full-sequence forward (``CausalLM.forward``) is untouched.
 """
 
@@ -143,7 +144,7 @@ def _paged_attention(attn: Attention, operand: Any, cos: torch.Tensor, sin: torc
     _rope_q_k(q, k, cos, sin, ops)
     if attn.kv_hadamard is not None:
         q, k = ref.rotate_heads(q, attn.kv_hadamard), ref.rotate_heads(k, attn.kv_hadamard)
-    ops.store(cache, k, v, batch.slot_mapping)
+    ops.store(cache, k, v, batch.slot_mapping, attn.k_center)
     sm_scale = default_sm_scale(attn.head_dim)
     if ops.backend == "triton" and q.dtype == torch.float32:
         q = q.half()  # the kernels take fp16 / bf16 queries
