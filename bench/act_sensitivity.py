@@ -21,7 +21,8 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
 # scale per channel over N tokens; "norotate": keys without the Hadamard rotation; "kmean": keys less a mean
-# calibrated on C4, see kv_means; "vmean": values the same), bits (None: 16-bit)
+# calibrated on C4, see kv_means; "vmean": values the same; "nocenter": without a kv_center checkpoint's
+# stored mean key), bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -41,6 +42,7 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "keys less their calibrated mean": (("kmean",), None),
     "keys less their calibrated mean, not rotated": (("kmean", "norotate"), None),
     "values less their calibrated mean": (("vmean",), None),
+    "keys not centered": (("nocenter",), None),
     "keys and values less their calibrated means": (("kmean", "vmean"), None),
 }
 
@@ -50,6 +52,7 @@ def kv_means(model, windows: torch.Tensor) -> dict[str, dict[bool, tuple[torch.T
     and without the key rotation, over calibration windows int64 [N, T]: {module: {rotated: (k, v)}}."""
     attns = {n: m for n, m in model.named_modules() if hasattr(m, "kv_bits")}
     hadamards = {n: m.kv_hadamard for n, m in attns.items()}
+    centers = {n: m.k_center for n, m in attns.items()}
     means: dict[str, dict[bool, tuple[torch.Tensor, torch.Tensor]]] = {n: {} for n in attns}
     for rotated in (True, False):
         sums, count = {}, 0
@@ -68,7 +71,7 @@ def kv_means(model, windows: torch.Tensor) -> dict[str, dict[bool, tuple[torch.T
                 count += w.numel()
         for n, m in attns.items():
             del m._fake_quant_keys, m._fake_quant_values
-            m.kv_hadamard = hadamards[n]
+            m.kv_hadamard, m.k_center = hadamards[n], centers[n]
             means[n][rotated] = (sums[(n, "k")] / count, sums[(n, "v")] / count)
     return means
 
@@ -92,7 +95,8 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, means
             saved.setdefault(name + ".rotate", mod.kv_hadamard)
             mod.kv_hadamard = None if "norotate" in keep else saved[name + ".rotate"]
             k_mean, v_mean = means[name][mod.kv_hadamard is not None] if means else (None, None)
-            mod.k_center = k_mean if "kmean" in keep else None
+            saved.setdefault(name + ".center", mod.k_center)  # a kv_center checkpoint's stored mean key
+            mod.k_center = k_mean if "kmean" in keep else None if "nocenter" in keep else saved[name + ".center"]
             mod.v_offset = v_mean if "vmean" in keep else None
 
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 from ..config import PRESETS, QuantConfig
-from .llama import CausalLM, KVSpec
-from .loader import LoadedModel, expected_tensors
+from .llama import CausalLM
+from .loader import LoadedModel, build_model, expected_tensors
 from .specs import layer_specs
 
 # name -> Hugging Face config fields (published model shapes)
@@ -112,8 +112,7 @@ def random_model(shape: str, fmt: str = "float", dtype: torch.dtype = torch.floa
 
     args = ModelArgs.from_hf(config)
     specs = layer_specs(args, qcfg)
-    model = CausalLM(args, config, [specs] * args.n_layers, KVSpec(qcfg.kv_bits, qcfg.kv_pre_rope, qcfg.kv_rotate),
-                     qcfg.reorder, dtype, qcfg.rotates_down)
+    model = build_model(config, qcfg, dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type == "cuda" else gen
     int8_rows = {f"model.layers.{i}.{n}": spec.w_bits == 8 for i in range(args.n_layers) for n, spec in specs.items()}
