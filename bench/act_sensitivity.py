@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -21,8 +22,8 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
 # scale per channel over N tokens; "norotate": keys without the Hadamard rotation; "kmean": keys less a mean
-# calibrated on C4, see kv_means; "vmean": values the same; "nocenter": without a kv_center checkpoint's
-# stored mean key), bits (None: 16-bit)
+# calibrated on C4, see key_means; "nocenter": without a kv_center checkpoint's stored mean key), bits
+# (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -41,38 +42,34 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "keys per channel over 16 tokens, not rotated": (("kblock/16", "norotate"), None),
     "keys less their calibrated mean": (("kmean",), None),
     "keys less their calibrated mean, not rotated": (("kmean", "norotate"), None),
-    "values less their calibrated mean": (("vmean",), None),
     "keys not centered": (("nocenter",), None),
-    "keys and values less their calibrated means": (("kmean", "vmean"), None),
+    # the same function as "KV cache 16-bit" (softmax ignores the shift): how far 4-bit rounding alone moves it
+    "KV cache 16-bit, keys less their calibrated mean": (("kv", "kmean"), None),
 }
 
 
-def kv_means(model, windows: torch.Tensor) -> dict[str, dict[bool, tuple[torch.Tensor, torch.Tensor]]]:
-    """Mean key and value [H, D] (fp32) of each attention module as its cache would quantize them, with
-    and without the key rotation, over calibration windows int64 [N, T]: {module: {rotated: (k, v)}}."""
+def key_means(model, windows: torch.Tensor) -> dict[str, dict[bool, torch.Tensor]]:
+    """Mean key fp32 [H, D] of each attention module as its cache would quantize it, with and without the
+    key rotation, over calibration windows int64 [N, T]: {module name: {rotated: mean}}."""
+    from atomq.calib.stats import observe_mean_key
+
     attns = {n: m for n, m in model.named_modules() if hasattr(m, "kv_bits")}
-    hadamards = {n: m.kv_hadamard for n, m in attns.items()}
-    centers = {n: m.k_center for n, m in attns.items()}
-    means: dict[str, dict[bool, tuple[torch.Tensor, torch.Tensor]]] = {n: {} for n in attns}
+    saved = {n: (m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group) for n, m in attns.items()}
+    means: dict[str, dict[bool, torch.Tensor]] = {n: {} for n in attns}
     for rotated in (True, False):
-        sums, count = {}, 0
-        for n, m in attns.items():
-            m.k_center = m.v_offset = m.k_block_tokens = m.kv_group = None
-            m.kv_hadamard = hadamards[n] if rotated else None
-            # shadow the two methods on this instance only, to add up what they are given
-            for which, method in (("k", "_fake_quant_keys"), ("v", "_fake_quant_values")):
-                def record(x, key=(n, which), m=m, method=method):
-                    sums[key] = sums.get(key, 0) + x.float().sum(dim=(0, 1))
-                    return getattr(type(m), method)(m, x)
-                setattr(m, method, record)
-        with torch.no_grad():
-            for w in windows:
-                model(w[None].to(next(model.parameters()).device))
-                count += w.numel()
-        for n, m in attns.items():
-            del m._fake_quant_keys, m._fake_quant_values
-            m.kv_hadamard, m.k_center = hadamards[n], centers[n]
-            means[n][rotated] = (sums[(n, "k")] / count, sums[(n, "v")] / count)
+        with ExitStack() as stack:
+            getters = {}
+            for n, m in attns.items():
+                m.kv_hadamard = saved[n][0] if rotated else None
+                m.k_center = m.k_block_tokens = m.kv_group = None
+                getters[n] = stack.enter_context(observe_mean_key(m))
+            with torch.no_grad():
+                for w in windows:
+                    model(w[None].to(next(model.parameters()).device))
+            for n in attns:
+                means[n][rotated] = getters[n]()
+    for n, m in attns.items():
+        m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group = saved[n]
     return means
 
 
@@ -94,10 +91,9 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, means
             mod.kv_group, mod.k_block_tokens = kv_group, k_block
             saved.setdefault(name + ".rotate", mod.kv_hadamard)
             mod.kv_hadamard = None if "norotate" in keep else saved[name + ".rotate"]
-            k_mean, v_mean = means[name][mod.kv_hadamard is not None] if means else (None, None)
+            k_mean = means[name][mod.kv_hadamard is not None] if means else None
             saved.setdefault(name + ".center", mod.k_center)  # a kv_center checkpoint's stored mean key
             mod.k_center = k_mean if "kmean" in keep else None if "nocenter" in keep else saved[name + ".center"]
-            mod.v_offset = v_mean if "vmean" in keep else None
 
 
 def main() -> int:
@@ -113,7 +109,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--key-mean-windows", type=int, default=8, help="C4 windows of 2048 tokens for kv_means")
+    ap.add_argument("--key-mean-windows", type=int, default=8, help="C4 windows of 2048 tokens for key_means")
     ap.add_argument("--only", default="", help="row names separated by ';' (default: all)")
     ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     ns = ap.parse_args()
@@ -128,9 +124,9 @@ def main() -> int:
         ap.error(f"{ns.model} quantizes neither activations nor the KV cache: nothing to switch off")
     windows = token_windows(lm.tokenizer, ns.dataset, 2048, ns.data_dir)
     means = None
-    if any({"kmean", "vmean"} & set(PARTS[n][0]) for n in names):
+    if any("kmean" in PARTS[n][0] for n in names):
         calib = calibration_windows(lm.tokenizer, "c4", ns.key_mean_windows, 2048, seed=0, data_dir=ns.data_dir)
-        means = kv_means(lm.model, calib)
+        means = key_means(lm.model, calib)
     rows, saved = [], {}
     for name in names:
         _set_part(lm.model, *PARTS[name], saved, means)

@@ -40,7 +40,6 @@ class Attention(nn.Module):
         self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
         self.kv_group = None  # finer KV scales for accuracy studies (ref.fake_quant_kv); None = per head
         self.k_block_tokens = None  # per-channel key scales over N tokens, a study (ref.fake_quant_kv_per_channel)
-        self.v_offset = None  # [H, D] vector taken off V before its quantization and added back, a study
         self.key_observer = None  # calibration: called with k [B, T, Hkv, D] after RoPE and rotation
         # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
         # its INT4 quantization. The paged cache then stores rotated keys.
@@ -72,7 +71,7 @@ class Attention(nn.Module):
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
                 k = self._fake_quant_keys(k)
-            v = self._fake_quant_values(v)
+            v = ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
         # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         rep = self.n_heads // self.n_kv_heads
@@ -85,13 +84,6 @@ class Attention(nn.Module):
         if self.k_block_tokens:
             return ref.fake_quant_kv_per_channel(k, self.kv_bits, self.k_block_tokens)
         return ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
-
-    def _fake_quant_values(self, v: torch.Tensor) -> torch.Tensor:
-        """v [B, T, H, D] through the KV cache's quantization (or a study's variant of it)."""
-        if self.v_offset is not None:  # the add-back is a constant per head of the attention output
-            off = self.v_offset.to(v.dtype)
-            return ref.fake_quant_kv(v - off, self.kv_bits, self.kv_group) + off
-        return ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
 
 
 class MLP(nn.Module):
