@@ -136,14 +136,14 @@ PRESETS: dict[str, QuantConfig] = {
     # atomq's own recipe: Atom plus Hadamard-rotated queries/keys before KV4 (a run-time choice)
     "atomq": QuantConfig(kv_rotate=True),
     # atomq's most accurate recipe on SmolLM2 (BENCHMARKS.md, full protocol): groups of 32, SmoothQuant
-    # migration (0.5), GPTQ on the quantized model's inputs, per-group weight clip search. Prefill with
-    # groups of 32 runs on the Triton tensor-core GEMM (the Gluon kernel takes groups of 128)
-    "atomq-plus": QuantConfig(kv_rotate=True, group_size=32, smooth_alpha=0.5, calib_quantized_inputs=True,
-                              w_clip_search=True),
+    # migration (0.5), GPTQ on the quantized model's inputs, per-group weight clip search, centered keys.
+    # Prefill with groups of 32 runs on the Triton tensor-core GEMM (the Gluon kernel takes groups of 128)
+    "atomq-plus": QuantConfig(kv_rotate=True, kv_center=True, group_size=32, smooth_alpha=0.5,
+                              calib_quantized_inputs=True, w_clip_search=True),
     # atomq-plus with 8-bit activations (no clip): W4A8 KV4 on the same int8-operand kernels at the same speed
     # (BENCHMARKS.md: SmolLM2 1.112x FP16 against atomq-plus's 1.247x)
-    "atomq-a8": QuantConfig(a_bits=8, a_clip=1.0, kv_rotate=True, group_size=32, smooth_alpha=0.5,
-                            calib_quantized_inputs=True, w_clip_search=True),
+    "atomq-a8": QuantConfig(a_bits=8, a_clip=1.0, kv_rotate=True, kv_center=True, group_size=32,
+                            smooth_alpha=0.5, calib_quantized_inputs=True, w_clip_search=True),
     "atom-w-only": QuantConfig(a_bits=None, kv_bits=None),
     "atom-a-only": QuantConfig(w_bits=None, gptq=False, kv_bits=None),
     # rotation recipes (calib/rotation.py): rotated weights and activations, INT4 KV with rotated keys;

@@ -194,6 +194,8 @@ def test_atomq_plus_recipe_end_to_end(tiny_model, calib_file, tmp_path):
     meta = json.loads((tmp_path / "atomq-plus" / "atomq_config.json").read_text())
     assert meta["quant"] == preset("atomq-plus").to_dict()
     assert {group for _, _, group in meta["splits"].values()} == {32}
+    attn = load_model(str(tmp_path / "atomq-plus")).model.model.layers[0].self_attn
+    assert attn.k_center is not None and attn.k_center.abs().sum() > 0  # centered keys are part of the recipe
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(1))
     ref = load_model(model).model(ids)
     err = {name: ((load_model(str(tmp_path / name)).model(ids) - ref).norm() / ref.norm()).item()
