@@ -23,7 +23,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
 # scale per channel over N tokens; "norotate": keys without the Hadamard rotation; "kmean": keys less a mean
 # calibrated on C4, see key_stats; "nocenter": without a kv_center checkpoint's stored mean key;
-# "ksmooth/A": keys divided per channel by their calibrated standard deviation to the power A, q multiplied),
+# "k16" / "v16": keys / values alone 16-bit; "ksmooth/A": keys divided per channel by their calibrated standard deviation to the power A, q multiplied),
 # bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
@@ -47,6 +47,9 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "keys less their calibrated mean, smoothed (alpha 0.5)": (("kmean", "ksmooth/0.5"), None),
     "keys less their calibrated mean, smoothed (alpha 1)": (("kmean", "ksmooth/1"), None),
     "activations 8-bit, no clip, keys less their calibrated mean": (ALL + ("kmean",), 8),
+    "keys 16-bit": (("k16",), None),
+    "keys less their calibrated mean, values 16-bit": (("kmean", "v16"), None),
+    "keys less their calibrated mean, per channel over 16 tokens": (("kmean", "kblock/16"), None),
     # the same function as "KV cache 16-bit" (softmax ignores the shift): how far 4-bit rounding alone moves it
     "KV cache 16-bit, keys less their calibrated mean": (("kv", "kmean"), None),
 }
@@ -116,6 +119,12 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, stats
             saved.setdefault(name + ".center", mod.k_center)  # a kv_center checkpoint's stored mean key
             mod.k_center = st["mean"] if "kmean" in keep else None if "nocenter" in keep else saved[name + ".center"]
             mod.k_smooth = smoothing_divisors(st["std"], alpha) if alpha is not None else None
+            # an instance attribute shadows the method; deleting it restores the cache's quantization
+            for part, method in (("k16", "_fake_quant_keys"), ("v16", "_fake_quant_values")):
+                if part in keep:
+                    setattr(mod, method, lambda x: x)
+                else:
+                    mod.__dict__.pop(method, None)
 
 
 def main() -> int:

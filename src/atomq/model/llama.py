@@ -77,7 +77,7 @@ class Attention(nn.Module):
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
                 k = self._fake_quant_keys(k)
-            v = ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
+            v = self._fake_quant_values(v)
         # [B, H, T, D]; GQA: each KV head serves n_heads // n_kv_heads query heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         rep = self.n_heads // self.n_kv_heads
@@ -90,6 +90,10 @@ class Attention(nn.Module):
         if self.k_block_tokens:
             return ref.fake_quant_kv_per_channel(k, self.kv_bits, self.k_block_tokens)
         return ref.fake_quant_kv(k, self.kv_bits, self.kv_group)
+
+    def _fake_quant_values(self, v: torch.Tensor) -> torch.Tensor:
+        """v [B, T, H, D] through the KV cache's quantization."""
+        return ref.fake_quant_kv(v, self.kv_bits, self.kv_group)
 
 
 class MLP(nn.Module):
