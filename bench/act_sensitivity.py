@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import time
-from contextlib import ExitStack
 
 import torch
 
@@ -22,9 +21,9 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
 # scale per channel over N tokens; "norotate": keys without the Hadamard rotation; "kmean": keys less a mean
-# calibrated on C4, see key_stats; "nocenter": without a kv_center checkpoint's stored mean key;
-# "k16" / "v16": keys / values alone 16-bit; "ksmooth/A": keys divided per channel by their calibrated standard deviation to the power A, q multiplied),
-# bits (None: 16-bit)
+# calibrated on C4, see key_stats; "nocenter": without a kv_center checkpoint's stored mean key; "k16" /
+# "v16": keys / values alone 16-bit; "ksmooth/A": keys divided per channel by their calibrated standard
+# deviation to the power A, queries multiplied by it), bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -98,7 +97,8 @@ def smoothing_divisors(std: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, stats: dict | None = None) -> None:
     """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits, groups
-    of N channels, per-channel key scales or unrotated keys); restore every other part from ``saved``."""
+    of N channels, per-channel key scales, unrotated, centered or smoothed keys, keys or values alone
+    16-bit); restore every other part from ``saved``."""
     kv_group = next((int(k.split("/")[1]) for k in keep if k.startswith("kv/")), None)
     k_block = next((int(k.split("/")[1]) for k in keep if k.startswith("kblock/")), None)
     alpha = next((float(k.split("/")[1]) for k in keep if k.startswith("ksmooth/")), None)
