@@ -141,7 +141,7 @@ PRESETS: dict[str, QuantConfig] = {
     "atomq-plus": QuantConfig(kv_rotate=True, kv_center=True, group_size=32, smooth_alpha=0.5,
                               calib_quantized_inputs=True, w_clip_search=True),
     # atomq-plus with 8-bit activations (no clip): W4A8 KV4 on the same int8-operand kernels at the same speed
-    # (BENCHMARKS.md: SmolLM2 1.112x FP16 against atomq-plus's 1.247x, both before centered keys)
+    # (BENCHMARKS.md: SmolLM2 1.098x FP16 against atomq-plus's 1.214x, fp32 on the CPU)
     "atomq-a8": QuantConfig(a_bits=8, a_clip=1.0, kv_rotate=True, kv_center=True, group_size=32,
                             smooth_alpha=0.5, calib_quantized_inputs=True, w_clip_search=True),
     "atom-w-only": QuantConfig(a_bits=None, kv_bits=None),
