@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -21,9 +22,8 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 # row name -> (the linears, by name suffix inside a layer, whose activations get ``bits``; "kv": the KV
 # cache, 16-bit; "kv/N": the KV cache with one scale per N channels of a head; "kblock/N": keys with one
 # scale per channel over N tokens; "norotate": keys without the Hadamard rotation; "kmean": keys less a mean
-# calibrated on C4, see key_stats; "nocenter": without a kv_center checkpoint's stored mean key; "k16" /
-# "v16": keys / values alone 16-bit; "ksmooth/A": keys divided per channel by their calibrated standard
-# deviation to the power A, queries multiplied by it), bits (None: 16-bit)
+# calibrated on C4, see key_means; "nocenter": without a kv_center checkpoint's stored mean key; "k16" /
+# "v16": keys / values alone 16-bit), bits (None: 16-bit)
 PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "all quantized": ((), None),
     "q/k/v input 16-bit": (("q_proj", "k_proj", "v_proj"), None),
@@ -43,8 +43,6 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "keys less their calibrated mean": (("kmean",), None),
     "keys less their calibrated mean, not rotated": (("kmean", "norotate"), None),
     "keys not centered": (("nocenter",), None),
-    "keys less their calibrated mean, smoothed (alpha 0.5)": (("kmean", "ksmooth/0.5"), None),
-    "keys less their calibrated mean, smoothed (alpha 1)": (("kmean", "ksmooth/1"), None),
     "activations 8-bit, no clip, keys less their calibrated mean": (ALL + ("kmean",), 8),
     "keys 16-bit": (("k16",), None),
     "keys less their calibrated mean, values 16-bit": (("kmean", "v16"), None),
@@ -54,54 +52,37 @@ PARTS: dict[str, tuple[tuple[str, ...], int | None]] = {
 }
 
 
-def key_stats(model, windows: torch.Tensor) -> dict[str, dict[bool, dict[str, torch.Tensor]]]:
-    """Per-channel statistics of the keys each attention module's cache would quantize, with and without the
-    key rotation, over calibration windows int64 [N, T]: {module name: {rotated: {"mean": fp32 [H, D],
-    "std": fp32 [H, D]}}}."""
+def key_means(model, windows: torch.Tensor) -> dict[str, dict[bool, torch.Tensor]]:
+    """Mean key fp32 [H, D] of each attention module as its cache would quantize it, with and without the
+    key rotation, over calibration windows int64 [N, T]: {module name: {rotated: mean}}."""
+    from atomq.calib.stats import observe_mean_key
+
     attns = {n: m for n, m in model.named_modules() if hasattr(m, "kv_bits")}
-    saved = {n: (m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group, m.k_smooth) for n, m in attns.items()}
-    stats: dict[str, dict[bool, dict[str, torch.Tensor]]] = {n: {} for n in attns}
+    saved = {n: (m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group) for n, m in attns.items()}
+    means: dict[str, dict[bool, torch.Tensor]] = {n: {} for n in attns}
     for rotated in (True, False):
-        acc = {n: {"sum": 0.0, "sq": 0.0, "n": 0} for n in attns}
-
-        def observer(a):
-            def observe(k: torch.Tensor) -> None:  # [B, T, H, D]
-                k = k.double().flatten(0, 1)
-                a["sum"] = a["sum"] + k.sum(0)
-                a["sq"] = a["sq"] + k.square().sum(0)
-                a["n"] += k.shape[0]
-            return observe
-
-        for n, m in attns.items():
-            m.kv_hadamard = saved[n][0] if rotated else None
-            m.k_center = m.k_block_tokens = m.kv_group = m.k_smooth = None
-            m.key_observer = observer(acc[n])
-        with torch.no_grad():
-            for w in windows:
-                model(w[None].to(next(model.parameters()).device))
-        for n, a in acc.items():
-            mean = a["sum"] / a["n"]
-            std = (a["sq"] / a["n"] - mean.square()).clamp_min(0).sqrt()
-            stats[n][rotated] = {"mean": mean.float().cpu(), "std": std.float().cpu()}
+        with ExitStack() as stack:
+            getters = {}
+            for n, m in attns.items():
+                m.kv_hadamard = saved[n][0] if rotated else None
+                m.k_center = m.k_block_tokens = m.kv_group = None
+                getters[n] = stack.enter_context(observe_mean_key(m))
+            with torch.no_grad():
+                for w in windows:
+                    model(w[None].to(next(model.parameters()).device))
+            for n in attns:
+                means[n][rotated] = getters[n]()
     for n, m in attns.items():
-        m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group, m.k_smooth = saved[n]
-        m.key_observer = None
-    return stats
+        m.kv_hadamard, m.k_center, m.k_block_tokens, m.kv_group = saved[n]
+    return means
 
 
-def smoothing_divisors(std: torch.Tensor, alpha: float) -> torch.Tensor:
-    """std fp32 [H, D] -> divisors std**alpha, scaled per head to a geometric mean of 1."""
-    s = std.clamp_min(1e-6) ** alpha
-    return s / s.log().mean(dim=-1, keepdim=True).exp()
-
-
-def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, stats: dict | None = None) -> None:
+def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, means: dict | None = None) -> None:
     """Give the activations of the linears in ``keep`` ``bits`` (the KV cache, if named, 16 bits, groups
-    of N channels, per-channel key scales, unrotated, centered or smoothed keys, keys or values alone
+    of N channels, per-channel key scales, unrotated or centered keys, keys or values alone
     16-bit); restore every other part from ``saved``."""
     kv_group = next((int(k.split("/")[1]) for k in keep if k.startswith("kv/")), None)
     k_block = next((int(k.split("/")[1]) for k in keep if k.startswith("kblock/")), None)
-    alpha = next((float(k.split("/")[1]) for k in keep if k.startswith("ksmooth/")), None)
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if name in saved or (hasattr(mod, "spec") and mod.spec.a_bits is not None):
@@ -115,10 +96,9 @@ def _set_part(model, keep: tuple[str, ...], bits: int | None, saved: dict, stats
             mod.kv_group, mod.k_block_tokens = kv_group, k_block
             saved.setdefault(name + ".rotate", mod.kv_hadamard)
             mod.kv_hadamard = None if "norotate" in keep else saved[name + ".rotate"]
-            st = stats[name][mod.kv_hadamard is not None] if stats else None
+            k_mean = means[name][mod.kv_hadamard is not None] if means else None
             saved.setdefault(name + ".center", mod.k_center)  # a kv_center checkpoint's stored mean key
-            mod.k_center = st["mean"] if "kmean" in keep else None if "nocenter" in keep else saved[name + ".center"]
-            mod.k_smooth = smoothing_divisors(st["std"], alpha) if alpha is not None else None
+            mod.k_center = k_mean if "kmean" in keep else None if "nocenter" in keep else saved[name + ".center"]
             # an instance attribute shadows the method; deleting it restores the cache's quantization
             for part, method in (("k16", "_fake_quant_keys"), ("v16", "_fake_quant_values")):
                 if part in keep:
@@ -140,7 +120,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--key-mean-windows", type=int, default=8, help="C4 windows of 2048 tokens for key_stats")
+    ap.add_argument("--key-mean-windows", type=int, default=8, help="C4 windows of 2048 tokens for key_means")
     ap.add_argument("--only", default="", help="row names separated by ';' (default: all)")
     ap.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     ns = ap.parse_args()
@@ -154,13 +134,13 @@ def main() -> int:
     if lm.qcfg.a_bits is None and lm.qcfg.kv_bits is None:
         ap.error(f"{ns.model} quantizes neither activations nor the KV cache: nothing to switch off")
     windows = token_windows(lm.tokenizer, ns.dataset, 2048, ns.data_dir)
-    stats = None
-    if any(p.startswith(("kmean", "ksmooth")) for n in names for p in PARTS[n][0]):
+    means = None
+    if any("kmean" in PARTS[n][0] for n in names):
         calib = calibration_windows(lm.tokenizer, "c4", ns.key_mean_windows, 2048, seed=0, data_dir=ns.data_dir)
-        stats = key_stats(lm.model, calib)
+        means = key_means(lm.model, calib)
     rows, saved = [], {}
     for name in names:
-        _set_part(lm.model, *PARTS[name], saved, stats)
+        _set_part(lm.model, *PARTS[name], saved, means)
         t0 = time.time()
         r = perplexity(lm.model, windows, ns.limit, progress=False)
         rows.append({"row": name, "ppl": r.ppl, "windows": r.windows, "seconds": round(time.time() - t0, 1)})

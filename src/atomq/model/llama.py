@@ -40,8 +40,6 @@ class Attention(nn.Module):
         self.kv_bits, self.kv_pre_rope = kv.bits, kv.pre_rope
         self.kv_group = None  # finer KV scales for accuracy studies (ref.fake_quant_kv); None = per head
         self.k_block_tokens = None  # per-channel key scales over N tokens, a study (ref.fake_quant_kv_per_channel)
-        # a study: fp32 [Hkv, D] static per-channel key divisors, their product folded into q (q.k unchanged)
-        self.k_smooth = None
         self.key_observer = None  # calibration: called with k [B, T, Hkv, D] after RoPE and rotation
         # Hadamard rotation of q and k after RoPE: q.k is unchanged, K's outlier dims are spread before
         # its INT4 quantization. The paged cache then stores rotated keys.
@@ -70,10 +68,6 @@ class Attention(nn.Module):
             self.key_observer(k)
         if self.k_center is not None:
             k = (k.float() - self.k_center).to(k.dtype)
-        if self.k_smooth is not None:
-            rep = self.n_heads // self.n_kv_heads
-            k = (k.float() / self.k_smooth).to(k.dtype)
-            q = (q.float() * self.k_smooth.repeat_interleave(rep, dim=0)).to(q.dtype)
         if self.kv_bits is not None:
             if not self.kv_pre_rope:
                 k = self._fake_quant_keys(k)
